@@ -1,0 +1,122 @@
+"""The foldkit command line: a thin click layer over the Python API.
+
+Exit codes: 0 success; 1 verification failed / check found problems at or above --fail-on;
+2 bad usage or unreadable input; 3 internal error (a bug: please report it with --debug output);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+
+import click
+
+from .errors import EXIT_FAILED, EXIT_USAGE, FoldkitError
+
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+def _die(message: str, code: int) -> None:
+    click.echo(f"foldkit: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """One line on stderr and a documented exit code for every failure; a traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = bool(click.get_current_context().find_root().params.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except FoldkitError as e:
+            if debug:
+                raise
+            _die(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("foldkit: interrupted; no output was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except MemoryError:
+            _die("out of memory", EXIT_USAGE)
+        except Exception as e:  # a bug in foldkit (or a dependency) — still one line
+            if debug:
+                raise
+            _die(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                 "(rerun with --debug for a traceback)", EXIT_INTERNAL)
+
+    return wrapper
+
+
+def input_shape_option(fn):
+    return click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=D0,D1,...",
+                        help="Size of an input's symbolic dimensions (default 1). Repeatable.")(fn)
+
+
+def tolerance_options(fn):
+    fn = click.option("--rtol", type=float, default=None, help="Relative tolerance (scale-aware; default per dtype).")(fn)
+    fn = click.option("--atol", type=float, default=None, help="Absolute tolerance (default per dtype).")(fn)
+    return fn
+
+
+def _sigterm(signum, frame):  # turn SIGTERM into SystemExit so temp files are cleaned up
+    raise SystemExit(128 + signum)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="foldkit")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def main(debug):
+    """foldkit: remove BatchNorm from inference graphs, exactly, and prove it."""
+    try:
+        signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:  # not the main thread (e.g. embedded): leave signals alone
+        pass
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the folded model.")
+@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime comparison.")
+@tolerance_options
+@input_shape_option
+@click.option("--skip", multiple=True, metavar="PASS", help="Skip a pass by name (repeatable).")
+@click.option("--lower-standalone", is_flag=True, help="Turn BNs nothing can absorb into Mul + Add.")
+@click.option("--in-place", is_flag=True, help="Allow the output path to be the input path.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@handle_errors
+def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, lower_standalone, in_place, quiet):
+    """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT."""
+    from . import io as fio
+    from .api import fold as fold_api
+    from .errors import InputError, VerificationError
+    from .render import print_fold_report
+    from .verify import parse_input_shapes
+
+    if fio.same_file(model, output) and not in_place:
+        raise InputError(f"{output}: output is the input file; refusing to overwrite it (use --in-place)")
+    shapes = parse_input_shapes(input_shape)
+    try:
+        result = fold_api(model, verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
+                          lower_standalone=lower_standalone)
+    except VerificationError as e:
+        if e.result is not None and not quiet:
+            print_fold_report(e.result.report)
+        raise
+    data = fio.serialize(result.model)
+    report_data = result.report.to_json().encode() if report_path else None
+    fio.atomic_write(output, data)
+    if report_path:
+        fio.atomic_write(report_path, report_data)
+    if not quiet:
+        print_fold_report(result.report, output)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

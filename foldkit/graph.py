@@ -1,0 +1,363 @@
+"""A small use-def index over an ONNX ModelProto, with scoped constant lookup.
+
+Why raw protobuf rather than onnx-ir: foldkit needs exactly four things (producer of a value, how
+many times a value is used anywhere in the model, constants visible from a (sub)graph, fresh names)
+and must leave every byte it does not rewrite as it was, so that output is deterministic and
+round-trips. The index is rebuilt per graph in O(nodes); tensors are never copied to build it.
+
+Use counts are model-wide (a node input in any graph, or a graph output of any graph, counts), so a
+weight that an ``If``/``Loop`` body reads from the outer scope counts as shared with it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
+
+
+def subgraphs(node: NodeProto) -> Iterator[GraphProto]:
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def iter_graphs(graph: GraphProto) -> Iterator[GraphProto]:
+    """The graph and every subgraph below it, depth first, in node order."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from iter_graphs(sub)
+
+
+def count_uses(model: ModelProto) -> Counter:
+    uses: Counter = Counter()
+    for g in iter_graphs(model.graph):
+        for node in g.node:
+            for name in node.input:
+                if name:
+                    uses[name] += 1
+        for out in g.output:
+            uses[out.name] += 1
+    return uses
+
+
+def all_names(model: ModelProto) -> set:
+    names = set()
+    for g in iter_graphs(model.graph):
+        names.update(i.name for i in g.input)
+        names.update(o.name for o in g.output)
+        names.update(t.name for t in g.initializer)
+        names.update(t.name for t in g.sparse_initializer)
+        names.update(v.name for v in g.value_info)
+        for node in g.node:
+            names.update(node.input)
+            names.update(node.output)
+            if node.name:
+                names.add(node.name)
+    return names
+
+
+def default_opset(model: ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return op.version
+    return 1
+
+
+def get_attr(node: NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: NodeProto, name: str, value) -> None:
+    del_attr(node, name)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def del_attr(node: NodeProto, name: str) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            return
+
+
+def node_label(node: NodeProto) -> str:
+    """A stable, readable id: the node name, else its op and first output."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+
+
+@dataclass
+class Const:
+    """A constant tensor visible from some graph."""
+
+    name: str
+    array: np.ndarray  # native dtype (float16, bfloat16 via ml_dtypes, ...)
+    data_type: int  # TensorProto.DataType
+    owner: "GraphView"  # the graph that defines it
+    kind: str  # "initializer" or "constant"
+
+
+class ModelIndex:
+    """Model-wide facts: use counts, the names taken, opset, and what the passes released."""
+
+    def __init__(self, model: ModelProto, base_dir: Optional[str] = None):
+        self.model = model
+        self.base_dir = base_dir
+        self.opset = default_opset(model)
+        self.uses = count_uses(model)
+        self.names = all_names(model)
+        self.released: set = set()  # constant names whose last use a pass removed
+        self._ranks: Optional[dict] = None
+
+    def rank(self, name: str) -> Optional[int]:
+        if self._ranks is None:
+            self._ranks = value_ranks(self.model)
+        return self._ranks.get(name)
+
+    def fresh(self, base: str) -> str:
+        """A name no value, initializer or node in the model has: ``base``, ``base_1``, ..."""
+        base = base or "foldkit"
+        name, k = base, 0
+        while name in self.names:
+            k += 1
+            name = f"{base}_{k}"
+        self.names.add(name)
+        return name
+
+    def use(self, name: str) -> None:
+        if name:
+            self.uses[name] += 1
+
+    def unuse(self, name: str) -> None:
+        if name:
+            self.uses[name] -= 1
+            if self.uses[name] <= 0:
+                self.released.add(name)
+
+
+class GraphView:
+    """One graph's nodes with producer/consumer maps and a parent scope for constants.
+
+    Nodes are addressed by index into ``self.nodes`` (references into the protobuf). Removals and
+    insertions are recorded and applied by :meth:`commit`, so indices stay valid during a pass.
+    """
+
+    def __init__(self, graph: GraphProto, index: ModelIndex, parent: Optional["GraphView"] = None):
+        self.graph = graph
+        self.index = index
+        self.parent = parent
+        self.nodes = list(graph.node)
+        self.removed: set = set()
+        self.inserted_before: dict = {}  # node idx -> [NodeProto]
+        self.producer = {}
+        for i, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer[out] = i
+        self.inputs = {i.name for i in graph.input}
+        self.outputs = {o.name for o in graph.output}
+        self.inits = {t.name: t for t in graph.initializer}
+        self._consumers = None
+
+    # -- structure ---------------------------------------------------------------------------
+    def consumers(self, name: str) -> list:
+        """(node idx, input position) of every live node in this graph reading ``name``."""
+        if self._consumers is None:
+            cons: dict = {}
+            for i, node in enumerate(self.nodes):
+                for pos, inp in enumerate(node.input):
+                    if inp:
+                        cons.setdefault(inp, []).append((i, pos))
+            self._consumers = cons
+        return [(i, p) for i, p in self._consumers.get(name, []) if i not in self.removed]
+
+    def invalidate(self) -> None:
+        self._consumers = None
+
+    def producer_of(self, name: str) -> Optional[int]:
+        i = self.producer.get(name)
+        return None if i is None or i in self.removed else i
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.outputs
+
+    def uses(self, name: str) -> int:
+        return self.index.uses[name]
+
+    # -- constants ---------------------------------------------------------------------------
+    def constant(self, name: str) -> Optional[Const]:
+        """The constant tensor called ``name`` as seen from this graph, or None."""
+        view: Optional[GraphView] = self
+        while view is not None:
+            if name in view.producer:
+                i = view.producer[name]
+                node = view.nodes[i]
+                if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and i not in view.removed:
+                    return _constant_node_value(node, view)
+                return None
+            if name in view.inits:
+                if name in view.inputs and (view.index.model.ir_version >= 4 or view.parent is not None):
+                    return None  # an initializer that is also an input can be overridden at run time
+                t = view.inits[name]
+                return Const(name, _to_array(t, view.index.base_dir), t.data_type, view, "initializer")
+            if name in view.inputs:
+                return None
+            view = view.parent
+        return None
+
+    def why_not_constant(self, name: str) -> str:
+        view: Optional[GraphView] = self
+        while view is not None:
+            if name in view.inits and name in view.inputs:
+                return f"'{name}' is also a graph input, so it can be overridden at run time"
+            if name in view.producer or name in view.inputs or name in view.inits:
+                break
+            view = view.parent
+        return f"'{name}' is not a constant initializer"
+
+    def set_constant(self, i: int, pos: int, array: np.ndarray, data_type: int, base: str) -> str:
+        """Give ``node`` input ``pos`` the constant ``array`` (already rounded to its dtype).
+
+        Overwrites the existing constant in place only when this node is its sole user and it lives
+        in this graph; otherwise (shared weight, outer-scope weight, missing optional input) a new
+        constant with a fresh name is created and the old one is left untouched for its other users.
+        """
+        node = self.nodes[i]
+        old = node.input[pos] if pos < len(node.input) else ""
+        const = self.constant(old) if old else None
+        tensor = make_tensor(array, data_type)
+        if const is not None and const.owner is self and self.uses(old) == 1:
+            tensor.name = old
+            if const.kind == "initializer":
+                self.inits[old].CopyFrom(tensor)
+            else:
+                cnode = self.nodes[self.producer[old]]
+                del cnode.attribute[:]
+                cnode.attribute.append(onnx.helper.make_attribute("value", tensor))
+            return old
+        name = self.index.fresh(base)
+        tensor.name = name
+        self.add_constant(tensor, before=i if self.index.model.ir_version < 4 else None)
+        while len(node.input) <= pos:
+            node.input.append("")
+        node.input[pos] = name
+        self.index.unuse(old)
+        self.index.use(name)
+        self.invalidate()
+        return name
+
+    def add_constant(self, tensor: TensorProto, before: Optional[int] = None) -> None:
+        """A new constant: an initializer, or (IR < 4, where every initializer must also be a graph
+        input) a Constant node, so that the graph's inputs never change."""
+        if before is None:
+            self.graph.initializer.append(tensor)
+            self.inits[tensor.name] = self.graph.initializer[-1]
+        else:
+            cnode = onnx.helper.make_node("Constant", [], [tensor.name], value=tensor)
+            self.insert_before(before, cnode)
+
+    # -- edits --------------------------------------------------------------------------------
+    def remove(self, i: int) -> None:
+        self.removed.add(i)
+        for name in self.nodes[i].input:
+            self.index.unuse(name)
+        self.invalidate()
+
+    def insert_before(self, i: int, node: NodeProto) -> None:
+        self.inserted_before.setdefault(i, []).append(node)
+        for name in node.input:
+            self.index.use(name)
+        for out in node.output:
+            self.index.names.add(out)
+
+    def rename_output(self, i: int, pos: int, new: str) -> None:
+        node = self.nodes[i]
+        old = node.output[pos]
+        self.producer.pop(old, None)
+        node.output[pos] = new
+        self.producer[new] = i
+
+    def commit(self) -> bool:
+        """Apply removals and insertions to the protobuf. Returns True if the node list changed."""
+        if not self.removed and not self.inserted_before:
+            return False
+        new_nodes = []
+        for i, node in enumerate(self.nodes):
+            for extra in self.inserted_before.get(i, []):
+                new_nodes.append(extra)
+            if i not in self.removed:
+                copy = NodeProto()
+                copy.CopyFrom(node)
+                new_nodes.append(copy)
+        del self.graph.node[:]
+        self.graph.node.extend(new_nodes)
+        return True
+
+
+def _to_array(t: TensorProto, base_dir: Optional[str]) -> np.ndarray:
+    return numpy_helper.to_array(t, base_dir or "")
+
+
+def _constant_node_value(node: NodeProto, view: GraphView) -> Optional[Const]:
+    for a in node.attribute:
+        if a.name == "value" and a.type == AttributeProto.TENSOR:
+            return Const(node.output[0], _to_array(a.t, view.index.base_dir), a.t.data_type, view, "constant")
+        if a.name == "value_float":
+            return Const(node.output[0], np.array(a.f, np.float32), TensorProto.FLOAT, view, "constant")
+        if a.name == "value_floats":
+            return Const(node.output[0], np.array(list(a.floats), np.float32), TensorProto.FLOAT, view, "constant")
+    return None
+
+
+def np_dtype(data_type: int):
+    return onnx.helper.tensor_dtype_to_np_dtype(data_type)
+
+
+def make_tensor(array: np.ndarray, data_type: int) -> TensorProto:
+    arr = np.ascontiguousarray(np.asarray(array).astype(np_dtype(data_type)))
+    t = numpy_helper.from_array(arr)
+    if t.data_type != data_type:  # e.g. bfloat16 stored via ml_dtypes
+        t.data_type = data_type
+    return t
+
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
+def value_ranks(model: ModelProto) -> dict:
+    """Rank of every value whose shape ONNX shape inference can tell, across all graphs.
+
+    Large float initializers are detached while inference runs (it only needs their dims), so a
+    big model is not copied whole; they are put back before returning.
+    """
+    stash = []
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            if t.data_type in FLOAT_TYPES and len(t.raw_data) > 4096:
+                stash.append((t, t.raw_data))
+                t.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # a model shape inference cannot handle: ranks stay unknown
+        inferred = model
+    finally:
+        for t, raw in stash:
+            t.raw_data = raw
+    ranks = {}
+    for g in iter_graphs(inferred.graph):
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            tt = v.type.tensor_type
+            if tt.HasField("shape"):
+                ranks[v.name] = len(tt.shape.dim)
+        for t in g.initializer:
+            ranks[t.name] = len(t.dims)
+    return ranks

@@ -1,0 +1,165 @@
+"""Loading and saving models safely.
+
+- Loading turns every way a file can be unusable into an InputError with one sentence: missing,
+  a directory, empty, not protobuf, a protobuf that is not a model, dangling references, external
+  data that is missing, truncated or outside the model's folder.
+- Saving is atomic (temp file in the destination folder, fsync, rename), deterministic
+  (deterministic protobuf serialization) and never overwrites the input unless asked.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import ModelProto, TensorProto
+
+from .errors import InputError
+from .graph import iter_graphs, subgraphs
+
+
+def _check_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not an ONNX file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: permission denied")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: empty file")
+
+
+def parse_model(data: bytes, source: str = "<bytes>") -> ModelProto:
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{source}: not an ONNX model (protobuf parse failed: {str(e).splitlines()[0] if str(e) else 'truncated or corrupt'})") from None
+    if not model.HasField("graph") or model.ir_version < 1 or not model.opset_import and model.ir_version >= 3:
+        raise InputError(f"{source}: not an ONNX model (no graph, IR version or opset import)")
+    return model
+
+
+def external_tensors(model: ModelProto):
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            if t.data_location == TensorProto.EXTERNAL:
+                yield t
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == TensorProto.EXTERNAL:
+                    yield a.t
+
+
+def check_external_data(model: ModelProto, base_dir: str, source: str) -> None:
+    """Every external tensor must lie inside ``base_dir`` (no path traversal) and in its file."""
+    root = os.path.realpath(base_dir)
+    for t in external_tensors(model):
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc):
+            raise InputError(f"{source}: tensor '{t.name}' has external data location '{loc}', which is not a relative path")
+        full = os.path.realpath(os.path.join(root, loc))
+        if os.path.commonpath([root, full]) != root:
+            raise InputError(f"{source}: tensor '{t.name}' points to external data '{loc}' outside the model's folder")
+        if not os.path.isfile(full):
+            raise InputError(f"{source}: external data file '{loc}' for tensor '{t.name}' is missing")
+        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        if length is not None and offset + int(length) > os.path.getsize(full):
+            raise InputError(f"{source}: external data file '{loc}' is shorter than tensor '{t.name}' needs")
+
+
+def check_references(model: ModelProto, source: str = "model") -> None:
+    """Every node input must be a graph input, an initializer, an earlier node output or an outer-scope value."""
+
+    def visit(graph, outer: frozenset):
+        known = set(outer)
+        known.update(i.name for i in graph.input)
+        known.update(t.name for t in graph.initializer)
+        known.update(t.values.name for t in graph.sparse_initializer)
+        known.add("")
+        produced_later = set()
+        for node in graph.node:
+            produced_later.update(node.output)
+        for node in graph.node:
+            for sub in subgraphs(node):
+                visit(sub, frozenset(known | produced_later))
+            for name in node.input:
+                if name not in known:
+                    what = "is computed later (the graph is not topologically sorted)" if name in produced_later else "does not exist"
+                    raise InputError(f"{source}: node '{node.name or node.op_type}' reads '{name}', which {what}")
+            known.update(node.output)
+        for out in graph.output:
+            if out.name not in known:
+                raise InputError(f"{source}: graph output '{out.name}' is not computed by the graph")
+
+    visit(model.graph, frozenset())
+
+
+def load_model(path: str, load_external: bool = True) -> ModelProto:
+    """Load and validate a model; external data is checked, then read into memory."""
+    path = os.fspath(path)
+    _check_path(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    model = parse_model(data, path)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    check_external_data(model, base_dir, path)
+    if load_external and any(True for _ in external_tensors(model)):
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, base_dir)
+        except Exception as e:  # defensive: check_external_data should have caught it
+            raise InputError(f"{path}: cannot read external data ({e})") from None
+    check_references(model, path)
+    return model
+
+
+def same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and a rename.
+
+    On any exception (KeyboardInterrupt and SystemExit from SIGINT/SIGTERM included) the temp file is
+    removed and ``path`` is left as it was.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{path}: folder '{folder}' does not exist")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def serialize(model: ModelProto) -> bytes:
+    try:
+        return model.SerializeToString(deterministic=True)
+    except ValueError as e:  # protobuf refuses messages over 2 GiB
+        raise InputError(f"the model is too large for a single file ({e}); use external data") from None
+
+
+def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, in_place: bool = False) -> None:
+    if input_path is not None and os.path.exists(path) and same_file(path, input_path) and not in_place:
+        raise InputError(f"{path}: output is the input file; refusing to overwrite it (use --in-place)")
+    atomic_write(path, serialize(model))

@@ -1,0 +1,131 @@
+"""Pure numpy fold arithmetic. Knows nothing about graphs.
+
+Everything is computed in float64; callers round once to the model's dtype with :func:`round_to`.
+
+BatchNormalization in inference mode is the per-channel affine map::
+
+    y = gamma * (x - mean) / sqrt(var + eps) + beta  =  s * x + t
+    s = gamma / sqrt(var + eps)
+    t = beta - mean * s
+
+A BN that follows a linear op ``z = W x + b`` (output channel axis known) folds into it as::
+
+    W' = W * s   (along the output-channel axis)
+    b' = b * s + t
+
+A BN that precedes a linear op with no padding (``x`` enters the op only linearly) folds as::
+
+    W' = W * s   (along the input-channel axis)
+    b' = b + sum(W * t)   (reduced over the input-channel and kernel axes)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class FoldArithmeticError(ValueError):
+    """Raised with a user-facing sentence when a fold cannot be exact."""
+
+
+def as_f64(a) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+def bn_scale_shift(gamma, beta, mean, var, eps: float):
+    """Return (s, t) in float64 such that BN(x) == s * x + t per channel.
+
+    Refuses (FoldArithmeticError) when var + eps is not positive and finite or any parameter is not
+    finite, since the folded weights would then be NaN/Inf or silently different.
+    """
+    gamma, beta, mean, var = (as_f64(a).reshape(-1) for a in (gamma, beta, mean, var))
+    n = {gamma.size, beta.size, mean.size, var.size}
+    if len(n) != 1:
+        raise FoldArithmeticError(
+            f"BN parameters have different lengths (scale {gamma.size}, B {beta.size}, "
+            f"mean {mean.size}, var {var.size})")
+    for name, a in (("scale", gamma), ("B", beta), ("mean", mean), ("var", var)):
+        if not np.all(np.isfinite(a)):
+            raise FoldArithmeticError(f"BN input_{name} holds NaN or Inf values")
+    denom = var + float(eps)
+    if not np.all(denom > 0):
+        raise FoldArithmeticError("BN var + epsilon is not positive for some channel")
+    s = gamma / np.sqrt(denom)
+    t = beta - mean * s
+    return s, t
+
+
+def _per_axis(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = v.size
+    return v.reshape(shape)
+
+
+def output_channel_scale(w: np.ndarray, s: np.ndarray, kind: str, group: int = 1) -> np.ndarray:
+    """Scale weight ``w`` (float64) along its output channels.
+
+    kind: "conv" ([C_out, C_in/g, k...], axis 0), "conv_transpose" ([C_in, C_out/g, k...]: output
+    channel o = (i // (C_in/g)) * (C_out/g) + j for weight row i, column j), "cols" (2-D [K, N],
+    axis 1: Gemm transB=0 and MatMul), "rows" (2-D [N, K], axis 0: Gemm transB=1).
+    """
+    if kind in ("conv", "rows"):
+        return w * _per_axis(s, w.ndim, 0)
+    if kind == "cols":
+        return w * _per_axis(s, w.ndim, 1)
+    if kind == "conv_transpose":
+        c_in, c_out_g = w.shape[0], w.shape[1]
+        rest = w.shape[2:]
+        wg = w.reshape((group, c_in // group, c_out_g) + rest)
+        sg = s.reshape((group, 1, c_out_g) + (1,) * len(rest))
+        return (wg * sg).reshape(w.shape)
+    raise ValueError(f"unknown weight kind {kind!r}")
+
+
+def output_channels(w_shape, kind: str, group: int = 1) -> int:
+    """Number of output channels a weight of ``w_shape`` produces."""
+    if kind in ("conv", "rows"):
+        return int(w_shape[0])
+    if kind == "cols":
+        return int(w_shape[1])
+    if kind == "conv_transpose":
+        return int(w_shape[1]) * group
+    raise ValueError(kind)
+
+
+def fold_into_producer(w, b, s, t, kind: str, group: int = 1):
+    """W' = W * s (output channels), b' = b * s + t. Returns float64 arrays."""
+    w = as_f64(w)
+    b = np.zeros_like(s) if b is None else as_f64(b)
+    return output_channel_scale(w, s, kind, group), b * s + t
+
+
+def input_channel_expand(v: np.ndarray, c_out: int, group: int) -> np.ndarray:
+    """Map a per-input-channel vector to the [C_out, C_in/g] grid of a grouped Conv weight."""
+    c_in_g = v.size // group
+    per_group = v.reshape(group, 1, c_in_g)
+    return np.broadcast_to(per_group, (group, c_out // group, c_in_g)).reshape(c_out, c_in_g)
+
+
+def fold_into_conv_consumer(w, b, s, t, group: int = 1):
+    """BN before an unpadded Conv: W'[o,i,k] = W[o,i,k] * s[c(o,i)], b'[o] = b[o] + sum W[o,i,k] t[c(o,i)]."""
+    w = as_f64(w)
+    c_out = w.shape[0]
+    extra = (1,) * (w.ndim - 2)
+    s_grid = input_channel_expand(s, c_out, group).reshape((c_out, -1) + extra)
+    t_grid = input_channel_expand(t, c_out, group).reshape((c_out, -1) + extra)
+    b = np.zeros(c_out) if b is None else as_f64(b)
+    b_new = b + (w * t_grid).reshape(c_out, -1).sum(axis=1)
+    return w * s_grid, b_new
+
+
+def round_to(a: np.ndarray, dtype) -> np.ndarray:
+    """Round a float64 array once to ``dtype``; refuse when a finite value overflows it."""
+    out = np.asarray(a).astype(dtype)
+    if np.issubdtype(np.dtype(dtype), np.floating) or str(dtype) == "bfloat16":
+        src_finite = np.isfinite(a)
+        dst_finite = np.isfinite(out.astype(np.float64))
+        if np.any(src_finite & ~dst_finite):
+            raise FoldArithmeticError(
+                f"a folded value ({np.max(np.abs(a[src_finite & ~dst_finite])):.3g}) overflows "
+                f"{np.dtype(dtype).name}")
+    return out

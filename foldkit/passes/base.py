@@ -1,0 +1,63 @@
+"""The pass interface and the context the passes share."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import onnx
+from onnx import ModelProto, NodeProto
+
+from ..graph import GraphView, ModelIndex, node_label, subgraphs
+from ..report import Report
+
+
+def is_op(node: NodeProto, op_type: str) -> bool:
+    return node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+class FoldContext:
+    def __init__(self, model: ModelProto, report: Report, base_dir: Optional[str] = None, **options):
+        self.model = model
+        self.report = report
+        self.options = options
+        self.index = ModelIndex(model, base_dir)
+
+    def walk(self) -> Iterator[tuple]:
+        """Yield (view, graph_path) for every graph, children before parents.
+
+        Each view is committed right after its consumer finishes with it (the generator resumes).
+        """
+        yield from self._walk(self.model.graph, None, "main")
+
+    def _walk(self, graph, parent, path):
+        view = GraphView(graph, self.index, parent)
+        for node in view.nodes:
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for k, sub in enumerate(subs):
+                    suffix = attr.name if len(subs) == 1 else f"{attr.name}[{k}]"
+                    yield from self._walk(sub, view, f"{path}/{node_label(node)}.{suffix}")
+        yield view, path
+        view.commit()
+
+
+class Pass:
+    """A rewrite. ``name`` is what ``--skip`` takes; ``run`` edits ``ctx.model`` in place."""
+
+    name = "pass"
+
+    def run(self, ctx: FoldContext) -> bool:
+        """Apply the pass everywhere; return True if anything changed."""
+        changed = False
+        for view, path in ctx.walk():
+            changed |= self.run_graph(ctx, view, path)
+        return changed
+
+    def run_graph(self, ctx: FoldContext, view: GraphView, path: str) -> bool:
+        raise NotImplementedError
+
+
+def bn_nodes(view: GraphView):
+    for i, node in enumerate(view.nodes):
+        if i not in view.removed and is_op(node, "BatchNormalization"):
+            yield i, node

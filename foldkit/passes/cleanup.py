@@ -1,0 +1,44 @@
+"""Remove what the rewrites made dead, and nothing else.
+
+- initializers and Constant nodes whose last use a pass removed (``ModelIndex.released``), unless
+  they are graph inputs or outputs; constants the input model already left unused stay;
+- ``value_info`` entries for values that no longer exist (renamed producer outputs, dropped
+  running-statistics outputs).
+
+Graph input and output names, opset imports, metadata, doc strings and nodes of other domains are
+never touched.
+"""
+
+from __future__ import annotations
+
+from ..graph import count_uses, iter_graphs
+from .base import Pass, is_op
+
+
+class Cleanup(Pass):
+    name = "cleanup"
+
+    def run(self, ctx):
+        uses = count_uses(ctx.model)
+        released = ctx.index.released
+        changed = False
+        for g in iter_graphs(ctx.model.graph):
+            keep_io = {i.name for i in g.input} | {o.name for o in g.output}
+            dead = [k for k, t in enumerate(g.initializer)
+                    if t.name in released and uses[t.name] == 0 and t.name not in keep_io]
+            for k in reversed(dead):
+                del g.initializer[k]
+            dead_nodes = [k for k, n in enumerate(g.node)
+                          if is_op(n, "Constant") and n.output[0] in released and uses[n.output[0]] == 0
+                          and n.output[0] not in keep_io]
+            for k in reversed(dead_nodes):
+                del g.node[k]
+            live = set(keep_io) | {t.name for t in g.initializer}
+            for n in g.node:
+                live.update(n.output)
+            stale = [k for k, v in enumerate(g.value_info) if v.name not in live]
+            for k in reversed(stale):
+                del g.value_info[k]
+            changed |= bool(dead or dead_nodes or stale)
+        ctx.index.uses = uses
+        return changed

@@ -1,0 +1,64 @@
+"""Helpers shared by the BN passes: reading a BN as an affine map, refusing with a reason."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import FLOAT_TYPES, GraphView, get_attr, np_dtype
+from ..math import FoldArithmeticError, bn_scale_shift, round_to
+
+
+class Refusal(Exception):
+    """A rewrite does not apply; ``str(self)`` is the sentence for the report."""
+
+
+def is_training(opset: int, node) -> bool:
+    if opset >= 14:
+        return get_attr(node, "training_mode", 0) == 1
+    if opset < 7:
+        return get_attr(node, "is_test", 0) == 0
+    return any(o for o in node.output[1:])
+
+
+def bn_affine(view: GraphView, node):
+    """(s, t) in float64 with BN(x) = s * x + t, or Refusal."""
+    if is_training(view.index.opset, node):
+        raise Refusal("it is in training mode (its output uses batch statistics)")
+    if view.index.opset < 9 and get_attr(node, "spatial", 1) == 0:
+        raise Refusal("spatial=0 (per-activation statistics) is not a per-channel affine map")
+    if len(node.input) < 5:
+        raise Refusal("it has fewer than 5 inputs")
+    params = []
+    for name, what in zip(node.input[1:5], ("scale", "B", "mean", "var")):
+        c = view.constant(name)
+        if c is None:
+            raise Refusal(f"its {what} input {view.why_not_constant(name)}")
+        if c.data_type not in FLOAT_TYPES:
+            raise Refusal(f"its {what} input has a non-float type")
+        params.append(c.array)
+    try:
+        return bn_scale_shift(*params, eps=float(get_attr(node, "epsilon", 1e-5)))
+    except FoldArithmeticError as e:
+        raise Refusal(str(e)) from None
+
+
+def rounded(a: np.ndarray, data_type: int, what: str) -> np.ndarray:
+    try:
+        return round_to(a, np_dtype(data_type))
+    except FoldArithmeticError as e:
+        raise Refusal(f"{what}: {e}") from None
+
+
+def weight(view: GraphView, node, pos: int, what: str, ndim=None):
+    """The constant at input ``pos`` of ``node``, checked to be a float tensor."""
+    name = node.input[pos] if pos < len(node.input) else ""
+    if not name:
+        return None
+    c = view.constant(name)
+    if c is None:
+        raise Refusal(f"the {what} {view.why_not_constant(name)}")
+    if c.data_type not in FLOAT_TYPES:
+        raise Refusal(f"the {what} '{name}' is not a float tensor")
+    if ndim is not None and c.array.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise Refusal(f"the {what} '{name}' has rank {c.array.ndim}, expected {ndim}")
+    return c

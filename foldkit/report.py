@@ -1,0 +1,72 @@
+"""What foldkit did to each BatchNormalization, and how the result was verified."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass
+class Action:
+    """The outcome for one BatchNormalization node.
+
+    action: "folded" (into ``target``), "merged" (into the BN/affine ``target``), "lowered" (to Mul+Add),
+    "kept" (left in the graph; ``reason`` says why), "converted" (training -> inference only).
+    """
+
+    node: str
+    action: str
+    target: Optional[str] = None
+    reason: str = ""
+    graph: str = "main"
+    steps: list = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    bn_before: int = 0
+    bn_after: int = 0
+    actions: list = field(default_factory=list)
+    verification: Optional[dict] = None
+    notes: list = field(default_factory=list)
+    passes: list = field(default_factory=list)
+
+    # keyed by BN output name while the passes run; flattened into ``actions`` at the end
+    _by_key: dict = field(default_factory=dict, repr=False)
+
+    def entry(self, key: str, node: str, graph: str) -> Action:
+        if key not in self._by_key:
+            self._by_key[key] = Action(node=node, action="kept", graph=graph)
+        return self._by_key[key]
+
+    def refuse(self, key: str, node: str, graph: str, stage: str, reason: str) -> None:
+        e = self.entry(key, node, graph)
+        line = f"{stage}: {reason}"
+        if line not in e.steps:
+            e.steps.append(line)
+
+    def finish(self) -> None:
+        self.actions = list(self._by_key.values())
+        for a in self.actions:
+            if a.action == "kept" and not a.reason:
+                refusals = [s for s in a.steps if not s.startswith("converted")]
+                a.reason = "; ".join(refusals) or "no rewrite applies"
+
+    @property
+    def folded(self) -> int:
+        return sum(a.action in ("folded", "merged", "lowered") for a in self.actions)
+
+    def to_dict(self) -> dict:
+        d = {
+            "bn_before": self.bn_before,
+            "bn_after": self.bn_after,
+            "actions": [asdict(a) for a in self.actions],
+            "verification": self.verification,
+            "notes": list(self.notes),
+            "passes": list(self.passes),
+        }
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

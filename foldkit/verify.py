@@ -1,0 +1,219 @@
+"""Run the original and the rewritten model on the same inputs and compare every output.
+
+The runtime is ONNX Runtime on CPU with every graph optimization disabled (so ORT's own Conv+BN
+fusion cannot hide a wrong fold). Where ORT has no CPU kernel for the model's types (bfloat16, a
+float64 Conv) both models run on ONNX's reference evaluator instead; the result names the backend.
+
+Comparison is scale-aware, per output::
+
+    passed  iff  max|new - ref| <= atol + rtol * max|ref|
+    max_rel_err = max|new - ref| / max|ref|
+
+so a deep network's large activations are judged relative to their own magnitude. NaN/Inf must
+appear in the same places in both. Integer and bool outputs must match exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import ModelProto, TensorProto
+
+from .errors import InputError
+from .graph import FLOAT_TYPES, iter_graphs, np_dtype
+
+# (atol, rtol) per float type, from the least precise type in the model
+DEFAULT_TOLERANCES = {
+    TensorProto.DOUBLE: (1e-10, 1e-10),
+    TensorProto.FLOAT: (1e-5, 1e-5),
+    TensorProto.FLOAT16: (2e-3, 5e-3),
+    TensorProto.BFLOAT16: (2e-2, 4e-2),
+}
+_PRECISION_ORDER = [TensorProto.BFLOAT16, TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE]
+
+
+def model_float_type(model: ModelProto) -> int:
+    """The least precise float type among the model's outputs and initializers."""
+    types = {o.type.tensor_type.elem_type for o in model.graph.output}
+    for g in iter_graphs(model.graph):
+        types.update(t.data_type for t in g.initializer)
+    for t in _PRECISION_ORDER:
+        if t in types:
+            return t
+    return TensorProto.FLOAT
+
+
+def default_tolerances(model: ModelProto):
+    return DEFAULT_TOLERANCES[model_float_type(model)]
+
+
+def parse_input_shapes(specs) -> dict:
+    """["x=1,3,224,224", ...] -> {"x": [1, 3, 224, 224]}"""
+    shapes = {}
+    for spec in specs or ():
+        name, sep, dims = spec.rpartition("=")
+        if not sep or not name:
+            raise InputError(f"--input-shape '{spec}': expected NAME=D0,D1,...")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",") if d.strip()]
+        except ValueError:
+            raise InputError(f"--input-shape '{spec}': dimensions must be integers") from None
+        if any(d < 0 for d in shapes[name]):
+            raise InputError(f"--input-shape '{spec}': dimensions must not be negative")
+    return shapes
+
+
+def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: int = 0, batch: Optional[int] = None) -> dict:
+    """Seeded random feeds for every graph input that is not an initializer.
+
+    Symbolic or unknown dimensions take the size given in ``input_shapes`` for that input, else
+    ``batch`` for the first dimension, else 1.
+    """
+    input_shapes = input_shapes or {}
+    inits = {t.name for t in model.graph.initializer}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    unknown = set(input_shapes) - {i.name for i in model.graph.input}
+    if unknown:
+        raise InputError(f"--input-shape names {sorted(unknown)}, which are not inputs of the model")
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        if not inp.type.HasField("tensor_type"):
+            raise InputError(f"input '{inp.name}' is not a tensor; foldkit cannot generate data for it (use --no-verify)")
+        tt = inp.type.tensor_type
+        if inp.name in input_shapes:
+            shape = list(input_shapes[inp.name])
+            if tt.HasField("shape") and len(shape) != len(tt.shape.dim):
+                raise InputError(f"--input-shape for '{inp.name}' has {len(shape)} dimensions, the model declares {len(tt.shape.dim)}")
+        elif tt.HasField("shape"):
+            shape = []
+            for k, d in enumerate(tt.shape.dim):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    shape.append(d.dim_value)
+                else:
+                    shape.append(batch if (batch and k == 0) else 1)
+        else:
+            raise InputError(f"input '{inp.name}' has no declared shape; give one with --input-shape {inp.name}=D0,D1,...")
+        if int(np.prod(shape, dtype=np.int64)) > 1 << 28:
+            raise InputError(f"input '{inp.name}' of shape {shape} is too large to generate")
+        dtype = np_dtype(tt.elem_type)
+        if tt.elem_type in FLOAT_TYPES:
+            arr = rng.standard_normal(shape).astype(dtype)
+        elif tt.elem_type == TensorProto.BOOL:
+            arr = rng.random(shape) < 0.5
+        elif np.issubdtype(dtype, np.integer):
+            arr = rng.integers(0, 2, size=shape).astype(dtype)
+        else:
+            raise InputError(f"input '{inp.name}' has type {TensorProto.DataType.Name(tt.elem_type)}, which foldkit cannot generate")
+        feeds[inp.name] = arr
+    return feeds
+
+
+class _BackendUnavailable(Exception):
+    pass
+
+
+def _run_ort(model_bytes: bytes, feeds: dict):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        msg = str(e)
+        if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg or "Type Error" in msg:
+            raise _BackendUnavailable(msg.splitlines()[0]) from None
+        raise
+    return sess.run(None, feeds)
+
+
+def _run_reference(model: ModelProto, feeds: dict):
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model).run(None, feeds)
+
+
+def run(model: ModelProto, feeds: dict, model_bytes: Optional[bytes] = None, backend: Optional[str] = None):
+    """Returns (outputs, backend_name)."""
+    if backend in (None, "onnxruntime"):
+        try:
+            return _run_ort(model_bytes if model_bytes is not None else model.SerializeToString(), feeds), "onnxruntime-cpu"
+        except _BackendUnavailable:
+            if backend == "onnxruntime":
+                raise
+    return _run_reference(model, feeds), "onnx-reference"
+
+
+@dataclass
+class OutputDiff:
+    name: str
+    max_abs_err: float
+    max_rel_err: float
+    passed: bool
+    detail: str = ""
+
+
+@dataclass
+class VerificationResult:
+    passed: bool
+    max_abs_err: float
+    max_rel_err: float
+    atol: float
+    rtol: float
+    backend: str
+    reference: str
+    outputs: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(name: str, ref, new, atol: float, rtol: float) -> OutputDiff:
+    ref, new = np.asarray(ref), np.asarray(new)
+    if ref.shape != new.shape:
+        return OutputDiff(name, float("inf"), float("inf"), False, f"shape {list(new.shape)} != {list(ref.shape)}")
+    if ref.dtype != new.dtype:
+        return OutputDiff(name, float("inf"), float("inf"), False, f"dtype {new.dtype} != {ref.dtype}")
+    if not (np.issubdtype(ref.dtype, np.floating) or ref.dtype.name == "bfloat16"):
+        ok = bool(np.array_equal(ref, new))
+        return OutputDiff(name, 0.0 if ok else float("inf"), 0.0 if ok else float("inf"), ok)
+    r, n = ref.astype(np.float64), new.astype(np.float64)
+    finite = np.isfinite(r)
+    same_nonfinite = np.array_equal(np.isnan(r), np.isnan(n)) and np.array_equal(np.where(np.isinf(r), r, 0), np.where(np.isinf(n), n, 0))
+    if r.size == 0:
+        return OutputDiff(name, 0.0, 0.0, True)
+    diff = np.abs(n[finite] - r[finite])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(r[finite]).max()) if diff.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    passed = same_nonfinite and max_abs <= atol + rtol * scale
+    return OutputDiff(name, max_abs, max_rel, passed, "" if same_nonfinite else "NaN/Inf positions differ")
+
+
+def verify(reference: ModelProto, candidate: ModelProto, *, atol=None, rtol=None, input_shapes=None, seed: int = 0,
+           reference_bytes: Optional[bytes] = None, candidate_bytes: Optional[bytes] = None,
+           reference_label: str = "original") -> VerificationResult:
+    d_atol, d_rtol = default_tolerances(reference)
+    atol = d_atol if atol is None else float(atol)
+    rtol = d_rtol if rtol is None else float(rtol)
+    feeds = make_inputs(reference, input_shapes, seed)
+    try:
+        ref_out, backend = run(reference, feeds, reference_bytes)
+    except Exception as e:
+        raise InputError(f"the original model does not run on ONNX Runtime: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    new_out, _ = run(candidate, feeds, candidate_bytes, backend="onnxruntime" if backend == "onnxruntime-cpu" else "reference")
+    names = [o.name for o in reference.graph.output]
+    diffs = [compare(n, a, b, atol, rtol) for n, a, b in zip(names, ref_out, new_out)]
+    return VerificationResult(
+        passed=all(d.passed for d in diffs),
+        max_abs_err=max((d.max_abs_err for d in diffs), default=0.0),
+        max_rel_err=max((d.max_rel_err for d in diffs), default=0.0),
+        atol=atol, rtol=rtol, backend=backend, reference=reference_label,
+        outputs=[asdict(d) for d in diffs],
+    )
