@@ -120,7 +120,8 @@ def fold_into_conv_consumer(w, b, s, t, group: int = 1):
 
 def round_to(a: np.ndarray, dtype) -> np.ndarray:
     """Round a float64 array once to ``dtype``; refuse when a finite value overflows it."""
-    out = np.asarray(a).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray(a).astype(dtype)
     if np.issubdtype(np.dtype(dtype), np.floating) or str(dtype) == "bfloat16":
         src_finite = np.isfinite(a)
         dst_finite = np.isfinite(out.astype(np.float64))

@@ -87,8 +87,12 @@ def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: in
         tt = inp.type.tensor_type
         if inp.name in input_shapes:
             shape = list(input_shapes[inp.name])
-            if tt.HasField("shape") and len(shape) != len(tt.shape.dim):
-                raise InputError(f"--input-shape for '{inp.name}' has {len(shape)} dimensions, the model declares {len(tt.shape.dim)}")
+            if tt.HasField("shape"):
+                if len(shape) != len(tt.shape.dim):
+                    raise InputError(f"--input-shape for '{inp.name}' has {len(shape)} dimensions, the model declares {len(tt.shape.dim)}")
+                for k, (d, given) in enumerate(zip(tt.shape.dim, shape)):
+                    if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != given:
+                        raise InputError(f"--input-shape for '{inp.name}': dimension {k} is fixed to {d.dim_value} in the model, not {given}")
         elif tt.HasField("shape"):
             shape = []
             for k, d in enumerate(tt.shape.dim):

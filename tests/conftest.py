@@ -1,0 +1,18 @@
+import os
+import sys
+
+import onnx
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def conv_bn_path(tmp_path):
+    from tests.test_fold_into_producer import conv_bn_model
+
+    p = tmp_path / "model.onnx"
+    onnx.save(conv_bn_model(2, group=2), str(p))
+    return p

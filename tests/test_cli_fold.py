@@ -1,0 +1,176 @@
+"""foldkit fold through click's CliRunner and a real subprocess; bad input and atomic writes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from foldkit.cli import main
+from tests.helpers import op_count
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_fold_writes_model_and_report(conv_bn_path, tmp_path):
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    r = invoke("fold", conv_bn_path, "-o", out, "--report", rep)
+    assert r.exit_code == 0, r.output
+    assert "folded" in r.output and "passed" in r.output
+    report = json.loads(rep.read_text())
+    assert report["bn_before"] == 1 and report["bn_after"] == 0
+    assert report["actions"][0]["node"] == "bn" and report["actions"][0]["action"] == "folded"
+    assert report["actions"][0]["target"] == "Conv 'conv'"
+    assert report["verification"]["passed"] is True
+    assert {"max_abs_err", "max_rel_err", "atol", "rtol"} <= set(report["verification"])
+    assert op_count(onnx.load(str(out)), "BatchNormalization") == 0
+
+
+def test_fold_output_is_byte_identical_across_runs(conv_bn_path, tmp_path):
+    for name in ("a.onnx", "b.onnx"):
+        assert invoke("fold", conv_bn_path, "-o", tmp_path / name, "-q").exit_code == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert invoke("fold", tmp_path / "a.onnx", "-o", tmp_path / "c.onnx", "-q").exit_code == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
+
+
+def test_verification_failure_exits_1_and_writes_nothing(conv_bn_path, tmp_path):
+    out = tmp_path / "out.onnx"
+    r = invoke("fold", conv_bn_path, "-o", out, "--atol", "0", "--rtol", "0")
+    assert r.exit_code == 1
+    assert "verification failed" in r.output
+    assert not out.exists() and os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_no_verify(conv_bn_path, tmp_path):
+    r = invoke("fold", conv_bn_path, "-o", tmp_path / "o.onnx", "--no-verify", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0 and "skipped" in r.output
+    assert json.loads((tmp_path / "r.json").read_text())["verification"] is None
+
+
+def test_input_shape_and_skip(conv_bn_path, tmp_path):
+    r = invoke("fold", conv_bn_path, "-o", tmp_path / "o.onnx", "--input-shape", "X=2,4,5,5", "--skip", "producer")
+    assert r.exit_code == 0 and "kept" in r.output
+    r = invoke("fold", conv_bn_path, "-o", tmp_path / "o.onnx", "--input-shape", "X=3,4,5,5")
+    assert r.exit_code == 2 and "dimension 0 is fixed to 2 in the model, not 3" in r.output
+    r = invoke("fold", conv_bn_path, "-o", tmp_path / "o.onnx", "--skip", "nonsense")
+    assert r.exit_code == 2 and "unknown pass" in r.output
+    r = invoke("fold", conv_bn_path, "-o", tmp_path / "o.onnx", "--input-shape", "nope=1")
+    assert r.exit_code == 2 and "not inputs of the model" in r.output
+
+
+BAD = {
+    "missing": None,
+    "directory": "dir",
+    "empty": b"",
+    "random": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
+    "text": b"this is not a model\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_inputs(kind, tmp_path):
+    p = tmp_path / "in.onnx"
+    if kind == "directory":
+        p.mkdir()
+    elif BAD[kind] is not None:
+        p.write_bytes(BAD[kind])
+    out = tmp_path / "out.onnx"
+    r = invoke("fold", p, "-o", out)
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert line.startswith("foldkit: error:") and "\n" not in line and "Traceback" not in line
+    assert not out.exists()
+
+
+def test_truncated_model(conv_bn_path, tmp_path):
+    data = conv_bn_path.read_bytes()
+    p = tmp_path / "t.onnx"
+    p.write_bytes(data[: len(data) // 2])
+    r = invoke("fold", p, "-o", tmp_path / "o.onnx")
+    assert r.exit_code == 2 and "foldkit: error:" in r.output
+
+
+def test_dangling_reference(tmp_path):
+    from tests.test_fold_into_producer import conv_bn_model
+    m = conv_bn_model(2)
+    del m.graph.initializer[0]  # W
+    p = tmp_path / "d.onnx"
+    onnx.save(m, str(p))
+    r = invoke("fold", p, "-o", tmp_path / "o.onnx")
+    assert r.exit_code == 2 and "reads 'W', which does not exist" in r.output
+
+
+def test_refuses_to_overwrite_input_unless_in_place(conv_bn_path):
+    before = conv_bn_path.read_bytes()
+    r = invoke("fold", conv_bn_path, "-o", conv_bn_path)
+    assert r.exit_code == 2 and "--in-place" in r.output
+    assert conv_bn_path.read_bytes() == before
+    r = invoke("fold", conv_bn_path, "-o", conv_bn_path, "--in-place")
+    assert r.exit_code == 0 and conv_bn_path.read_bytes() != before
+
+
+def test_output_folder_missing(conv_bn_path, tmp_path):
+    r = invoke("fold", conv_bn_path, "-o", tmp_path / "nope" / "o.onnx")
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    from foldkit import io as fio
+    target = tmp_path / "o.onnx"
+    target.write_bytes(b"old")
+
+    def boom(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(KeyboardInterrupt):
+        fio.atomic_write(str(target), b"new contents")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["o.onnx"]
+
+
+def test_subprocess_fold(conv_bn_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "fold", str(conv_bn_path), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "passed" in p.stdout and out.exists()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "fold", str(tmp_path / "none.onnx"), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_write_leaves_no_partial_file(tmp_path, sig):
+    """A fold interrupted while writing leaves neither the output nor a temp file."""
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {ROOT!r})
+from foldkit import io as fio
+from foldkit.cli import _sigterm
+import signal
+signal.signal(signal.SIGTERM, _sigterm)
+real = os.fsync
+def slow(fd):
+    print("writing", flush=True)
+    time.sleep(30)
+os.fsync = slow
+fio.atomic_write({str(tmp_path / 'o.onnx')!r}, b"x" * 1000)
+"""
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    p.send_signal(sig)
+    p.wait(timeout=30)
+    assert p.returncode != 0
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,127 @@
+"""Property tests: the arithmetic on its own, and random Conv/BN chains on ONNX Runtime."""
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from foldkit.math import bn_scale_shift, fold_into_conv_consumer, fold_into_producer
+from tests.helpers import F32, fold_and_compare, make_model, tensor
+
+finite = st.floats(-4, 4, allow_nan=False, width=64)
+
+
+@st.composite
+def bn_params(draw, c):
+    g = np.array(draw(st.lists(finite, min_size=c, max_size=c)))
+    b = np.array(draw(st.lists(finite, min_size=c, max_size=c)))
+    m = np.array(draw(st.lists(finite, min_size=c, max_size=c)))
+    v = np.array(draw(st.lists(st.floats(0.01, 10), min_size=c, max_size=c)))
+    return g, b, m, v
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), c=st.integers(1, 6), k=st.integers(1, 5), n=st.integers(1, 4))
+def test_producer_fold_equals_bn_after_linear(data, c, k, n):
+    """For a 1x1 conv (a matmul per pixel): BN(W x + b) == W' x + b' in float64."""
+    g, b_, m, v = data.draw(bn_params(c))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    w = rng.standard_normal((c, k, 1, 1))
+    b = rng.standard_normal(c)
+    x = rng.standard_normal((n, k))
+    s, t = bn_scale_shift(g, b_, m, v, 1e-5)
+    z = x @ w[:, :, 0, 0].T + b
+    expected = g * (z - m) / np.sqrt(v + 1e-5) + b_
+    w2, b2 = fold_into_producer(w, b, s, t, "conv")
+    np.testing.assert_allclose(x @ w2[:, :, 0, 0].T + b2, expected, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), groups=st.integers(1, 3), cpg_in=st.integers(1, 3), cpg_out=st.integers(1, 3))
+def test_conv_transpose_layout(data, groups, cpg_in, cpg_out):
+    """ConvTranspose 1x1 with groups as a block-diagonal matmul: the scale must land on the right columns."""
+    c_in, c_out = groups * cpg_in, groups * cpg_out
+    g, b_, m, v = data.draw(bn_params(c_out))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    w = rng.standard_normal((c_in, cpg_out, 1, 1))
+    x = rng.standard_normal((3, c_in))
+
+    def convt(w, b):
+        y = np.zeros((3, c_out))
+        for gi in range(groups):
+            xi = x[:, gi * cpg_in:(gi + 1) * cpg_in]
+            y[:, gi * cpg_out:(gi + 1) * cpg_out] = xi @ w[gi * cpg_in:(gi + 1) * cpg_in, :, 0, 0]
+        return y + b
+
+    s, t = bn_scale_shift(g, b_, m, v, 1e-3)
+    w2, b2 = fold_into_producer(w, None, s, t, "conv_transpose", groups)
+    np.testing.assert_allclose(convt(w2, b2), s * convt(w, 0) + t, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), groups=st.integers(1, 3), cpg_in=st.integers(1, 3), cpg_out=st.integers(1, 3))
+def test_consumer_fold_grouped(data, groups, cpg_in, cpg_out):
+    c_in, c_out = groups * cpg_in, groups * cpg_out
+    g, b_, m, v = data.draw(bn_params(c_in))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    w = rng.standard_normal((c_out, cpg_in, 1, 1))
+    b = rng.standard_normal(c_out)
+    x = rng.standard_normal((3, c_in))
+
+    def conv(x, w, b):
+        y = np.zeros((3, c_out))
+        for gi in range(groups):
+            y[:, gi * cpg_out:(gi + 1) * cpg_out] = x[:, gi * cpg_in:(gi + 1) * cpg_in] @ w[gi * cpg_out:(gi + 1) * cpg_out, :, 0, 0].T
+        return y + b
+
+    s, t = bn_scale_shift(g, b_, m, v, 1e-5)
+    w2, b2 = fold_into_conv_consumer(w, b, s, t, groups)
+    np.testing.assert_allclose(conv(x, w2, b2), conv(s * x + t, w, b), rtol=1e-9, atol=1e-9)
+
+
+@st.composite
+def conv_bn_chain(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    c = draw(st.integers(1, 4))
+    nodes, inits, cur = [], [], "X"
+    c_cur = 3
+    for i in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["conv", "bn", "relu", "convT"]))
+        out = f"t{i}"
+        if op in ("conv", "convT"):
+            group = draw(st.sampled_from([g for g in (1, 2, 3) if c_cur % g == 0]))
+            c_new = group * draw(st.integers(1, 2))
+            k = draw(st.sampled_from([1, 3]))
+            shape = (c_new, c_cur // group, k, k) if op == "conv" else (c_cur, c_new // group, k, k)
+            inits.append(tensor(f"w{i}", rng.standard_normal(shape).astype(np.float32)))
+            ins = [cur, f"w{i}"]
+            if draw(st.booleans()):
+                inits.append(tensor(f"b{i}", rng.standard_normal(c_new).astype(np.float32)))
+                ins.append(f"b{i}")
+            pads = [k // 2] * 4
+            nodes.append(helper.make_node("Conv" if op == "conv" else "ConvTranspose", ins, [out], group=group, pads=pads))
+            c_cur = c_new
+        elif op == "bn":
+            arrs = [rng.normal(1, .3, c_cur), rng.normal(0, .5, c_cur), rng.normal(0, .5, c_cur), rng.uniform(.2, 2, c_cur)]
+            names = [f"bn{i}_{k}" for k in range(4)]
+            inits += [tensor(n, a.astype(np.float32)) for n, a in zip(names, arrs)]
+            nodes.append(helper.make_node("BatchNormalization", [cur] + names, [out]))
+        else:
+            nodes.append(helper.make_node("Relu", [cur], [out]))
+        cur = out
+    nodes.append(helper.make_node("Identity", [cur], ["Y"]))
+    return make_model(nodes, [("X", F32, [1, 3, 4, 4])], [("Y", F32, None)], inits)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_bn_chain())
+def test_random_chains(model):
+    from tests.helpers import op_count
+    import foldkit
+    res = foldkit.fold(model, verify=False)
+    fold_and_compare(model, rtol=1e-5, atol=1e-5, bn_after=op_count(res.model, "BatchNormalization"))
+    # a BN right after a Conv/ConvTranspose never survives
+    producers = {n.output[0]: n.op_type for n in res.model.graph.node}
+    for n in res.model.graph.node:
+        if n.op_type == "BatchNormalization":
+            assert producers.get(n.input[0]) not in ("Conv", "ConvTranspose")
