@@ -118,5 +118,102 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, l
         print_fold_report(result.report, output)
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "github", "junit"]), default="text", show_default=True)
+@click.option("--fail-on", type=click.Choice(["error", "warning"]), default="error", show_default=True,
+              help="Exit 1 when a finding of this severity or worse exists.")
+@click.option("-o", "--output", type=click.Path(), help="Write the formatted result here instead of stdout.")
+@handle_errors
+def check(model, fmt, fail_on, output):
+    """The pre-deployment gate: exit 0 only for a deployment-ready MODEL."""
+    import json
+
+    from . import io as fio
+    from .check import check as check_api, to_github, to_junit
+
+    result = check_api(model)
+    if fmt == "json":
+        d = result.to_dict()
+        d["passed"] = not result.failed(fail_on)
+        text = json.dumps(d, indent=2, sort_keys=True) + "\n"
+    elif fmt == "github":
+        text = to_github(result)
+    elif fmt == "junit":
+        text = to_junit(result, fail_on)
+    else:
+        text = None
+    if output:
+        fio.atomic_write(output, (text if text is not None else _check_text(result, fail_on)).encode())
+    elif text is not None:
+        click.echo(text, nl=False)
+    else:
+        from .render import print_check
+
+        print_check(result, fail_on)
+    sys.exit(EXIT_FAILED if result.failed(fail_on) else 0)
+
+
+def _check_text(result, fail_on):
+    lines = [f"{f.severity.upper():7} {f.code} {f.node}: {f.message}" for f in result.findings]
+    lines.append(f"{result.path}: {'FAILED' if result.failed(fail_on) else 'ready to deploy'} "
+                 f"({len(result.findings)} finding(s), fail-on {fail_on})")
+    return "\n".join(lines) + "\n"
+
+
+def _parse_dims(text: str):
+    from .errors import InputError
+
+    try:
+        dims = [int(d) for d in text.split(",") if d.strip()]
+    except ValueError:
+        raise InputError(f"--input-shape '{text}': expected comma-separated integers such as 1,3,224,224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise InputError(f"--input-shape '{text}': dimensions must be positive integers")
+    return dims
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, metavar="FILE.py:FN|MODULE:FN", help="Factory returning an nn.Module.")
+@click.option("--model-arg", multiple=True, metavar="NAME=VALUE", help="Keyword argument for the factory (repeatable).")
+@click.option("--checkpoint", type=click.Path(), help="state_dict checkpoint (bare or under state_dict/model/ema).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow arbitrary unpickling (runs code from the file).")
+@click.option("--input-shape", "input_shapes", multiple=True, required=True, metavar="D0,D1,...",
+              help="Shape of each model input, in order (repeatable).")
+@click.option("--dynamic-batch", is_flag=True, help="Export with a symbolic batch dimension.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: 17 legacy, 18 dynamo).")
+@click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True)
+@click.option("--no-fold", is_flag=True, help="Export only; do not fold.")
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
+@tolerance_options
+@click.option("-q", "--quiet", is_flag=True)
+@handle_errors
+def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dynamic_batch, opset, exporter, no_fold,
+           output, report_path, atol, rtol, quiet):
+    """Export a PyTorch model to ONNX: load, revert SyncBN, eval, export, fold, check parity."""
+    from . import io as fio
+    from .errors import InputError
+
+    try:
+        from .torch import export as export_api
+        from .torch.export import parse_model_args
+    except ImportError as e:
+        raise InputError(f"foldkit export needs PyTorch: pip install 'foldkit[torch]' ({e})") from None
+    shapes = [_parse_dims(s) for s in input_shapes]
+    result = export_api(model_spec, output, shapes, checkpoint=checkpoint, model_args=parse_model_args(model_arg),
+                        trust_checkpoint=trust_checkpoint, dynamic_batch=dynamic_batch, opset=opset,
+                        exporter=exporter, fold=not no_fold, atol=atol, rtol=rtol)
+    rep = result.report
+    if report_path:
+        import json
+
+        fio.atomic_write(report_path, (json.dumps(rep, indent=2, sort_keys=True) + "\n").encode())
+    if not quiet:
+        from .render import print_export_report
+
+        print_export_report(rep, output)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

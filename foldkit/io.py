@@ -54,22 +54,37 @@ def external_tensors(model: ModelProto):
                     yield a.t
 
 
-def check_external_data(model: ModelProto, base_dir: str, source: str) -> None:
-    """Every external tensor must lie inside ``base_dir`` (no path traversal) and in its file."""
+def external_data_problems(model: ModelProto, base_dir: str) -> list:
+    """(tensor name, sentence) for every external tensor that is not safely readable: a location
+    outside ``base_dir`` (path traversal), an absolute path, a missing or too short file."""
     root = os.path.realpath(base_dir)
+    problems = []
     for t in external_tensors(model):
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
         if not loc or os.path.isabs(loc):
-            raise InputError(f"{source}: tensor '{t.name}' has external data location '{loc}', which is not a relative path")
+            problems.append((t.name, f"tensor '{t.name}' has external data location '{loc}', which is not a relative path"))
+            continue
         full = os.path.realpath(os.path.join(root, loc))
         if os.path.commonpath([root, full]) != root:
-            raise InputError(f"{source}: tensor '{t.name}' points to external data '{loc}' outside the model's folder")
-        if not os.path.isfile(full):
-            raise InputError(f"{source}: external data file '{loc}' for tensor '{t.name}' is missing")
-        offset, length = int(info.get("offset", 0) or 0), info.get("length")
-        if length is not None and offset + int(length) > os.path.getsize(full):
-            raise InputError(f"{source}: external data file '{loc}' is shorter than tensor '{t.name}' needs")
+            problems.append((t.name, f"tensor '{t.name}' points to external data '{loc}' outside the model's folder"))
+        elif not os.path.isfile(full):
+            problems.append((t.name, f"external data file '{loc}' for tensor '{t.name}' is missing"))
+        else:
+            try:
+                offset, length = int(info.get("offset", 0) or 0), info.get("length")
+                short = length is not None and offset + int(length) > os.path.getsize(full)
+            except ValueError:
+                short = True
+            if short:
+                problems.append((t.name, f"external data file '{loc}' is shorter than tensor '{t.name}' needs"))
+    return problems
+
+
+def check_external_data(model: ModelProto, base_dir: str, source: str) -> None:
+    problems = external_data_problems(model, base_dir)
+    if problems:
+        raise InputError(f"{source}: {problems[0][1]}")
 
 
 def check_references(model: ModelProto, source: str = "model") -> None:
@@ -99,13 +114,19 @@ def check_references(model: ModelProto, source: str = "model") -> None:
     visit(model.graph, frozenset())
 
 
-def load_model(path: str, load_external: bool = True) -> ModelProto:
-    """Load and validate a model; external data is checked, then read into memory."""
+def read_model(path: str) -> ModelProto:
+    """Parse a model file without touching its external data."""
     path = os.fspath(path)
     _check_path(path)
     with open(path, "rb") as f:
         data = f.read()
-    model = parse_model(data, path)
+    return parse_model(data, path)
+
+
+def load_model(path: str, load_external: bool = True) -> ModelProto:
+    """Load and validate a model; external data is checked, then read into memory."""
+    path = os.fspath(path)
+    model = read_model(path)
     base_dir = os.path.dirname(os.path.abspath(path))
     check_external_data(model, base_dir, path)
     if load_external and any(True for _ in external_tensors(model)):

@@ -39,3 +39,37 @@ def print_fold_report(report, output=None) -> None:
         c.print("verification: skipped (--no-verify)")
     if output is not None:
         c.print(f"wrote {output}")
+
+
+def print_export_report(rep: dict, output) -> None:
+    from .report import Action, Report
+
+    c = console()
+    c.print(f"exported {rep['model']} with the {rep['exporter']} exporter (opset {rep['opset']}): "
+            f"{rep['bn_exported']} BatchNormalization nodes")
+    if rep.get("fold"):
+        f = rep["fold"]
+        r = Report(bn_before=f["bn_before"], bn_after=f["bn_after"], actions=[Action(**a) for a in f["actions"]],
+                   verification=f["verification"], notes=f["notes"])
+        print_fold_report(r)
+    p = rep["parity"]
+    status = "[green]passed[/green]" if p["passed"] else "[red]FAILED[/red]"
+    c.print(f"parity PyTorch vs {p['backend']}: {status}  max abs err {p['max_abs_err']:.3g}, "
+            f"max rel err {p['max_rel_err']:.3g} (atol {p['atol']:g}, rtol {p['rtol']:g})")
+    c.print(f"wrote {output}")
+
+
+def print_check(result, fail_on: str) -> None:
+    c = console()
+    if result.findings:
+        table = Table()
+        for col in ("severity", "code", "node", "how to fix"):
+            table.add_column(col, overflow="fold")
+        for f in result.findings:
+            style = "red" if f.severity == "error" else "yellow"
+            node = f.node if f.graph == "main" else f"{f.node} [{f.graph}]"
+            table.add_row(f"[{style}]{f.severity}[/{style}]", f.code, node, f.message)
+        c.print(table)
+    verdict = "[red]FAILED[/red]" if result.failed(fail_on) else "[green]ready to deploy[/green]"
+    c.print(f"{result.path}: {verdict} ({len(result.findings)} finding(s), {result.bn_count} BatchNormalization, "
+            f"fail-on {fail_on})")

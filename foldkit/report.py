@@ -21,6 +21,7 @@ class Action:
     reason: str = ""
     graph: str = "main"
     steps: list = field(default_factory=list)
+    tensors: list = field(default_factory=list)  # names of the constants the rewrite wrote
 
 
 @dataclass

@@ -126,7 +126,7 @@ def _run_ort(model_bytes: bytes, feeds: dict):
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors surface as exceptions; keep ORT's own log off stderr
     try:
         sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -134,7 +134,9 @@ def _run_ort(model_bytes: bytes, feeds: dict):
         if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg or "Type Error" in msg:
             raise _BackendUnavailable(msg.splitlines()[0]) from None
         raise
-    return sess.run(None, feeds)
+    ro = ort.RunOptions()
+    ro.log_severity_level = 4
+    return sess.run(None, feeds, ro)
 
 
 def _run_reference(model: ModelProto, feeds: dict):

@@ -3,6 +3,12 @@ import sys
 
 import onnx
 import pytest
+from hypothesis import settings
+
+# CI runs are derandomized so that a red build is reproducible; locally hypothesis explores.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

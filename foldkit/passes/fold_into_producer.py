@@ -38,6 +38,7 @@ class FoldIntoProducer(Pass):
         changed = False
         for i, bn in bn_nodes(view):
             label = node_label(bn)
+            self.written = []
             try:
                 target = self._fold(view, i, bn)
             except Refusal as r:
@@ -46,6 +47,7 @@ class FoldIntoProducer(Pass):
             entry = ctx.report.entry(bn.output[0], label, path)
             entry.action, entry.target = "folded", target
             entry.reason = f"folded into the preceding {target}"
+            entry.tensors = list(self.written)
             changed = True
         return changed
 
@@ -91,8 +93,8 @@ class FoldIntoProducer(Pass):
         b_new = rounded(b_new, b_type, "folded bias")
 
         def apply():
-            view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded")
-            view.set_constant(pi, 2, b_new, b_type, f"{node_label(p)}_bias_folded" if b is None else f"{b.name}_folded")
+            self.written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
+            self.written.append(view.set_constant(pi, 2, b_new, b_type, f"{node_label(p)}_bias_folded" if b is None else f"{b.name}_folded"))
             return f"{p.op_type} '{node_label(p)}'", True
         return apply
 
@@ -122,8 +124,8 @@ class FoldIntoProducer(Pass):
         c_new = rounded(c_new, c_type, "folded C")
 
         def apply():
-            view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded")
-            view.set_constant(pi, 2, c_new, c_type, f"{node_label(p)}_C_folded" if c is None else f"{c.name}_folded")
+            self.written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
+            self.written.append(view.set_constant(pi, 2, c_new, c_type, f"{node_label(p)}_C_folded" if c is None else f"{c.name}_folded"))
             if beta != 1.0:
                 set_attr(p, "beta", 1.0)
             return f"Gemm '{node_label(p)}'", True
@@ -149,7 +151,7 @@ class FoldIntoProducer(Pass):
         bn_i = [i for i, _ in view.consumers(x)][0]
 
         def apply():
-            view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded")
+            self.written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
             bn = view.nodes[bn_i]
             for name in bn.input:
                 view.index.unuse(name)
@@ -157,6 +159,7 @@ class FoldIntoProducer(Pass):
             tensor = make_tensor(t_new, w.data_type)
             tensor.name = bias
             view.add_constant(tensor, before=bn_i if view.index.model.ir_version < 4 else None)
+            self.written.append(bias)
             bn.op_type = "Add"
             bn.domain = ""
             del bn.attribute[:]
@@ -192,7 +195,7 @@ class FoldIntoProducer(Pass):
         b_new = rounded((b_arr * s + t).reshape(b_arr.shape[:-1] + (s.size,)), bias.data_type, "folded bias")
 
         def apply():
-            view.set_constant(mi, 1, w_new, w.data_type, f"{w.name}_folded")
-            view.set_constant(pi, 1 - mpos, b_new, bias.data_type, f"{bias.name}_folded")
+            self.written.append(view.set_constant(mi, 1, w_new, w.data_type, f"{w.name}_folded"))
+            self.written.append(view.set_constant(pi, 1 - mpos, b_new, bias.data_type, f"{bias.name}_folded"))
             return f"MatMul '{node_label(m)}' + Add '{node_label(p)}'", True
         return apply

@@ -1,0 +1,170 @@
+"""foldkit check: is this model ready to deploy? Findings with a code, a severity, the node and a fix.
+
+| code  | severity | finding |
+|-------|----------|---------|
+| FK001 | error    | a BatchNormalization that `foldkit fold` would fold |
+| FK002 | error    | a training-mode BatchNormalization |
+| FK003 | warning  | a BatchNormalization that cannot be folded (the reason says why) |
+| FK004 | warning  | numeric risk: folded values overflow or lose precision in float16 |
+| FK005 | error    | invalid BN parameters (NaN, Inf, var + eps <= 0) or channel mismatch |
+| FK006 | error    | onnx.checker (full check) fails |
+| FK007 | error    | external data missing, unreadable or outside the model's folder |
+
+The check never runs the model and never writes: it runs the fold pipeline on an in-memory copy
+without verification and reads its report.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import onnx
+
+from . import io as fio
+from .errors import InputError
+
+SEVERITIES = ("warning", "error")
+FP16_MAX = 65504.0
+FP16_TINY = 6.103515625e-05  # smallest normal float16
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: str
+    node: str
+    message: str
+    graph: str = "main"
+
+
+@dataclass
+class CheckResult:
+    path: str
+    findings: list = field(default_factory=list)
+    bn_count: int = 0
+
+    def failed(self, fail_on: str = "error") -> bool:
+        level = SEVERITIES.index(fail_on)
+        return any(SEVERITIES.index(f.severity) >= level for f in self.findings)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "bn_count": self.bn_count, "findings": [asdict(f) for f in self.findings]}
+
+
+INVALID_PARAM_MARKERS = ("NaN or Inf", "not positive", "channel count mismatch", "different lengths")
+
+
+def _numeric_risk(model, action) -> Optional[str]:
+    from .graph import iter_graphs
+
+    arrays = []
+    wanted = set(action.tensors)
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            if t.name in wanted:
+                arrays.append((t.data_type, onnx.numpy_helper.to_array(t)))
+        for n in g.node:
+            if n.op_type == "Constant" and n.output[0] in wanted:
+                for a in n.attribute:
+                    if a.name == "value":
+                        arrays.append((a.t.data_type, onnx.numpy_helper.to_array(a.t)))
+    for data_type, arr in arrays:
+        a = np.abs(arr.astype(np.float64)).ravel()
+        if data_type == onnx.TensorProto.FLOAT16:
+            nz = a[a > 0]
+            if nz.size and np.mean(nz < FP16_TINY) > 0.01:
+                return (f"{100 * np.mean(nz < FP16_TINY):.1f}% of the folded float16 weights are subnormal and lose "
+                        f"precision; consider folding in float32 and converting afterwards")
+        elif data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            if a.size and a.max() > FP16_MAX:
+                return (f"folded weights reach {a.max():.3g}, beyond float16's range: the model will overflow if "
+                        f"deployed in fp16 (e.g. TensorRT --fp16); check this BN's running_var")
+    return None
+
+
+def check(path: str) -> CheckResult:
+    """Check the model at ``path``. Raises InputError only when the file cannot be read as a model."""
+    from .api import fold
+
+    model = fio.read_model(path)
+    result = CheckResult(path=str(path))
+    base_dir = os.path.dirname(os.path.abspath(path))
+    ext = fio.external_data_problems(model, base_dir)
+    for name, sentence in ext:
+        result.findings.append(Finding("FK007", "error", name, sentence + "; keep external data files beside the model"))
+    if ext:
+        return result  # nothing below can be trusted without the weights
+    if any(True for _ in fio.external_tensors(model)):
+        onnx.external_data_helper.load_external_data_for_model(model, base_dir)
+    fio.check_references(model, str(path))
+
+    from .api import checker_error
+
+    err = checker_error(model)
+    if err:
+        result.findings.append(Finding("FK006", "error", "model", f"onnx.checker (full check) fails: {err}"))
+    folded = fold(model, verify=False, check=False)
+    report = folded.report
+    result.bn_count = report.bn_before
+    for a in report.actions:
+        training = any(s.startswith("converted") for s in a.steps) or "training mode" in a.reason
+        if training:
+            result.findings.append(Finding("FK002", "error", a.node,
+                                           "BatchNormalization is in training mode (normalizes with batch statistics); "
+                                           "export with model.eval() or run `foldkit fold`" +
+                                           (f" — {a.reason}" if a.action == "kept" else ""), a.graph))
+        elif a.action in ("folded", "merged"):
+            result.findings.append(Finding("FK001", "error", a.node,
+                                           f"BatchNormalization can be folded into {a.target}; run `foldkit fold`", a.graph))
+        elif a.action == "kept":
+            if any(m in a.reason for m in INVALID_PARAM_MARKERS):
+                result.findings.append(Finding("FK005", "error", a.node,
+                                               f"invalid BatchNormalization: {a.reason}; fix the checkpoint's BN statistics", a.graph))
+            elif "overflows" in a.reason:
+                result.findings.append(Finding("FK004", "warning", a.node,
+                                               f"numeric risk: {a.reason}", a.graph))
+            else:
+                result.findings.append(Finding("FK003", "warning", a.node,
+                                               f"BatchNormalization cannot be folded: {a.reason}", a.graph))
+        if a.action in ("folded", "merged"):
+            risk = _numeric_risk(folded.model, a)
+            if risk:
+                result.findings.append(Finding("FK004", "warning", a.node, f"numeric risk after folding: {risk}", a.graph))
+    return result
+
+
+# --- output formats -----------------------------------------------------------------------------
+
+def to_github(result: CheckResult) -> str:
+    def esc(s: str) -> str:
+        return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+    lines = []
+    for f in result.findings:
+        title = esc(f"{f.code} {f.node}").replace(",", "%2C").replace("::", "%3A%3A")
+        lines.append(f"::{f.severity} file={result.path},title={title}::{esc(f.message)}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def to_junit(result: CheckResult, fail_on: str = "error") -> str:
+    import xml.etree.ElementTree as ET
+
+    level = SEVERITIES.index(fail_on)
+    failing = [f for f in result.findings if SEVERITIES.index(f.severity) >= level]
+    suite = ET.Element("testsuite", name="foldkit check", tests=str(max(1, len(result.findings))),
+                       failures=str(len(failing)), errors="0", skipped="0")
+    if not result.findings:
+        ET.SubElement(suite, "testcase", classname=result.path, name="deployment-ready")
+    for f in result.findings:
+        case = ET.SubElement(suite, "testcase", classname=result.path, name=f"{f.code} {f.node}")
+        if SEVERITIES.index(f.severity) >= level:
+            el = ET.SubElement(case, "failure", type=f.code, message=f.message)
+            el.text = f"[{f.severity}] {f.graph}: {f.message}"
+        else:
+            ET.SubElement(case, "system-out").text = f"[{f.severity}] {f.message}"
+    root = ET.Element("testsuites")
+    root.append(suite)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
