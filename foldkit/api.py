@@ -59,11 +59,11 @@ def load(model_or_path: Union[str, os.PathLike, ModelProto, bytes]) -> ModelProt
     if isinstance(model_or_path, ModelProto):
         m = ModelProto()
         m.CopyFrom(model_or_path)  # never mutate the caller's model
-        fio.check_references(m)
+        fio.validate(m)
         return m
     if isinstance(model_or_path, (bytes, bytearray)):
         m = fio.parse_model(bytes(model_or_path))
-        fio.check_references(m)
+        fio.validate(m)
         return m
     return fio.load_model(model_or_path)
 

@@ -99,7 +99,7 @@ def check(path: str) -> CheckResult:
         return result  # nothing below can be trusted without the weights
     if any(True for _ in fio.external_tensors(model)):
         onnx.external_data_helper.load_external_data_for_model(model, base_dir)
-    fio.check_references(model, str(path))
+    fio.validate(model, str(path))
 
     from .api import checker_error
 

@@ -20,8 +20,13 @@ EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 
+def one_line(text: str) -> str:
+    """Control characters (a newline in a node name, say) escaped, so an error is always one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _die(message: str, code: int) -> None:
-    click.echo(f"foldkit: error: {message}", err=True)
+    click.echo(f"foldkit: error: {one_line(message)}", err=True)
     sys.exit(code)
 
 

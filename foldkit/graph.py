@@ -78,6 +78,31 @@ def get_attr(node: NodeProto, name: str, default=None):
     return default
 
 
+class BadAttribute(ValueError):
+    """An attribute has the wrong type for its op; the message is a sentence for the report."""
+
+
+def _typed_attr(node: NodeProto, name: str, default, want: int, what: str):
+    for a in node.attribute:
+        if a.name == name:
+            if a.type != want:
+                raise BadAttribute(f"attribute '{name}' of {node_label(node)} is {AttributeProto.AttributeType.Name(a.type)}, "
+                                   f"expected {what}")
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def attr_int(node: NodeProto, name: str, default: int) -> int:
+    return int(_typed_attr(node, name, default, AttributeProto.INT, "INT"))
+
+
+def attr_float(node: NodeProto, name: str, default: float) -> float:
+    value = float(_typed_attr(node, name, default, AttributeProto.FLOAT, "FLOAT"))
+    if value != value or value in (float("inf"), float("-inf")):
+        raise BadAttribute(f"attribute '{name}' of {node_label(node)} is not finite")
+    return value
+
+
 def set_attr(node: NodeProto, name: str, value) -> None:
     del_attr(node, name)
     node.attribute.append(onnx.helper.make_attribute(name, value))

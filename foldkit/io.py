@@ -123,6 +123,57 @@ def read_model(path: str) -> ModelProto:
     return parse_model(data, path)
 
 
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
+def _tensor_problem(t: TensorProto) -> Optional[str]:
+    if any(d < 0 for d in t.dims):
+        return f"has a negative dimension {list(t.dims)}"
+    numel = 1
+    for d in t.dims:
+        numel *= d
+    if t.data_type == TensorProto.UNDEFINED or t.data_type not in TensorProto.DataType.values():
+        return f"has an undefined data type ({t.data_type})"
+    if t.data_location == TensorProto.EXTERNAL:
+        return None
+    if t.HasField("raw_data") and t.data_type != TensorProto.STRING:
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            return f"has an unknown data type {t.data_type}"
+        bits = {TensorProto.INT4: 4, TensorProto.UINT4: 4}.get(t.data_type)
+        expected = (numel * bits + 7) // 8 if bits else numel * itemsize
+        if len(t.raw_data) != expected:
+            return f"has dims {list(t.dims)} ({numel} values) but {len(t.raw_data)} bytes of data"
+        return None
+    counts = [len(getattr(t, f)) for f in _TYPED_FIELDS if len(getattr(t, f))]
+    held = counts[0] if counts else 0
+    if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+        held //= 2
+    if held != numel and not (held == 0 and numel == 0):
+        return f"has dims {list(t.dims)} ({numel} values) but holds {held}"
+    return None
+
+
+def check_tensors(model: ModelProto, source: str = "model") -> None:
+    """Every initializer and Constant tensor must hold exactly as many values as its dims say."""
+    for g in iter_graphs(model.graph):
+        tensors = [(t.name, t) for t in g.initializer]
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    tensors.append((n.output[0] if n.output else n.name, a.t))
+        for name, t in tensors:
+            problem = _tensor_problem(t)
+            if problem:
+                raise InputError(f"{source}: tensor '{name}' {problem}")
+
+
+def validate(model: ModelProto, source: str = "model") -> None:
+    check_tensors(model, source)
+    check_references(model, source)
+
+
 def load_model(path: str, load_external: bool = True) -> ModelProto:
     """Load and validate a model; external data is checked, then read into memory."""
     path = os.fspath(path)
@@ -134,7 +185,7 @@ def load_model(path: str, load_external: bool = True) -> ModelProto:
             onnx.external_data_helper.load_external_data_for_model(model, base_dir)
         except Exception as e:  # defensive: check_external_data should have caught it
             raise InputError(f"{path}: cannot read external data ({e})") from None
-    check_references(model, path)
+    validate(model, path)
     return model
 
 

@@ -15,6 +15,8 @@ appear in the same places in both. Integer and bool outputs must match exactly.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -104,7 +106,10 @@ def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: in
             raise InputError(f"input '{inp.name}' has no declared shape; give one with --input-shape {inp.name}=D0,D1,...")
         if int(np.prod(shape, dtype=np.int64)) > 1 << 28:
             raise InputError(f"input '{inp.name}' of shape {shape} is too large to generate")
-        dtype = np_dtype(tt.elem_type)
+        try:
+            dtype = np_dtype(tt.elem_type)
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"input '{inp.name}' has an undefined element type ({tt.elem_type})") from None
         if tt.elem_type in FLOAT_TYPES:
             arr = rng.standard_normal(shape).astype(dtype)
         elif tt.elem_type == TensorProto.BOOL:
@@ -128,7 +133,9 @@ def _run_ort(model_bytes: bytes, feeds: dict):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4  # errors surface as exceptions; keep ORT's own log off stderr
     try:
-        sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+        # ORT's wrapper prints "EP Error" banners on failure; the exception says the same in one line
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as e:
         msg = str(e)
         if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg or "Type Error" in msg:

@@ -49,11 +49,17 @@ def make_model(nodes, inputs, outputs, inits=(), opset=17, ir_version=None, infe
     m = helper.make_model(g, **kw)
     m.ir_version = ir_version or min(m.ir_version, 8 if opset <= 17 else m.ir_version)
     if infer_outputs:
-        inferred = onnx.shape_inference.infer_shapes(m)
-        types = {v.name: v.type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
-        for o in m.graph.output:
-            if o.name in types and types[o.name].tensor_type.HasField("shape"):
-                o.type.CopyFrom(types[o.name])
+        fill_output_shapes(m)
+    return m
+
+
+def fill_output_shapes(m):
+    """Give graph outputs the shapes ONNX infers (the full checker requires them)."""
+    inferred = onnx.shape_inference.infer_shapes(m)
+    types = {v.name: v.type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for o in m.graph.output:
+        if o.name in types and types[o.name].tensor_type.HasField("shape"):
+            o.type.CopyFrom(types[o.name])
     return m
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import FLOAT_TYPES, GraphView, get_attr, np_dtype
+from ..graph import FLOAT_TYPES, BadAttribute, GraphView, attr_float, attr_int, np_dtype
 from ..math import FoldArithmeticError, bn_scale_shift, round_to
 
 
@@ -13,10 +13,13 @@ class Refusal(Exception):
 
 
 def is_training(opset: int, node) -> bool:
-    if opset >= 14:
-        return get_attr(node, "training_mode", 0) == 1
-    if opset < 7:
-        return get_attr(node, "is_test", 0) == 0
+    try:
+        if opset >= 14:
+            return attr_int(node, "training_mode", 0) == 1
+        if opset < 7:
+            return attr_int(node, "is_test", 0) == 0
+    except BadAttribute as e:
+        raise Refusal(str(e)) from None
     return any(o for o in node.output[1:])
 
 
@@ -24,7 +27,7 @@ def bn_affine(view: GraphView, node):
     """(s, t) in float64 with BN(x) = s * x + t, or Refusal."""
     if is_training(view.index.opset, node):
         raise Refusal("it is in training mode (its output uses batch statistics)")
-    if view.index.opset < 9 and get_attr(node, "spatial", 1) == 0:
+    if view.index.opset < 9 and _int(node, "spatial", 1) == 0:
         raise Refusal("spatial=0 (per-activation statistics) is not a per-channel affine map")
     if len(node.input) < 5:
         raise Refusal("it has fewer than 5 inputs")
@@ -37,9 +40,26 @@ def bn_affine(view: GraphView, node):
             raise Refusal(f"its {what} input has a non-float type")
         params.append(c.array)
     try:
-        return bn_scale_shift(*params, eps=float(get_attr(node, "epsilon", 1e-5)))
+        return bn_scale_shift(*params, eps=_float(node, "epsilon", 1e-5))
     except FoldArithmeticError as e:
         raise Refusal(str(e)) from None
+
+
+def _int(node, name, default):
+    try:
+        return attr_int(node, name, default)
+    except BadAttribute as e:
+        raise Refusal(str(e)) from None
+
+
+def _float(node, name, default):
+    try:
+        return attr_float(node, name, default)
+    except BadAttribute as e:
+        raise Refusal(str(e)) from None
+
+
+int_attr, float_attr = _int, _float
 
 
 def rounded(a: np.ndarray, data_type: int, what: str) -> np.ndarray:

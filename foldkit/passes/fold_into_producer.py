@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import get_attr, make_tensor, node_label, set_attr
+from ..graph import make_tensor, node_label, set_attr
 from ..math import fold_into_producer, output_channels
 from .base import Pass, bn_nodes, is_op
-from .common import Refusal, bn_affine, rounded, weight
+from .common import Refusal, bn_affine, float_attr, int_attr, rounded, weight
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 
@@ -79,7 +79,7 @@ class FoldIntoProducer(Pass):
             raise Refusal(f"channel count mismatch: the BN has {n_bn} channels, the {op} produces {n_out}")
 
     def _conv_like(self, view, pi, p, s, t, kind):
-        group = int(get_attr(p, "group", 1))
+        group = int_attr(p, "group", 1)
         w = weight(view, p, 1, f"{p.op_type} weight")
         if w is None or w.array.ndim < 3:
             raise Refusal(f"the {p.op_type} weight is missing or has rank < 3")
@@ -108,10 +108,10 @@ class FoldIntoProducer(Pass):
         w = weight(view, p, 1, "Gemm B", ndim=2)
         if w is None:
             raise Refusal("the Gemm has no B input")
-        kind = "rows" if get_attr(p, "transB", 0) else "cols"
+        kind = "rows" if int_attr(p, "transB", 0) else "cols"
         self._check_channels(s.size, output_channels(w.array.shape, kind), "Gemm")
         c = weight(view, p, 2, "Gemm C", ndim=(0, 1, 2))
-        beta = float(get_attr(p, "beta", 1.0))
+        beta = float_attr(p, "beta", 1.0)
         w_new, _ = fold_into_producer(w.array, None, s, t, kind)
         w_new = rounded(w_new, w.data_type, "folded weight")
         if c is None:

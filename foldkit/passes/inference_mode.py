@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ..graph import del_attr, node_label, set_attr
 from .base import Pass, bn_nodes
-from .common import is_training
+from .common import Refusal, is_training
 
 
 class InferenceMode(Pass):
@@ -26,9 +26,13 @@ class InferenceMode(Pass):
         changed = False
         opset = ctx.index.opset
         for i, bn in bn_nodes(view):
-            if not is_training(opset, bn):
-                continue
             label = node_label(bn)
+            try:
+                if not is_training(opset, bn):
+                    continue
+            except Refusal as r:
+                ctx.report.refuse(bn.output[0], label, path, "inference-mode", str(r))
+                continue
             extra = [o for o in bn.output[1:] if o]
             used = [o for o in extra if view.uses(o) > 0]
             if used:
