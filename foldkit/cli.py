@@ -166,6 +166,65 @@ def _check_text(result, fail_on):
     return "\n".join(lines) + "\n"
 
 
+def _csv(value, cast=str):
+    return [cast(v.strip()) for v in value.split(",") if v.strip()]
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--runtime", default="ort-cpu", show_default=True, metavar="LIST",
+              help="Comma-separated: ort-cpu, ort-cuda, ort-trt, trt, torch.")
+@click.option("--ort-opt-level", default="disable,all", show_default=True, metavar="LIST",
+              help="ONNX Runtime graph optimization levels to measure: disable, basic, extended, all.")
+@click.option("--batch", default="1", show_default=True, metavar="LIST", help="Batch sizes, e.g. 1,8.")
+@input_shape_option
+@click.option("--warmup", type=click.IntRange(0), default=10, show_default=True)
+@click.option("--iters", type=click.IntRange(2), default=100, show_default=True, help="Timed rounds (each runs every model once).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Intra-op threads (default: the runtime's).")
+@click.option("--fp16", is_flag=True, help="Build TensorRT engines with FP16 enabled.")
+@click.option("--model", "torch_model", metavar="FILE.py:FN", help="PyTorch factory for the torch runtime.")
+@click.option("--model-arg", multiple=True, metavar="NAME=VALUE")
+@click.option("--cache-dir", type=click.Path(), default=None, help="TensorRT engine cache folder.")
+@click.option("--json", "json_path", type=click.Path())
+@click.option("--markdown", "md_path", type=click.Path())
+@click.option("--plot", "plot_path", type=click.Path(), help="PNG of latency distributions.")
+@handle_errors
+def bench(models, runtime, ort_opt_level, batch, input_shape, warmup, iters, threads, fp16, torch_model, model_arg,
+          cache_dir, json_path, md_path, plot_path):
+    """Latency of MODELS (the first is the baseline), interleaved A/B, on each runtime."""
+    import json
+
+    from . import io as fio
+    from .bench import BenchConfig, run_bench
+    from .bench.core import plot_png, to_markdown
+    from .errors import InputError
+    from .render import print_bench, progress_bar
+    from .verify import parse_input_shapes
+
+    model_args = {}
+    if model_arg:
+        from .torch.export import parse_model_args
+        model_args = parse_model_args(model_arg)
+    try:
+        batches = _csv(batch, int)
+    except ValueError:
+        raise InputError(f"--batch '{batch}': expected comma-separated integers") from None
+    if not batches or any(b < 1 for b in batches):
+        raise InputError("--batch sizes must be positive")
+    cfg = BenchConfig(models=list(models), runtimes=_csv(runtime), ort_opt_levels=_csv(ort_opt_level), batches=batches,
+                      input_shapes=parse_input_shapes(input_shape), warmup=warmup, iters=iters, threads=threads,
+                      fp16=fp16, torch_model=torch_model, torch_model_args=model_args, cache_dir=cache_dir)
+    with progress_bar() as make_tick:
+        result = run_bench(cfg, progress=make_tick)
+    if json_path:
+        fio.atomic_write(json_path, (json.dumps(result.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+    if md_path:
+        fio.atomic_write(md_path, to_markdown(result).encode())
+    if plot_path and result.rows:
+        fio.atomic_write(plot_path, plot_png(result))
+    print_bench(result)
+
+
 def _parse_dims(text: str):
     from .errors import InputError
 

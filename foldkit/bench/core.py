@@ -1,0 +1,219 @@
+"""Interleaved A/B latency measurement over models x runtimes x batch sizes."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import InputError
+from .runners import ORT_LEVELS, RUNTIMES, OrtRunner, TorchRunner, TrtRunner, Unavailable
+from .stats import paired_ratio, summarize
+
+
+@dataclass
+class BenchConfig:
+    models: list
+    runtimes: list = field(default_factory=lambda: ["ort-cpu"])
+    ort_opt_levels: list = field(default_factory=lambda: ["all"])
+    batches: list = field(default_factory=lambda: [1])
+    input_shapes: dict = field(default_factory=dict)
+    warmup: int = 10
+    iters: int = 100
+    threads: Optional[int] = None
+    fp16: bool = False
+    torch_model: Optional[str] = None
+    torch_model_args: dict = field(default_factory=dict)
+    cache_dir: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class BenchResult:
+    rows: list = field(default_factory=list)
+    unavailable: list = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"machine": self.machine, "config": self.config, "rows": self.rows, "unavailable": self.unavailable}
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    try:
+        import onnxruntime as ort
+        info["onnxruntime"] = ort.__version__
+    except ImportError:
+        pass
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def _feeds_for(model_path: str, batch: int, shapes: dict, seed: int) -> dict:
+    from .. import io as fio
+    from ..verify import make_inputs
+
+    model = fio.read_model(model_path)
+    inits = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in inits or inp.name in shapes or not inp.type.tensor_type.HasField("shape"):
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value != batch:
+            raise Unavailable(f"input '{inp.name}' has a fixed batch of {dims[0].dim_value} (export with --dynamic-batch)")
+    return make_inputs(model, shapes, seed=seed, batch=batch)
+
+
+def _measure(runners: list, warmup: int, iters: int, tick: Callable[[], None]) -> list:
+    for r in runners:
+        for _ in range(warmup):
+            r.infer()
+    samples = [[] for _ in runners]
+    order = list(range(len(runners)))
+    for i in range(iters):
+        # A B, then B A: neither model always runs first (cache and clock effects cancel)
+        for k in (order if i % 2 == 0 else order[::-1]):
+            samples[k].append(runners[k].infer())
+        tick()
+    return samples
+
+
+def _groups(cfg: BenchConfig):
+    for runtime in cfg.runtimes:
+        if runtime not in RUNTIMES:
+            raise InputError(f"--runtime '{runtime}': expected one of {', '.join(RUNTIMES)}")
+        levels = cfg.ort_opt_levels if runtime.startswith("ort-") else [None]
+        for level in levels:
+            if level is not None and level not in ORT_LEVELS:
+                raise InputError(f"--ort-opt-level '{level}': expected one of {', '.join(ORT_LEVELS)}")
+            for batch in cfg.batches:
+                yield runtime, level, batch
+
+
+def _torch_modules(cfg: BenchConfig):
+    from ..torch import fold_bn, load_factory
+    from ..torch.syncbn import revert_sync_batchnorm
+
+    factory = load_factory(cfg.torch_model)
+    module = revert_sync_batchnorm(factory(**cfg.torch_model_args)).eval()
+    folded, _ = fold_bn(module)
+    return [(f"pytorch {cfg.torch_model}", module), (f"pytorch {cfg.torch_model} (fold_bn)", folded)]
+
+
+def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None) -> BenchResult:
+    """Measure every model on every runtime (x ORT opt level) and batch; A/B interleaved."""
+    if cfg.iters < 2:
+        raise InputError("--iters must be at least 2")
+    for m in cfg.models:
+        if not os.path.isfile(m):
+            raise InputError(f"{m}: no such file")
+    result = BenchResult(machine=machine_info(), config={
+        "runtimes": cfg.runtimes, "ort_opt_levels": cfg.ort_opt_levels, "batches": cfg.batches,
+        "warmup": cfg.warmup, "iters": cfg.iters, "threads": cfg.threads, "fp16": cfg.fp16,
+        "models": [os.path.basename(m) for m in cfg.models]})
+    groups = list(_groups(cfg))
+    total = len(groups) * cfg.iters
+    tick = progress(total) if progress else (lambda: None)
+    for runtime, level, batch in groups:
+        group = f"{runtime}[{level}]" if level else runtime
+        try:
+            if runtime == "torch":
+                if not cfg.torch_model:
+                    raise Unavailable("needs --model FACTORY (as for foldkit export)")
+                shapes = dict(cfg.input_shapes)
+                feeds = _feeds_for(cfg.models[0], batch, shapes, cfg.seed) if cfg.models else None
+                if feeds is None:
+                    raise Unavailable("needs an ONNX model to take input shapes from")
+                entries = [(label, TorchRunner(None, feeds, module=mod, device="cpu", threads=cfg.threads))
+                           for label, mod in _torch_modules(cfg)]
+            else:
+                feeds = _feeds_for(cfg.models[0], batch, cfg.input_shapes, cfg.seed)
+                entries = []
+                for path in cfg.models:
+                    if runtime == "trt":
+                        r = TrtRunner(path, feeds, fp16=cfg.fp16, cache_dir=cfg.cache_dir)
+                    else:
+                        r = OrtRunner(path, feeds, runtime, level, cfg.threads, cfg.fp16, cfg.cache_dir)
+                    entries.append((os.path.basename(path), r))
+            active = []
+            try:
+                for label, r in entries:
+                    active.append((label, r.__enter__()))
+                samples = _measure([r for _, r in active], cfg.warmup, cfg.iters, tick)
+            finally:
+                for _, r in active:
+                    r.__exit__(None, None, None)
+        except (Unavailable, RuntimeError, ValueError) as e:  # a runtime that cannot run this model
+            reason = str(e) if isinstance(e, Unavailable) else f"failed: {str(e).strip().splitlines()[0][:200]}"
+            result.unavailable.append({"runtime": group, "batch": batch, "reason": reason})
+            for _ in range(cfg.iters):
+                tick()
+            continue
+        base = samples[0]
+        for (label, r), ns in zip(active, samples):
+            row = {"model": label, "runtime": group, "batch": batch, "load_s": r.load_seconds, **summarize(ns, batch),
+                   "vs_first": None if ns is base else paired_ratio(ns, base, seed=cfg.seed),
+                   "samples_ms": [round(x / 1e6, 6) for x in ns]}
+            result.rows.append(row)
+    return result
+
+
+def to_markdown(result: BenchResult) -> str:
+    lines = ["| runtime | batch | model | p50 ms | p90 ms | p99 ms | mean ms | items/s | vs first (95% CI) | session load s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result.rows:
+        v = r["vs_first"]
+        ratio = "1 (baseline)" if v is None else f"{v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" + \
+            ("" if v["significant"] else " ~")
+        lines.append(f"| {r['runtime']} | {r['batch']} | {r['model']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
+                     f"{r['p99_ms']:.3f} | {r['mean_ms']:.3f} | {r['throughput_per_s']:.1f} | {ratio} | {r['load_s']:.3f} |")
+    for u in result.unavailable:
+        lines.append(f"| {u['runtime']} | {u['batch']} | unavailable: {u['reason']} | | | | | | | |")
+    m = result.machine
+    lines.append("")
+    lines.append(f"Measured on {m.get('processor')} ({m.get('cpu_count')} cores), {m.get('platform')}, "
+                 f"onnxruntime {m.get('onnxruntime', '-')}" + (f", GPU {m['gpu']}" if m.get("gpu") else "") +
+                 ". Ratio = median of per-round latency ratios (lower is faster); ~ = not distinguishable from 1.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(result: BenchResult) -> bytes:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'foldkit[bench]'") from None
+    import io
+
+    groups = []
+    for r in result.rows:
+        key = (r["runtime"], r["batch"])
+        if key not in groups:
+            groups.append(key)
+    if not groups:
+        raise InputError("--plot: nothing was measured")
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(5, 4.5 * len(groups)), 4.5), squeeze=False)
+    for ax, (rt, b) in zip(axes[0], groups):
+        rows = [r for r in result.rows if (r["runtime"], r["batch"]) == (rt, b)]
+        ax.violinplot([r["samples_ms"] for r in rows], showmedians=True)
+        ax.set_xticks(range(1, len(rows) + 1))
+        ax.set_xticklabels([r["model"] for r in rows], rotation=20, ha="right", fontsize=8)
+        ax.set_title(f"{rt}, batch {b}", fontsize=9)
+        ax.set_ylabel("latency (ms)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()

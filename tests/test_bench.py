@@ -1,0 +1,142 @@
+"""foldkit bench: CPU measurements for real; GPU runners run when a GPU exists and skip with a reason otherwise."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from foldkit.bench import BenchConfig, run_bench
+from foldkit.bench.runners import OrtRunner, TrtRunner, Unavailable
+from foldkit.bench.stats import paired_ratio, summarize
+from foldkit.cli import main
+from tests.test_fold_into_producer import conv_bn_model
+
+
+def _has_cuda_ort():
+    import onnxruntime as ort
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _has_trt():
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.fixture
+def pair(tmp_path):
+    m = conv_bn_model(2, c_in=8, c_out=16, spatial=16)
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    m.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    a = tmp_path / "a.onnx"
+    onnx.save(m, str(a))
+    b = tmp_path / "b.onnx"
+    assert CliRunner().invoke(main, ["fold", str(a), "-o", str(b), "-q"]).exit_code == 0
+    return a, b
+
+
+def test_paired_ratio_detects_a_real_speedup_and_not_noise():
+    rng = np.random.default_rng(0)
+    base = rng.normal(10e6, 0.5e6, 200)
+    fast = base * 0.5 * rng.normal(1, 0.02, 200)
+    r = paired_ratio(fast, base)
+    assert 0.48 < r["ratio"] < 0.52 and r["significant"] and r["ci95"][1] < 1
+    same = base * rng.normal(1, 0.05, 200)
+    assert not paired_ratio(same, base)["significant"]
+
+
+def test_summarize():
+    s = summarize([1e6, 2e6, 3e6, 4e6], batch=8)
+    assert s["p50_ms"] == 2.5 and s["mean_ms"] == 2.5 and s["throughput_per_s"] == pytest.approx(3200)
+
+
+def test_run_bench_interleaved_cpu(pair):
+    a, b = pair
+    res = run_bench(BenchConfig(models=[str(a), str(b)], ort_opt_levels=["disable", "all"], batches=[1, 4],
+                                warmup=2, iters=8))
+    assert len(res.rows) == 2 * 2 * 2
+    for row in res.rows:
+        assert row["n"] == 8 and len(row["samples_ms"]) == 8
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["load_s"] > 0
+    firsts = [r for r in res.rows if r["model"] == "a.onnx"]
+    assert all(r["vs_first"] is None for r in firsts)
+    assert all(r["vs_first"]["ratio"] > 0 for r in res.rows if r["model"] == "b.onnx")
+    assert {r["runtime"] for r in res.rows} == {"ort-cpu[disable]", "ort-cpu[all]"}
+
+
+def test_unavailable_runtime_is_reported_and_others_run(pair):
+    a, b = pair
+    res = run_bench(BenchConfig(models=[str(a), str(b)], runtimes=["ort-cpu", "trt"], ort_opt_levels=["all"],
+                                warmup=1, iters=3))
+    assert len(res.rows) == 2
+    if not _has_trt():
+        assert res.unavailable and res.unavailable[0]["runtime"] == "trt"
+
+
+def test_fixed_batch_is_unavailable_with_reason(tmp_path):
+    p = tmp_path / "f.onnx"
+    onnx.save(conv_bn_model(2), str(p))
+    res = run_bench(BenchConfig(models=[str(p)], ort_opt_levels=["all"], batches=[4], warmup=0, iters=2))
+    assert not res.rows and "fixed batch of 2" in res.unavailable[0]["reason"]
+
+
+def test_cli_bench_outputs(pair, tmp_path):
+    a, b = pair
+    j, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
+    r = CliRunner().invoke(main, ["bench", str(a), str(b), "--iters", "4", "--warmup", "1", "--batch", "1,2",
+                                  "--json", str(j), "--markdown", str(md), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(j.read_text())
+    assert len(d["rows"]) == 8 and d["machine"]["cpu_count"] >= 1
+    assert "| ort-cpu[disable] | 1 | a.onnx |" in md.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = CliRunner().invoke(main, ["bench", str(a), "--runtime", "nope"])
+    assert r.exit_code == 2 and "--runtime 'nope'" in r.output
+
+
+def test_torch_runtime(pair, tmp_path, monkeypatch):
+    pytest.importorskip("torch", reason="the torch extra is not installed")
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)
+    m = tmp_path / "mlp.onnx"
+    r = CliRunner().invoke(main, ["export", "--model", "models/mlp.py:mlp_bn", "--input-shape", "4,64", "-o", str(m), "-q"])
+    assert r.exit_code == 0, r.output
+    res = run_bench(BenchConfig(models=[str(m)], runtimes=["torch"], batches=[4], warmup=1, iters=3,
+                                torch_model="models/mlp.py:mlp_bn"))
+    assert [row["model"] for row in res.rows] == ["pytorch models/mlp.py:mlp_bn", "pytorch models/mlp.py:mlp_bn (fold_bn)"]
+
+
+@pytest.mark.skipif(not _has_cuda_ort(), reason="no CUDAExecutionProvider (needs onnxruntime-gpu and an NVIDIA GPU)")
+def test_ort_cuda_runner_with_io_binding(pair):
+    a, b = pair
+    res = run_bench(BenchConfig(models=[str(a), str(b)], runtimes=["ort-cuda"], ort_opt_levels=["disable", "all"],
+                                warmup=3, iters=10))
+    assert len(res.rows) == 4 and not res.unavailable
+
+
+@pytest.mark.skipif(not _has_trt(), reason="TensorRT or a CUDA device is not available")
+def test_tensorrt_runner_fp32_and_fp16(pair, tmp_path):
+    a, b = pair
+    for fp16 in (False, True):
+        res = run_bench(BenchConfig(models=[str(a), str(b)], runtimes=["trt"], warmup=3, iters=10, fp16=fp16,
+                                    cache_dir=str(tmp_path / "cache")))
+        assert len(res.rows) == 2 and not res.unavailable
+    assert len(list((tmp_path / "cache").iterdir())) == 4  # two models x two precisions, cached
+
+
+def test_gpu_runners_report_unavailable_without_gpu(pair):
+    a, _ = pair
+    feeds = {"X": np.zeros((1, 8, 16, 16), np.float32)}
+    if not _has_cuda_ort():
+        with pytest.raises(Unavailable, match="CUDAExecutionProvider is not available"):
+            OrtRunner(str(a), feeds, "ort-cuda").__enter__()
+    if not _has_trt():
+        with pytest.raises(Unavailable):
+            TrtRunner(str(a), feeds).__enter__()
