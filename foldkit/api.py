@@ -12,7 +12,7 @@ from onnx import ModelProto
 from . import io as fio
 from .errors import InputError, VerificationError
 from .graph import iter_graphs, node_label
-from .passes import DEFAULT_PASSES, PASS_NAMES
+from .passes import DEFAULT_PASSES, FINAL_PASSES, PASS_NAMES
 from .passes.base import FoldContext, Pass, is_op
 from .report import Report
 from .verify import verify as run_verify
@@ -116,7 +116,7 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
         report.notes.append("training-mode BN was converted to inference mode; verification compares "
                             "against the model after that conversion, since it changes outputs by design")
 
-    folds = [p for p in rest if p.name != "cleanup"]
+    folds = [p for p in rest if p.name not in FINAL_PASSES]
     for _ in range(MAX_ROUNDS):
         changed = False
         for p in folds:
@@ -125,9 +125,9 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
             break
     report.passes.extend(p.name for p in folds)
     for p in rest:
-        if p.name == "cleanup":
-            p.run(ctx)
-            report.passes.append(p.name)
+        if p.name in FINAL_PASSES:
+            if p.run(ctx) or p.name == "cleanup":
+                report.passes.append(p.name)
 
     report.bn_after = count_bn(m)
     report.finish()

@@ -141,12 +141,24 @@ class ModelIndex:
         self.uses = count_uses(model)
         self.names = all_names(model)
         self.released: set = set()  # constant names whose last use a pass removed
-        self._ranks: Optional[dict] = None
+        self._types: Optional[dict] = None
+
+    def _type(self, name: str):
+        if self._types is None:
+            self._types = value_types(self.model)
+        return self._types.get(name, (None, 0))
 
     def rank(self, name: str) -> Optional[int]:
-        if self._ranks is None:
-            self._ranks = value_ranks(self.model)
-        return self._ranks.get(name)
+        return self._type(name)[0]
+
+    def elem_type(self, name: str) -> int:
+        """TensorProto elem type of ``name`` (0 when unknown)."""
+        return self._type(name)[1]
+
+    def learn(self, name: str, rank: Optional[int], elem_type: int) -> None:
+        """Record the type of a value a pass creates, so later passes need not re-infer."""
+        if self._types is not None:
+            self._types[name] = (rank, elem_type)
 
     def fresh(self, base: str) -> str:
         """A name no value, initializer or node in the model has: ``base``, ``base_1``, ..."""
@@ -183,6 +195,7 @@ class GraphView:
         self.nodes = list(graph.node)
         self.removed: set = set()
         self.inserted_before: dict = {}  # node idx -> [NodeProto]
+        self.inserted_after: dict = {}  # node idx -> [NodeProto]
         self.producer = {}
         for i, node in enumerate(self.nodes):
             for out in node.output:
@@ -304,6 +317,20 @@ class GraphView:
         for out in node.output:
             self.index.names.add(out)
 
+    def insert_after(self, i: int, node: NodeProto) -> None:
+        self.inserted_after.setdefault(i, []).append(node)
+        for name in node.input:
+            self.index.use(name)
+        for out in node.output:
+            self.index.names.add(out)
+
+    def set_input(self, i: int, pos: int, name: str) -> None:
+        node = self.nodes[i]
+        self.index.unuse(node.input[pos])
+        node.input[pos] = name
+        self.index.use(name)
+        self.invalidate()
+
     def rename_output(self, i: int, pos: int, new: str) -> None:
         node = self.nodes[i]
         old = node.output[pos]
@@ -313,7 +340,7 @@ class GraphView:
 
     def commit(self) -> bool:
         """Apply removals and insertions to the protobuf. Returns True if the node list changed."""
-        if not self.removed and not self.inserted_before:
+        if not self.removed and not self.inserted_before and not self.inserted_after:
             return False
         new_nodes = []
         for i, node in enumerate(self.nodes):
@@ -323,6 +350,8 @@ class GraphView:
                 copy = NodeProto()
                 copy.CopyFrom(node)
                 new_nodes.append(copy)
+            for extra in self.inserted_after.get(i, []):
+                new_nodes.append(extra)
         del self.graph.node[:]
         self.graph.node.extend(new_nodes)
         return True
@@ -358,8 +387,8 @@ def make_tensor(array: np.ndarray, data_type: int) -> TensorProto:
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 
-def value_ranks(model: ModelProto) -> dict:
-    """Rank of every value whose shape ONNX shape inference can tell, across all graphs.
+def value_types(model: ModelProto) -> dict:
+    """(rank or None, elem_type) of every value ONNX shape inference can tell, across all graphs.
 
     Large float initializers are detached while inference runs (it only needs their dims), so a
     big model is not copied whole; they are put back before returning.
@@ -377,12 +406,12 @@ def value_ranks(model: ModelProto) -> dict:
     finally:
         for t, raw in stash:
             t.raw_data = raw
-    ranks = {}
+    types = {}
     for g in iter_graphs(inferred.graph):
         for v in list(g.input) + list(g.output) + list(g.value_info):
             tt = v.type.tensor_type
-            if tt.HasField("shape"):
-                ranks[v.name] = len(tt.shape.dim)
+            if v.type.HasField("tensor_type"):
+                types[v.name] = (len(tt.shape.dim) if tt.HasField("shape") else None, tt.elem_type)
         for t in g.initializer:
-            ranks[t.name] = len(t.dims)
-    return ranks
+            types[t.name] = (len(t.dims), t.data_type)
+    return types

@@ -32,6 +32,7 @@ class Report:
     verification: Optional[dict] = None
     notes: list = field(default_factory=list)
     passes: list = field(default_factory=list)
+    affine: list = field(default_factory=list)  # Mul/Add/Sub/Div folds (not BNs)
 
     # keyed by BN output name while the passes run; flattened into ``actions`` at the end
     _by_key: dict = field(default_factory=dict, repr=False)
@@ -40,6 +41,15 @@ class Report:
         if key not in self._by_key:
             self._by_key[key] = Action(node=node, action="kept", graph=graph)
         return self._by_key[key]
+
+    def rekey(self, old: str, new: str) -> None:
+        """A BN now writes ``new`` (it absorbed its follower): keep its entry under the new key.
+
+        If the follower was itself a BN, its entry stays (as "merged") under a private key."""
+        entry = self._by_key.pop(old)
+        if new in self._by_key:
+            self._by_key[f"{new}#merged:{len(self._by_key)}"] = self._by_key.pop(new)
+        self._by_key[new] = entry
 
     def refuse(self, key: str, node: str, graph: str, stage: str, reason: str) -> None:
         e = self.entry(key, node, graph)
@@ -66,6 +76,7 @@ class Report:
             "verification": self.verification,
             "notes": list(self.notes),
             "passes": list(self.passes),
+            "affine_actions": [asdict(a) for a in self.affine],
         }
         return d
 

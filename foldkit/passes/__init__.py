@@ -1,13 +1,21 @@
-"""The rewrites, in the order they run. No import-time registration: this tuple is the list."""
+"""The rewrites, in the order they run. No import-time registration: this tuple is the list.
+
+Stages: ``inference-mode`` runs first and alone (verification compares against the model after it);
+the fold passes (``producer``, ``merge``, ``consumer``) then repeat until nothing changes; ``lower``
+(only with lower_standalone) and ``cleanup`` run last.
+"""
 
 from .cleanup import Cleanup
+from .fold_into_consumer import FoldIntoConsumer
 from .fold_into_producer import FoldIntoProducer
 from .inference_mode import InferenceMode
+from .lower import LowerStandalone
+from .merge import MergeAffine
 
-# InferenceMode runs first and alone (verification compares against the model after it);
-# the fold passes then repeat until nothing changes; Cleanup runs last.
-DEFAULT_PASSES = (InferenceMode(), FoldIntoProducer(), Cleanup())
+DEFAULT_PASSES = (InferenceMode(), FoldIntoProducer(), MergeAffine(), FoldIntoConsumer(), LowerStandalone(), Cleanup())
+FINAL_PASSES = ("lower", "cleanup")
 
 PASS_NAMES = tuple(p.name for p in DEFAULT_PASSES)
 
-__all__ = ["DEFAULT_PASSES", "PASS_NAMES", "InferenceMode", "FoldIntoProducer", "Cleanup"]
+__all__ = ["DEFAULT_PASSES", "FINAL_PASSES", "PASS_NAMES", "InferenceMode", "FoldIntoProducer", "MergeAffine",
+           "FoldIntoConsumer", "LowerStandalone", "Cleanup"]

@@ -1,0 +1,119 @@
+"""Per-channel affine maps y = s * x + t: what a BN is, and what a Mul/Add/Sub/Div by a constant is.
+
+A pass that found where the channels of ``x`` are (their count C, the axis as a negative index
+``neg`` and the rank of ``x`` when known) asks :meth:`Affine.st` for (s, t) as float64 vectors of
+length C, or gets a Refusal saying why the map is not per-channel there.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..graph import node_label
+from .base import is_op
+from .common import Refusal, bn_affine
+
+ARITH = ("Mul", "Add", "Sub", "Div")
+
+
+def per_channel(arr: np.ndarray, c: int, neg: int, rank: Optional[int], what: str) -> np.ndarray:
+    """A constant broadcast against x (channels on axis ``neg``) as a length-C vector, or Refusal.
+
+    Numpy/ONNX broadcasting aligns shapes on the right: the constant's dim at ``k + neg`` meets the
+    channel axis; every other dim must be 1, and the constant must not have more dims than x.
+    """
+    a = np.asarray(arr, dtype=np.float64)
+    k = a.ndim
+    if a.size == 1:
+        if rank is not None and k > rank:
+            raise Refusal(f"the {what} constant has rank {k}, more than its input's {rank}")
+        if rank is None and k > 2:
+            raise Refusal(f"the {what} constant has rank {k} and the rank of its input is unknown")
+        return np.full(c, float(a.reshape(-1)[0]))
+    if rank is None and k > 2:
+        raise Refusal(f"the rank of the {what} input is unknown, so its constant cannot be shown to be per-channel")
+    if rank is not None and k > rank:
+        raise Refusal(f"the {what} constant has rank {k}, more than its input's {rank}")
+    pos = k + neg
+    if pos < 0 or a.shape[pos] not in (1, c) or any(d != 1 for j, d in enumerate(a.shape) if j != pos):
+        raise Refusal(f"the {what} constant of shape {list(a.shape)} is not per-channel")
+    return np.broadcast_to(a.reshape(-1), (c,)).astype(np.float64).copy() if a.shape[pos] == 1 else a.reshape(-1).copy()
+
+
+class Affine:
+    """What to fold: ``x`` (the variable input), ``node`` (the BN or arithmetic op)."""
+
+    def __init__(self, node, x: str):
+        self.node, self.x = node, x
+
+    @property
+    def is_bn(self) -> bool:
+        return is_op(self.node, "BatchNormalization")
+
+    def st(self, c: int, neg: int, rank: Optional[int], op: str):
+        raise NotImplementedError
+
+
+class BNAffine(Affine):
+    """A BN normalizes axis 1 of its input."""
+
+    def __init__(self, view, node):
+        super().__init__(node, node.input[0])
+        self.s, self.t = bn_affine(view, node)
+
+    def st(self, c, neg, rank, op):
+        if self.s.size != c:
+            raise Refusal(f"channel count mismatch: the BN has {self.s.size} channels, the {op} produces {c}")
+        if rank is None:
+            raise Refusal(f"the rank of '{self.x}' is unknown, so the BN channel axis cannot be shown to be the {op}'s output-channel axis")
+        if neg != 1 - rank:
+            raise Refusal(f"the BN normalizes axis 1 of a rank-{rank} {op} output, not the axis the weight's columns produce")
+        return self.s, self.t
+
+
+class ArithAffine(Affine):
+    """x * c, c * x, x + d, d + x, x - d, x / c with a constant c or d."""
+
+    def __init__(self, view, node):
+        op = node.op_type
+        if len(node.input) != 2:
+            raise Refusal(f"{op} does not have two inputs")
+        consts = [view.constant(n) for n in node.input]
+        if op in ("Sub", "Div"):
+            order = [(0, 1)]
+        else:
+            order = [(0, 1), (1, 0)]
+        for xi, ci in order:
+            if consts[ci] is not None and consts[xi] is None:
+                break
+        else:
+            raise Refusal(f"{op} '{node_label(node)}' has no constant operand")
+        super().__init__(node, node.input[xi])
+        self.const = consts[ci]
+        if not np.issubdtype(self.const.array.dtype, np.floating) and self.const.array.dtype.name != "bfloat16":
+            raise Refusal(f"the {op} constant is not a float tensor")
+        v = self.const.array.astype(np.float64)
+        if not np.all(np.isfinite(v)):
+            raise Refusal(f"the {op} constant holds NaN or Inf values")
+        if op == "Div" and np.any(v == 0):
+            raise Refusal("the Div constant has zeros")
+
+    def st(self, c, neg, rank, op):
+        op_type = self.node.op_type
+        v = per_channel(self.const.array, c, neg, rank, op_type)
+        one, zero = np.ones(c), np.zeros(c)
+        return {"Mul": (v, zero), "Div": (1.0 / v, zero), "Add": (one, v), "Sub": (one, -v)}[op_type]
+
+    @property
+    def shift_only(self) -> bool:
+        return self.node.op_type in ("Add", "Sub")
+
+
+def affine_of(view, node) -> Affine:
+    if is_op(node, "BatchNormalization"):
+        return BNAffine(view, node)
+    if node.domain in ("", "ai.onnx") and node.op_type in ARITH:
+        return ArithAffine(view, node)
+    raise Refusal(f"{node.op_type} is not a per-channel affine map")

@@ -1,0 +1,159 @@
+"""Fold a BatchNormalization into the op that consumes its output (y = s * x + t feeds a linear op).
+
+- Conv with no padding (pads all zero or auto_pad=VALID), any group, weight [C_out, C_in/g, k...]:
+  W'[o, i, k] = W[o, i, k] * s[c], b'[o] = b[o] + sum_{i,k} W[o, i, k] * t[c], c = the input channel
+  of (o, i). With padding the border windows would see the padded zeros, which the BN would have
+  shifted by t: that is not exact, so it is refused.
+- Gemm with transA=0 (BN on A's columns K): B' = diag(s) B_eff, C' = beta * C + alpha * t B_eff,
+  beta := 1 (B_eff = B, or B^T when transB=1).
+- MatMul with a constant 2-D weight [K, N] and a 2-D input (the BN channel axis is then K):
+  W' = diag(s) W, bias t W added to a following constant bias Add, or a new Add.
+
+Preconditions: BN in inference mode with valid constant parameters; its output read only by that
+op (as its data input) and not a graph output; constant float weights; channel counts agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..graph import make_tensor, node_label, set_attr
+from ..math import fold_into_conv_consumer
+from .base import Pass, bn_nodes, is_op
+from .common import Refusal, bn_affine, float_attr, int_attr, rounded, weight
+
+
+class FoldIntoConsumer(Pass):
+    name = "consumer"
+
+    def run_graph(self, ctx, view, path):
+        changed = False
+        for i, bn in bn_nodes(view):
+            label = node_label(bn)
+            self.written = []
+            try:
+                target = self._fold(view, i, bn)
+            except Refusal as r:
+                ctx.report.refuse(bn.output[0], label, path, "not folded into its consumer", str(r))
+                continue
+            entry = ctx.report.entry(bn.output[0], label, path)
+            entry.action, entry.target = "folded", target
+            entry.reason = f"folded into the following {target}"
+            entry.tensors = list(self.written)
+            changed = True
+        return changed
+
+    def _fold(self, view, i, bn):
+        y = bn.output[0]
+        if view.is_graph_output(y):
+            raise Refusal(f"its output '{y}' is a graph output")
+        cons = view.consumers(y)
+        if view.uses(y) != 1 or len(cons) != 1:
+            raise Refusal(f"its output '{y}' is read by {view.uses(y)} nodes")
+        j, pos = cons[0]
+        c = view.nodes[j]
+        if c.domain not in ("", "ai.onnx") or c.op_type not in ("Conv", "Gemm", "MatMul") or pos != 0:
+            raise Refusal(f"it is followed by {c.op_type} '{node_label(c)}', which cannot absorb it")
+        s, t = bn_affine(view, bn)
+        apply = getattr(self, "_plan_" + c.op_type)(view, j, c, s, t, bn.input[0])
+        apply()
+        view.remove(i)
+        view.set_input(j, 0, bn.input[0])
+        return f"{c.op_type} '{node_label(c)}'"
+
+    def _plan_Conv(self, view, j, c, s, t, x):
+        auto_pad = next((a.s.decode(errors="replace") for a in c.attribute if a.name == "auto_pad"), "NOTSET")
+        pads = next((list(a.ints) for a in c.attribute if a.name == "pads"), [])
+        if auto_pad not in ("NOTSET", "VALID") or any(pads):
+            raise Refusal(f"the following Conv '{node_label(c)}' pads its input with zeros, which the BN shift "
+                          "would have changed, so folding would be inexact at the borders")
+        group = int_attr(c, "group", 1)
+        w = weight(view, c, 1, "Conv weight")
+        if w is None or w.array.ndim < 3:
+            raise Refusal("the Conv weight is missing or has rank < 3")
+        if group < 1 or w.array.shape[0] % group:
+            raise Refusal(f"group={group} does not divide the Conv's output channels")
+        if w.array.shape[1] * group != s.size:
+            raise Refusal(f"channel count mismatch: the BN has {s.size} channels, the Conv reads {w.array.shape[1] * group}")
+        b = weight(view, c, 2, "Conv bias", ndim=1)
+        w_new, b_new = fold_into_conv_consumer(w.array, None if b is None else b.array, s, t, group)
+        w_new = rounded(w_new, w.data_type, "folded weight")
+        b_type = w.data_type if b is None else b.data_type
+        b_new = rounded(b_new, b_type, "folded bias")
+
+        def apply():
+            self.written.append(view.set_constant(j, 1, w_new, w.data_type, f"{w.name}_folded"))
+            self.written.append(view.set_constant(j, 2, b_new, b_type,
+                                                  f"{node_label(c)}_bias_folded" if b is None else f"{b.name}_folded"))
+        return apply
+
+    def _plan_Gemm(self, view, j, c, s, t, x):
+        if int_attr(c, "transA", 0):
+            raise Refusal("the following Gemm has transA=1, so the BN channels are not its reduction axis")
+        w = weight(view, c, 1, "Gemm B", ndim=2)
+        if w is None:
+            raise Refusal("the Gemm has no B input")
+        trans_b = int_attr(c, "transB", 0)
+        b_eff = w.array.astype(np.float64).T if trans_b else w.array.astype(np.float64)  # [K, N]
+        if b_eff.shape[0] != s.size:
+            raise Refusal(f"channel count mismatch: the BN has {s.size} channels, the Gemm reduces over {b_eff.shape[0]}")
+        alpha, beta = float_attr(c, "alpha", 1.0), float_attr(c, "beta", 1.0)
+        b_new = s[:, None] * b_eff
+        b_new = rounded(b_new.T if trans_b else b_new, w.data_type, "folded weight")
+        cc = weight(view, c, 2, "Gemm C", ndim=(0, 1, 2))
+        shift = alpha * (t @ b_eff)
+        c_type = w.data_type if cc is None else cc.data_type
+        c_new = rounded(shift if cc is None else beta * cc.array.astype(np.float64) + shift, c_type, "folded C")
+
+        def apply():
+            self.written.append(view.set_constant(j, 1, b_new, w.data_type, f"{w.name}_folded"))
+            self.written.append(view.set_constant(j, 2, c_new, c_type,
+                                                  f"{node_label(c)}_C_folded" if cc is None else f"{cc.name}_folded"))
+            if beta != 1.0:
+                set_attr(c, "beta", 1.0)
+        return apply
+
+    def _plan_MatMul(self, view, j, c, s, t, x):
+        rank = view.index.rank(x)
+        if rank != 2:
+            raise Refusal("the BN input is not known to be 2-D, so its channel axis is not the MatMul's reduction axis")
+        w = weight(view, c, 1, "MatMul weight", ndim=2)
+        if w is None:
+            raise Refusal("the MatMul has no constant weight")
+        if w.array.shape[0] != s.size:
+            raise Refusal(f"channel count mismatch: the BN has {s.size} channels, the MatMul reduces over {w.array.shape[0]}")
+        wf = w.array.astype(np.float64)
+        w_new = rounded(s[:, None] * wf, w.data_type, "folded weight")
+        shift = t @ wf
+        out = c.output[0]
+        add = None
+        cons = view.consumers(out)
+        if len(cons) == 1 and view.uses(out) == 1 and not view.is_graph_output(out):
+            k, _ = cons[0]
+            cand = view.nodes[k]
+            if is_op(cand, "Add"):
+                other = cand.input[1] if cand.input[0] == out else cand.input[0]
+                bias = view.constant(other)
+                if bias is not None and bias.array.size in (1, shift.size) and bias.array.ndim <= 2 and \
+                        (bias.array.ndim == 0 or bias.array.shape[-1] == shift.size):
+                    add = (k, list(cand.input).index(other), bias)
+        if add is not None:
+            k, bpos, bias = add
+            b_new = rounded(bias.array.astype(np.float64) + shift.reshape((1,) * (bias.array.ndim - 1) + (-1,))
+                            if bias.array.ndim else bias.array.astype(np.float64) + shift, bias.data_type, "folded bias")
+
+        def apply():
+            self.written.append(view.set_constant(j, 1, w_new, w.data_type, f"{w.name}_folded"))
+            if add is not None:
+                self.written.append(view.set_constant(k, bpos, b_new, bias.data_type, f"{bias.name}_folded"))
+                return
+            name = view.index.fresh(f"{node_label(c)}_bias_folded")
+            tensor = make_tensor(rounded(shift, w.data_type, "folded bias"), w.data_type)
+            tensor.name = name
+            view.add_constant(tensor, before=j if view.index.model.ir_version < 4 else None)
+            self.written.append(name)
+            mid = view.index.fresh(f"{out}_unbiased")
+            view.rename_output(j, 0, mid)
+            view.insert_after(j, onnx.helper.make_node("Add", [mid, name], [out], name=view.index.fresh(f"{node_label(c)}_bias")))
+        return apply
