@@ -22,11 +22,17 @@ MAX_ROUNDS = 8
 
 @dataclass
 class FoldResult:
+    """The folded model and its report. When the input was loaded lazily, ``model`` still refers to
+    the input file for the tensors it did not change (``base_dir`` is that file's folder): write it
+    with :meth:`save`, which streams them."""
+
     model: ModelProto
     report: Report
+    base_dir: Optional[str] = None
 
-    def save(self, path, input_path=None, in_place=False):
-        fio.save_model(self.model, path, input_path=input_path, in_place=in_place)
+    def save(self, path, input_path=None, in_place=False, external=None):
+        return fio.save_model(self.model, path, input_path=input_path, in_place=in_place, base_dir=self.base_dir,
+                              external=external)
 
 
 def count_bn(model: ModelProto) -> int:
@@ -55,17 +61,24 @@ def _select(passes: Optional[Sequence[Pass]], skip: Iterable[str]) -> list:
     return [p for p in passes if p.name not in skip]
 
 
-def load(model_or_path: Union[str, os.PathLike, ModelProto, bytes]) -> ModelProto:
+LAZY_ABOVE = 256 << 20  # files larger than this load lazily by default
+
+
+def load(model_or_path: Union[str, os.PathLike, ModelProto, bytes], lazy: Optional[bool] = None):
+    """(ModelProto, base_dir or None)."""
     if isinstance(model_or_path, ModelProto):
         m = ModelProto()
         m.CopyFrom(model_or_path)  # never mutate the caller's model
         fio.validate(m)
-        return m
+        return m, None
     if isinstance(model_or_path, (bytes, bytearray)):
         m = fio.parse_model(bytes(model_or_path))
         fio.validate(m)
-        return m
-    return fio.load_model(model_or_path)
+        return m, None
+    path = os.fspath(model_or_path)
+    if lazy is None:
+        lazy = os.path.isfile(path) and os.path.getsize(path) > LAZY_ABOVE
+    return fio.load_model(path, lazy=lazy), os.path.dirname(os.path.abspath(path))
 
 
 def checker_error(model: ModelProto) -> Optional[str]:
@@ -90,19 +103,30 @@ def _checker(m: ModelProto, original_bytes: Optional[bytes], report: Report) -> 
 def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = True, atol: Optional[float] = None,
          rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
          passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
-         check: bool = True) -> FoldResult:
+         check: bool = True, lazy: Optional[bool] = None) -> FoldResult:
     """Fold every BatchNormalization that can be folded exactly; explain every one left.
 
-    ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). Raises InputError
+    ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). A path loads lazily
+    (weights stay on disk until a pass needs them) when ``lazy`` is True, or by default for files
+    over 256 MiB and for models with external data. Raises InputError
     for unusable input and VerificationError (with ``.result`` holding the FoldResult) when the folded
     model does not match the original within (atol, rtol) on ONNX Runtime.
     """
-    m = load(model)
+    m, base_dir = load(model, lazy)
+    return fold_loaded(m, base_dir, verify=verify, atol=atol, rtol=rtol, input_shapes=input_shapes, skip=skip,
+                       passes=passes, seed=seed, lower_standalone=lower_standalone, check=check)
+
+
+def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, atol: Optional[float] = None,
+                rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
+                passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
+                check: bool = True) -> FoldResult:
+    """:func:`fold` on a model this call may change in place; tensors on disk are read from ``base_dir``."""
     report = Report()
     report.bn_before = count_bn(m)
     _register_bns(m, report)
     selected = _select(passes, skip)
-    ctx = FoldContext(m, report, lower_standalone=lower_standalone)
+    ctx = FoldContext(m, report, base_dir, lower_standalone=lower_standalone)
     ctx.converted_training = False
 
     first, rest = selected[:1], selected[1:]
@@ -131,7 +155,7 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
 
     report.bn_after = count_bn(m)
     report.finish()
-    result = FoldResult(m, report)
+    result = FoldResult(m, report, base_dir)
 
     if check:
         _checker(m, reference_bytes, report)
@@ -140,7 +164,7 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
         candidate_bytes = fio.serialize(m)
         try:
             vr = run_verify(reference, m, atol=atol, rtol=rtol, input_shapes=input_shapes, seed=seed,
-                            reference_bytes=reference_bytes, candidate_bytes=candidate_bytes,
+                            reference_bytes=reference_bytes, candidate_bytes=candidate_bytes, base_dir=base_dir,
                             reference_label="inference-mode original" if ctx.converted_training else "original")
         except InputError:
             raise

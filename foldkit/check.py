@@ -57,7 +57,7 @@ class CheckResult:
 INVALID_PARAM_MARKERS = ("NaN or Inf", "not positive", "channel count mismatch", "different lengths")
 
 
-def _numeric_risk(model, action) -> Optional[str]:
+def _numeric_risk(model, action, base_dir=None) -> Optional[str]:
     from .graph import iter_graphs
 
     arrays = []
@@ -65,7 +65,7 @@ def _numeric_risk(model, action) -> Optional[str]:
     for g in iter_graphs(model.graph):
         for t in g.initializer:
             if t.name in wanted:
-                arrays.append((t.data_type, onnx.numpy_helper.to_array(t)))
+                arrays.append((t.data_type, onnx.numpy_helper.to_array(t, base_dir or "")))
         for n in g.node:
             if n.op_type == "Constant" and n.output[0] in wanted:
                 for a in n.attribute:
@@ -85,11 +85,19 @@ def _numeric_risk(model, action) -> Optional[str]:
     return None
 
 
+def _fold_in_place(model, base_dir):
+    """Run the fold pipeline on ``model`` (already a private copy) without verification."""
+    from .api import fold_loaded
+
+    return fold_loaded(model, base_dir, verify=False, check=False)
+
+
 def check(path: str) -> CheckResult:
     """Check the model at ``path``. Raises InputError only when the file cannot be read as a model."""
-    from .api import fold
+    from . import wire
 
-    model = fio.read_model(path)
+    fio._check_path(path)
+    model = wire.lazy_load(path, fio.LAZY_THRESHOLD) or fio.read_model(path)
     result = CheckResult(path=str(path))
     base_dir = os.path.dirname(os.path.abspath(path))
     ext = fio.external_data_problems(model, base_dir)
@@ -97,8 +105,6 @@ def check(path: str) -> CheckResult:
         result.findings.append(Finding("FK007", "error", name, sentence + "; keep external data files beside the model"))
     if ext:
         return result  # nothing below can be trusted without the weights
-    if any(True for _ in fio.external_tensors(model)):
-        onnx.external_data_helper.load_external_data_for_model(model, base_dir)
     fio.validate(model, str(path))
 
     from .api import checker_error
@@ -106,7 +112,7 @@ def check(path: str) -> CheckResult:
     err = checker_error(model)
     if err:
         result.findings.append(Finding("FK006", "error", "model", f"onnx.checker (full check) fails: {err}"))
-    folded = fold(model, verify=False, check=False)
+    folded = _fold_in_place(model, base_dir)
     report = folded.report
     result.bn_count = report.bn_before
     for a in report.actions:
@@ -130,7 +136,7 @@ def check(path: str) -> CheckResult:
                 result.findings.append(Finding("FK003", "warning", a.node,
                                                f"BatchNormalization cannot be folded: {a.reason}", a.graph))
         if a.action in ("folded", "merged"):
-            risk = _numeric_risk(folded.model, a)
+            risk = _numeric_risk(folded.model, a, base_dir)
             if risk:
                 result.findings.append(Finding("FK004", "warning", a.node, f"numeric risk after folding: {risk}", a.graph))
     return result

@@ -78,6 +78,10 @@ def _sigterm(signum, frame):  # turn SIGTERM into SystemExit so temp files are c
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(debug):
     """foldkit: remove BatchNorm from inference graphs, exactly, and prove it."""
+    if not debug:  # numeric edge cases are checked explicitly (finite, overflow); keep stderr to one line
+        import warnings
+
+        warnings.simplefilter("ignore", RuntimeWarning)
     try:
         signal.signal(signal.SIGTERM, _sigterm)
     except ValueError:  # not the main thread (e.g. embedded): leave signals alone
@@ -94,31 +98,35 @@ def main(debug):
 @click.option("--skip", multiple=True, metavar="PASS", help="Skip a pass by name (repeatable).")
 @click.option("--lower-standalone", is_flag=True, help="Turn BNs nothing can absorb into Mul + Add.")
 @click.option("--in-place", is_flag=True, help="Allow the output path to be the input path.")
+@click.option("--external-data/--no-external-data", "external", default=None,
+              help="Write tensors to OUTPUT.data (default: only when the model exceeds 2 GB).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @handle_errors
-def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, lower_standalone, in_place, quiet):
+def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, lower_standalone, in_place, external,
+         quiet):
     """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT."""
     from . import io as fio
     from .api import fold as fold_api
     from .errors import InputError, VerificationError
     from .render import print_fold_report
     from .verify import parse_input_shapes
+    from .wire import needs_external as wire_needs_external
 
     if fio.same_file(model, output) and not in_place:
         raise InputError(f"{output}: output is the input file; refusing to overwrite it (use --in-place)")
     shapes = parse_input_shapes(input_shape)
     try:
         result = fold_api(model, verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
-                          lower_standalone=lower_standalone)
+                          lower_standalone=lower_standalone, lazy=True)
     except VerificationError as e:
         if e.result is not None and not quiet:
             print_fold_report(e.result.report)
         raise
-    data = fio.serialize(result.model)
-    report_data = result.report.to_json().encode() if report_path else None
-    fio.atomic_write(output, data)
+    if external is False and wire_needs_external(result.model):
+        raise InputError(f"{output}: the folded model exceeds protobuf's 2 GB limit; it needs --external-data")
+    result.save(output, input_path=model, in_place=in_place, external=external)
     if report_path:
-        fio.atomic_write(report_path, report_data)
+        fio.atomic_write(report_path, result.report.to_json().encode())
     if not quiet:
         print_fold_report(result.report, output)
 

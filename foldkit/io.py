@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from onnx import ModelProto, TensorProto
 
 from .errors import InputError
+from . import wire
 from .graph import iter_graphs, subgraphs
 
 
@@ -174,10 +175,26 @@ def validate(model: ModelProto, source: str = "model") -> None:
     check_references(model, source)
 
 
-def load_model(path: str, load_external: bool = True) -> ModelProto:
-    """Load and validate a model; external data is checked, then read into memory."""
+LAZY_THRESHOLD = 1024  # initializers of at least this many bytes stay in the file when loading lazily
+
+
+def load_model(path: str, load_external: bool = True, lazy: bool = False) -> ModelProto:
+    """Load and validate a model.
+
+    ``lazy``: large initializers stay on disk (see foldkit.wire) and so does external data; tensors
+    are read when a pass needs them. Otherwise external data is checked, then read into memory.
+    """
     path = os.fspath(path)
-    model = read_model(path)
+    model = None
+    if lazy:
+        _check_path(path)
+        try:
+            model = wire.lazy_load(path, LAZY_THRESHOLD)
+        except OSError as e:
+            raise InputError(f"{path}: cannot read ({e.strerror})") from None
+        load_external = False
+    if model is None:
+        model = read_model(path)
     base_dir = os.path.dirname(os.path.abspath(path))
     check_external_data(model, base_dir, path)
     if load_external and any(True for _ in external_tensors(model)):
@@ -202,25 +219,12 @@ def atomic_write(path: str, data: bytes) -> None:
     On any exception (KeyboardInterrupt and SystemExit from SIGINT/SIGTERM included) the temp file is
     removed and ``path`` is left as it was.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"{path}: folder '{folder}' does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    f = _AtomicFile(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        f.file.write(data)
+        f.commit()
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        f.discard()
         raise
 
 
@@ -231,7 +235,83 @@ def serialize(model: ModelProto) -> bytes:
         raise InputError(f"the model is too large for a single file ({e}); use external data") from None
 
 
-def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, in_place: bool = False) -> None:
+class _AtomicFile:
+    """A temp file beside ``path`` that becomes ``path`` on commit() and disappears otherwise."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise InputError(f"{self.path}: folder '{folder}' does not exist")
+        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp")
+        self.file = os.fdopen(fd, "wb")
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
+def has_external(model: ModelProto) -> bool:
+    return any(True for _ in external_tensors(model))
+
+
+def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, in_place: bool = False,
+               base_dir: Optional[str] = None, external: Optional[bool] = None) -> Optional[str]:
+    """Write ``model`` atomically. Tensors left on disk by a lazy load (or in external data files,
+    relative to ``base_dir``) are streamed, never loaded whole.
+
+    ``external``: True puts every top-level initializer of 1 KiB or more into ``<path>.data``;
+    None (default) does so only when the model would exceed protobuf's 2 GB limit. Returns the data
+    file's path, if one was written.
+    """
+    path = os.fspath(path)
     if input_path is not None and os.path.exists(path) and same_file(path, input_path) and not in_place:
         raise InputError(f"{path}: output is the input file; refusing to overwrite it (use --in-place)")
-    atomic_write(path, serialize(model))
+    if external is None:
+        external = wire.needs_external(model)
+    if not external and not has_external(model):
+        atomic_write(path, serialize(model))
+        return None
+    nested = [t.name for g in list(iter_graphs(model.graph))[1:] for t in g.initializer if t.data_location == TensorProto.EXTERNAL]
+    if nested and base_dir is None:
+        raise InputError("external data in subgraphs needs the model's folder")
+    files = []
+    try:
+        out = _AtomicFile(path)
+        files.append(out)
+        data_name = os.path.basename(path) + ".data" if external else None
+        data = _AtomicFile(os.path.join(os.path.dirname(os.path.abspath(path)), data_name)) if external else None
+        if data:
+            files.append(data)
+        m = model
+        if nested:  # rare: read subgraph external tensors into memory, the writer handles the top level
+            m = ModelProto()
+            m.CopyFrom(model)
+            for g in list(iter_graphs(m.graph))[1:]:
+                for t in g.initializer:
+                    if t.data_location == TensorProto.EXTERNAL:
+                        onnx.external_data_helper.load_external_data_for_tensor(t, base_dir)
+                        t.data_location = TensorProto.DEFAULT
+                        del t.external_data[:]
+        wire.write_model(m, out.file, base_dir or ".", data.file if data else None, data_name)
+        if data:
+            data.commit()
+        out.commit()
+        return data.path if data else None
+    except BaseException:
+        for f in files:
+            f.discard()
+        raise

@@ -118,7 +118,7 @@ def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: in
             arr = rng.integers(0, 2, size=shape).astype(dtype)
         else:
             raise InputError(f"input '{inp.name}' has type {TensorProto.DataType.Name(tt.elem_type)}, which foldkit cannot generate")
-        feeds[inp.name] = arr
+        feeds[inp.name] = np.asarray(arr, dtype=dtype)  # rank-0 inputs must be arrays, not numpy scalars
     return feeds
 
 
@@ -126,10 +126,12 @@ class _BackendUnavailable(Exception):
     pass
 
 
-def _run_ort(model_bytes: bytes, feeds: dict):
+def _run_ort(model_bytes: bytes, feeds: dict, base_dir: Optional[str] = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if base_dir:  # tensors left on disk (lazy load, external data) are read from the model's folder
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4  # errors surface as exceptions; keep ORT's own log off stderr
     try:
@@ -146,21 +148,28 @@ def _run_ort(model_bytes: bytes, feeds: dict):
     return sess.run(None, feeds, ro)
 
 
-def _run_reference(model: ModelProto, feeds: dict):
+def _run_reference(model: ModelProto, feeds: dict, base_dir: Optional[str] = None):
     from onnx.reference import ReferenceEvaluator
 
+    if base_dir and any(t.data_location == TensorProto.EXTERNAL for g in iter_graphs(model.graph) for t in g.initializer):
+        full = ModelProto()
+        full.CopyFrom(model)
+        onnx.external_data_helper.load_external_data_for_model(full, base_dir)
+        model = full
     return ReferenceEvaluator(model).run(None, feeds)
 
 
-def run(model: ModelProto, feeds: dict, model_bytes: Optional[bytes] = None, backend: Optional[str] = None):
+def run(model: ModelProto, feeds: dict, model_bytes: Optional[bytes] = None, backend: Optional[str] = None,
+        base_dir: Optional[str] = None):
     """Returns (outputs, backend_name)."""
     if backend in (None, "onnxruntime"):
         try:
-            return _run_ort(model_bytes if model_bytes is not None else model.SerializeToString(), feeds), "onnxruntime-cpu"
+            data = model_bytes if model_bytes is not None else model.SerializeToString()
+            return _run_ort(data, feeds, base_dir), "onnxruntime-cpu"
         except _BackendUnavailable:
             if backend == "onnxruntime":
                 raise
-    return _run_reference(model, feeds), "onnx-reference"
+    return _run_reference(model, feeds, base_dir), "onnx-reference"
 
 
 @dataclass
@@ -211,16 +220,23 @@ def compare(name: str, ref, new, atol: float, rtol: float) -> OutputDiff:
 
 def verify(reference: ModelProto, candidate: ModelProto, *, atol=None, rtol=None, input_shapes=None, seed: int = 0,
            reference_bytes: Optional[bytes] = None, candidate_bytes: Optional[bytes] = None,
-           reference_label: str = "original") -> VerificationResult:
+           reference_label: str = "original", base_dir: Optional[str] = None) -> VerificationResult:
     d_atol, d_rtol = default_tolerances(reference)
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
     feeds = make_inputs(reference, input_shapes, seed)
     try:
-        ref_out, backend = run(reference, feeds, reference_bytes)
+        ref_out, backend = run(reference, feeds, reference_bytes, base_dir=base_dir)
     except Exception as e:
         raise InputError(f"the original model does not run on ONNX Runtime: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    new_out, _ = run(candidate, feeds, candidate_bytes, backend="onnxruntime" if backend == "onnxruntime-cpu" else "reference")
+    try:
+        new_out, _ = run(candidate, feeds, candidate_bytes, backend="onnxruntime" if backend == "onnxruntime-cpu" else "reference",
+                         base_dir=base_dir)
+    except Exception as e:  # the original ran, the rewritten model does not: that is a failed verification
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        names = [o.name for o in reference.graph.output]
+        return VerificationResult(False, float("inf"), float("inf"), atol, rtol, backend, reference_label,
+                                  [asdict(OutputDiff(n, float("inf"), float("inf"), False, f"does not run: {detail}")) for n in names])
     names = [o.name for o in reference.graph.output]
     diffs = [compare(n, a, b, atol, rtol) for n, a, b in zip(names, ref_out, new_out)]
     return VerificationResult(

@@ -1,0 +1,275 @@
+"""Large models without copying their weights: protobuf wire-format scanning and splice writing.
+
+Protobuf has to hold a whole ModelProto in memory, and (de)serializing a 1.5 GB message costs
+seconds and 2-3x its size in RAM. Folding touches a few hundred small tensors. So:
+
+- :func:`lazy_load` memory-maps the file and walks the wire format of ModelProto -> GraphProto ->
+  TensorProto. Every top-level initializer whose ``raw_data`` is at least ``threshold`` bytes is
+  parsed *without* its payload and marked as external data pointing into the file itself
+  (location = the file's name, offset, length). Only the small skeleton is parsed by protobuf.
+  Passes then read exactly the tensors they fold (numpy_helper reads external data on demand).
+- :func:`write_model` writes a model whose tensors may be external (into the source file, or true
+  external data files) either as one self-contained file or with its tensors in one external data
+  file. The small parts are serialized by protobuf itself, in field-number order, and tensor
+  payloads are streamed from their source in chunks, so the output is byte-identical to
+  ``SerializeToString(deterministic=True)`` of the fully loaded model, with memory bounded by the
+  skeleton plus one chunk.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Optional
+
+from onnx import GraphProto, ModelProto, TensorProto
+
+CHUNK = 64 << 20
+GRAPH_FIELD = 7  # ModelProto.graph
+INITIALIZER_FIELD = 5  # GraphProto.initializer
+RAW_DATA_FIELD = 9  # TensorProto.raw_data
+TWO_GB = 2 ** 31 - 1
+
+
+class WireError(ValueError):
+    pass
+
+
+def _varint(buf, pos: int):
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise WireError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise WireError("varint too long")
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, field start, value start, value end) for each field in buf[start:end]."""
+    pos = start
+    while pos < end:
+        fstart = pos
+        key, pos = _varint(buf, pos)
+        field, wt = key >> 3, key & 7
+        if wt == 0:
+            _, pos = _varint(buf, pos)
+            vstart = vend = pos
+        elif wt == 1:
+            vstart, pos = pos, pos + 8
+            vend = pos
+        elif wt == 2:
+            n, pos = _varint(buf, pos)
+            vstart, pos = pos, pos + n
+            vend = pos
+        elif wt == 5:
+            vstart, pos = pos, pos + 4
+            vend = pos
+        else:
+            raise WireError(f"unsupported wire type {wt}")
+        if pos > end:
+            raise WireError("field runs past its message")
+        yield field, wt, fstart, vstart, vend
+
+
+def lazy_load(path: str, threshold: int = 1024) -> Optional[ModelProto]:
+    """The model at ``path`` with large top-level initializers left in the file (see module doc).
+
+    Returns None when the file's layout is not the plain one (e.g. the graph field split in
+    several pieces); the caller then loads it the ordinary way.
+    """
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return None
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        top = list(_fields(mm, 0, size))
+        graphs = [fl for fl in top if fl[0] == GRAPH_FIELD and fl[1] == 2]
+        if len(graphs) != 1:
+            return None
+        _, _, gstart, gv0, gv1 = graphs[0]
+        graph_parts = []
+        lazified = 0
+        for field, wt, fstart, v0, v1 in _fields(mm, gv0, gv1):
+            if field == INITIALIZER_FIELD and wt == 2:
+                raws = [x for x in _fields(mm, v0, v1) if x[0] == RAW_DATA_FIELD and x[1] == 2]
+                if len(raws) == 1 and raws[0][4] - raws[0][3] >= threshold:
+                    _, _, r0, rv0, rv1 = raws[0]
+                    t = TensorProto()
+                    t.ParseFromString(bytes(mm[v0:r0]) + bytes(mm[rv1:v1]))
+                    if t.data_location == TensorProto.EXTERNAL:
+                        return None
+                    t.data_location = TensorProto.EXTERNAL
+                    t.external_data.add(key="location", value=name)
+                    t.external_data.add(key="offset", value=str(rv0))
+                    t.external_data.add(key="length", value=str(rv1 - rv0))
+                    body = t.SerializeToString()
+                    graph_parts.append(bytes(mm[fstart:v0 - len(_encode_varint(v1 - v0))]) + _encode_varint(len(body)) + body)
+                    lazified += 1
+                    continue
+            graph_parts.append(bytes(mm[fstart:v1]))
+        if not lazified:
+            return None
+        model = ModelProto()
+        model.ParseFromString(bytes(mm[0:gstart]) + bytes(mm[gv1:size]))
+        model.graph.ParseFromString(b"".join(graph_parts))
+        return model
+    except WireError:
+        return None
+    finally:
+        mm.close()
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def _ext_info(t: TensorProto) -> dict:
+    return {e.key: e.value for e in t.external_data}
+
+
+def external_size(t: TensorProto) -> int:
+    return int(_ext_info(t).get("length", 0))
+
+
+def _strip_external(t: TensorProto) -> TensorProto:
+    """A copy of ``t``'s header: no data, no external-data fields."""
+    h = TensorProto()
+    h.CopyFrom(t)
+    h.ClearField("external_data")
+    h.ClearField("data_location")
+    h.ClearField("raw_data")
+    return h
+
+
+def _split_serialize(msg, field_number: int):
+    """Serialize ``msg`` (deterministic) into the bytes of fields before and after ``field_number``;
+    that field must be cleared in ``msg``."""
+    before = type(msg)()
+    after = type(msg)()
+    for fd, value in msg.ListFields():
+        target = before if fd.number < field_number else after
+        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:
+            getattr(target, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(target, fd.name).CopyFrom(value)
+        else:
+            setattr(target, fd.name, value)
+    return before.SerializeToString(deterministic=True), after.SerializeToString(deterministic=True)
+
+
+class _Source:
+    """A tensor payload: bytes in memory, or (file, offset, length)."""
+
+    def __init__(self, data: bytes = None, file: str = None, offset: int = 0, length: int = 0):
+        self.data, self.file, self.offset, self.length = data, file, offset, length if data is None else len(data)
+
+    def copy_to(self, out) -> None:
+        if self.data is not None:
+            out.write(self.data)
+            return
+        with open(self.file, "rb") as f:
+            f.seek(self.offset)
+            left = self.length
+            while left:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    raise WireError(f"external data file {self.file} ended early")
+                out.write(chunk)
+                left -= len(chunk)
+
+
+def _tensor_source(t: TensorProto, base_dir: str) -> _Source:
+    info = _ext_info(t)
+    return _Source(file=os.path.join(base_dir, info["location"]), offset=int(info.get("offset", 0) or 0),
+                   length=int(info["length"]))
+
+
+def needs_external(model: ModelProto) -> bool:
+    """True when the model, with its external tensors embedded, would exceed protobuf's 2 GB limit."""
+    total = model.ByteSize()
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            total += external_size(t) + 16
+    return total >= TWO_GB
+
+
+def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_location: Optional[str] = None,
+                align: int = 4096) -> None:
+    """Write ``model`` to the binary file ``out``.
+
+    Top-level external initializers (read from ``base_dir``) are embedded, unless ``data_out`` (an
+    open binary file whose name, relative to the model, is ``data_location``) is given: then every
+    top-level initializer of at least 1 KiB goes there, each at an ``align``-aligned offset.
+    """
+    m = ModelProto()
+    m.CopyFrom(model)  # skeleton-sized: large payloads are external
+    graph = m.graph
+    inits = list(graph.initializer)
+    graph.ClearField("initializer")
+    head, tail = _split_serialize(graph, INITIALIZER_FIELD)
+    parts = []  # (header bytes, payload source or None, trailer bytes)
+    data_pos = 0
+    for t in inits:
+        ext = t.data_location == TensorProto.EXTERNAL
+        if data_out is not None:
+            src = _tensor_source(t, base_dir) if ext else (_Source(data=t.raw_data) if t.HasField("raw_data") and len(t.raw_data) >= 1024 else None)
+            if src is not None:
+                pad = (-data_pos) % align
+                data_out.write(b"\0" * pad)
+                data_pos += pad
+                src.copy_to(data_out)
+                h = _strip_external(t)
+                h.data_location = TensorProto.EXTERNAL
+                h.external_data.add(key="location", value=data_location)
+                h.external_data.add(key="offset", value=str(data_pos))
+                h.external_data.add(key="length", value=str(src.length))
+                data_pos += src.length
+                body = h.SerializeToString(deterministic=True)
+                parts.append((body, None, b""))
+                continue
+            parts.append((t.SerializeToString(deterministic=True), None, b""))
+            continue
+        if not ext:
+            parts.append((t.SerializeToString(deterministic=True), None, b""))
+            continue
+        src = _tensor_source(t, base_dir)
+        h = _strip_external(t)
+        before, after = _split_serialize(h, RAW_DATA_FIELD)
+        raw_key = _encode_varint((RAW_DATA_FIELD << 3) | 2) + _encode_varint(src.length)
+        parts.append((before + raw_key, src, after))
+    graph_len = len(head) + len(tail)
+    init_key = _encode_varint((INITIALIZER_FIELD << 3) | 2)
+    for hdr, src, trl in parts:
+        n = len(hdr) + (src.length if src else 0) + len(trl)
+        graph_len += len(init_key) + len(_encode_varint(n)) + n
+    m.ClearField("graph")
+    mbefore, mafter = _split_serialize(m, GRAPH_FIELD)
+    out.write(mbefore)
+    out.write(_encode_varint((GRAPH_FIELD << 3) | 2) + _encode_varint(graph_len))
+    out.write(head)
+    for hdr, src, trl in parts:
+        n = len(hdr) + (src.length if src else 0) + len(trl)
+        out.write(init_key + _encode_varint(n) + hdr)
+        if src is not None:
+            src.copy_to(out)
+        out.write(trl)
+    out.write(tail)
+    out.write(mafter)

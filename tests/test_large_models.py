@@ -1,0 +1,140 @@
+"""Lazy loading (weights stay on disk), streaming writes, external data in and out.
+
+Speed and peak-memory goals are measured by benchmarks/fold_speed.py, not asserted here.
+"""
+
+import io
+import os
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, numpy_helper
+
+import foldkit
+from foldkit import io as fio
+from foldkit.cli import main
+from foldkit.wire import lazy_load, write_model
+from tests.helpers import ort_run, random_feeds
+from tests.test_dtypes_and_scopes import test_if_branches_read_outer_scope_weight  # noqa: F401  (reused model below)
+from tests.test_fold_into_producer import conv_bn_model
+
+
+def _models():
+    m1 = conv_bn_model(2, group=2)
+    m1.doc_string = "d"
+    onnx.helper.set_model_props(m1, {"k": "v"})
+    m2 = conv_bn_model(3, transpose=True, group=3, c_in=6, c_out=6, spatial=3)
+    return {"conv": m1, "convT": m2}
+
+
+@pytest.mark.parametrize("name", ["conv", "convT"])
+@pytest.mark.parametrize("threshold", [1, 64, 10 ** 9])
+def test_lazy_load_and_write_are_byte_identical(tmp_path, name, threshold):
+    m = _models()[name]
+    p = tmp_path / "m.onnx"
+    p.write_bytes(m.SerializeToString(deterministic=True))
+    lazy = lazy_load(str(p), threshold)
+    if threshold == 10 ** 9:
+        assert lazy is None  # nothing to leave on disk: the caller loads normally
+        return
+    assert any(t.data_location == TensorProto.EXTERNAL for t in lazy.graph.initializer)
+    buf = io.BytesIO()
+    write_model(lazy, buf, str(tmp_path))
+    assert buf.getvalue() == m.SerializeToString(deterministic=True)
+
+
+def test_cli_fold_lazy_equals_in_memory_fold(tmp_path):
+    m = conv_bn_model(2, group=2)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    out = tmp_path / "o.onnx"
+    assert CliRunner().invoke(main, ["fold", str(p), "-o", str(out), "-q"]).exit_code == 0
+    in_memory = foldkit.fold(m).model.SerializeToString(deterministic=True)
+    assert out.read_bytes() == in_memory
+    lazy = foldkit.fold(str(p), lazy=True)
+    assert lazy.report.verification["passed"]
+    # a weight the fold does not touch stays on disk until the model is saved
+    m2 = conv_bn_model(2, group=2)
+    m2.graph.node.append(onnx.helper.make_node("Conv", ["X", "W2"], ["Y2"]))
+    m2.graph.initializer.append(numpy_helper.from_array(np.ones((32, 4, 3, 3), np.float32), "W2"))
+    m2.graph.output.append(onnx.helper.make_tensor_value_info("Y2", TensorProto.FLOAT, [2, 32, 3, 3]))
+    p2 = tmp_path / "m2.onnx"
+    onnx.save(m2, str(p2))
+    lazy2 = foldkit.fold(str(p2), lazy=True)
+    assert [t.name for t in lazy2.model.graph.initializer if t.data_location == TensorProto.EXTERNAL] == ["W2"]
+    lazy2.save(str(tmp_path / "o2.onnx"))
+    assert (tmp_path / "o2.onnx").read_bytes() == foldkit.fold(m2).model.SerializeToString(deterministic=True)
+
+
+def _external_input(tmp_path):
+    m = conv_bn_model(2, c_in=16, c_out=32)
+    p = tmp_path / "ext.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(m)  # onnx.save with external data rewrites the model it is given
+    onnx.save(copy, str(p), save_as_external_data=True, location="ext.onnx.weights", size_threshold=64)
+    return m, p
+
+
+def test_fold_external_data_input(tmp_path):
+    m, p = _external_input(tmp_path)
+    out = tmp_path / "o.onnx"
+    r = CliRunner().invoke(main, ["fold", str(p), "-o", str(out)])
+    assert r.exit_code == 0 and "passed" in r.output, r.output
+    folded = onnx.load(str(out))  # self-contained (small model: no external data by default)
+    assert not fio.has_external(folded)
+    feeds = random_feeds(m)
+    ref = ort_run(m, feeds)[0]
+    np.testing.assert_allclose(ort_run(folded, feeds)[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_fold_external_data_output(tmp_path):
+    m, p = _external_input(tmp_path)
+    out = tmp_path / "o.onnx"
+    r = CliRunner().invoke(main, ["fold", str(p), "-o", str(out), "--external-data", "-q"])
+    assert r.exit_code == 0, r.output
+    data = tmp_path / "o.onnx.data"
+    assert data.exists()
+    header = onnx.load(str(out), load_external_data=False)
+    locs = {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locs == {"o.onnx.data"}
+    offsets = [int(e.value) for t in header.graph.initializer for e in t.external_data if e.key == "offset"]
+    assert all(o % 4096 == 0 for o in offsets)
+    folded = onnx.load(str(out))
+    feeds = random_feeds(m)
+    ref = ort_run(m, feeds)[0]
+    np.testing.assert_allclose(ort_run(folded, feeds)[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # the same folded model, externalised twice, gives identical bytes
+    out2 = tmp_path / "o2.onnx"
+    CliRunner().invoke(main, ["fold", str(p), "-o", str(out2), "--external-data", "-q"])
+    assert data.read_bytes() == (tmp_path / "o2.onnx.data").read_bytes()
+
+
+def test_in_place_fold_of_lazy_model(tmp_path):
+    m = conv_bn_model(2, c_in=16, c_out=32)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    r = CliRunner().invoke(main, ["fold", str(p), "-o", str(p), "--in-place", "-q"])
+    assert r.exit_code == 0, r.output
+    folded = onnx.load(str(p))
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_lazy_model_with_subgraph_initializers(tmp_path):
+    """Subgraph initializers stay inside the skeleton; only top-level ones are left on disk."""
+    from tests.test_dtypes_and_scopes import _branch
+    from tests.helpers import F32, make_model, rng, tensor
+    r = rng(60)
+    then_g = _branch("then", "W", "tb", r, "t_out")
+    else_g = _branch("else", "W", "eb", r, "e_out")
+    nodes = [onnx.helper.make_node("If", ["cond"], ["Y"], then_branch=then_g, else_branch=else_g)]
+    m = make_model(nodes, [("cond", TensorProto.BOOL, []), ("X", F32, [1, 4, 5, 5])], [("Y", F32, [1, 6, 5, 5])],
+                   [tensor("W", r.standard_normal((6, 4, 3, 3)).astype(np.float32))])
+    p = tmp_path / "if.onnx"
+    onnx.save(m, str(p))
+    out = tmp_path / "o.onnx"
+    res = CliRunner().invoke(main, ["fold", str(p), "-o", str(out), "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes() == foldkit.fold(m).model.SerializeToString(deterministic=True)
