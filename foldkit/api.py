@@ -83,8 +83,10 @@ def load(model_or_path: Union[str, os.PathLike, ModelProto, bytes], lazy: Option
 
 def checker_error(model: ModelProto) -> Optional[str]:
     """The first line of onnx.checker's full-check complaint, or None when the model passes."""
+    from .wire import checker_view
+
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(checker_view(model), full_check=True)
     except Exception as e:  # checker raises ValidationError, shape inference InferenceError
         return (str(e).strip().splitlines() or [type(e).__name__])[0]
     return None

@@ -11,6 +11,7 @@ weight that an ``If``/``Loop`` body reads from the outer scope counts as shared 
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -141,6 +142,7 @@ class ModelIndex:
         self.uses = count_uses(model)
         self.names = all_names(model)
         self.released: set = set()  # constant names whose last use a pass removed
+        self.files = OpenFiles()
         self._types: Optional[dict] = None
 
     def _type(self, name: str):
@@ -246,7 +248,7 @@ class GraphView:
                 if name in view.inputs and (view.index.model.ir_version >= 4 or view.parent is not None):
                     return None  # an initializer that is also an input can be overridden at run time
                 t = view.inits[name]
-                return Const(name, _to_array(t, view.index.base_dir), t.data_type, view, "initializer")
+                return Const(name, _to_array(t, view.index.base_dir, view.index.files), t.data_type, view, "initializer")
             if name in view.inputs:
                 return None
             view = view.parent
@@ -272,16 +274,17 @@ class GraphView:
         node = self.nodes[i]
         old = node.input[pos] if pos < len(node.input) else ""
         const = self.constant(old) if old else None
-        tensor = make_tensor(array, data_type)
         if const is not None and const.owner is self and self.uses(old) == 1:
-            tensor.name = old
             if const.kind == "initializer":
-                self.inits[old].CopyFrom(tensor)
+                make_tensor(array, data_type, into=self.inits[old])  # in place: no second copy
             else:
+                tensor = make_tensor(array, data_type)
+                tensor.name = old
                 cnode = self.nodes[self.producer[old]]
                 del cnode.attribute[:]
                 cnode.attribute.append(onnx.helper.make_attribute("value", tensor))
             return old
+        tensor = make_tensor(array, data_type)
         name = self.index.fresh(base)
         tensor.name = name
         self.add_constant(tensor, before=i if self.index.model.ir_version < 4 else None)
@@ -357,7 +360,51 @@ class GraphView:
         return True
 
 
-def _to_array(t: TensorProto, base_dir: Optional[str]) -> np.ndarray:
+_RAW_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE, TensorProto.INT8,
+              TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.INT64,
+              TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL}
+
+
+class OpenFiles:
+    """External data files opened once each; tensors are read with pread (one copy, no mapping
+    left resident, so peak memory stays that of the tensors actually read)."""
+
+    def __init__(self):
+        self.files = {}
+
+    def pread(self, path: str, length: int, offset: int) -> bytes:
+        f = self.files.get(path)
+        if f is None:
+            f = self.files[path] = open(path, "rb")
+        data = os.pread(f.fileno(), length, offset)
+        if len(data) != length:
+            raise ValueError(f"{path} ends before the tensor does")
+        return data
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+    def __del__(self):
+        self.close()
+
+
+def _to_array(t: TensorProto, base_dir: Optional[str], files: Optional[OpenFiles] = None) -> np.ndarray:
+    """The tensor's values (read-only when read from external data through ``files``)."""
+    if files is not None and t.data_location == TensorProto.EXTERNAL and t.data_type in _RAW_TYPES:
+        info = {e.key: e.value for e in t.external_data}
+        try:
+            offset, length = int(info.get("offset", 0) or 0), int(info["length"])
+            dtype = np.dtype(np_dtype(t.data_type)).newbyteorder("<")
+            count = 1
+            for d in t.dims:
+                count *= d
+            if count * dtype.itemsize == length:
+                data = files.pread(os.path.join(base_dir or "", info["location"]), length, offset)
+                return np.frombuffer(data, dtype=dtype, count=count).reshape(tuple(t.dims))
+        except (KeyError, ValueError, OSError):
+            pass  # fall back to onnx's reader, which raises a precise error
     return numpy_helper.to_array(t, base_dir or "")
 
 
@@ -376,11 +423,20 @@ def np_dtype(data_type: int):
     return onnx.helper.tensor_dtype_to_np_dtype(data_type)
 
 
-def make_tensor(array: np.ndarray, data_type: int) -> TensorProto:
-    arr = np.ascontiguousarray(np.asarray(array).astype(np_dtype(data_type)))
-    t = numpy_helper.from_array(arr)
-    if t.data_type != data_type:  # e.g. bfloat16 stored via ml_dtypes
-        t.data_type = data_type
+def make_tensor(array: np.ndarray, data_type: int, into: Optional[TensorProto] = None) -> TensorProto:
+    """A raw-data TensorProto (little-endian) of ``array`` cast to ``data_type``, built in ``into``
+    when given (its name is kept; data, dims and external-data fields are replaced)."""
+    arr = np.asarray(array).astype(np_dtype(data_type), copy=False)
+    if arr.dtype.byteorder == ">":
+        arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
+    t = into if into is not None else TensorProto()
+    name = t.name
+    doc = t.doc_string
+    t.Clear()
+    t.name, t.doc_string = name, doc
+    t.dims.extend(arr.shape)
+    t.data_type = data_type
+    t.raw_data = np.ascontiguousarray(arr).tobytes()
     return t
 
 

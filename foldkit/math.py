@@ -123,10 +123,9 @@ def round_to(a: np.ndarray, dtype) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         out = np.asarray(a).astype(dtype)
     if np.issubdtype(np.dtype(dtype), np.floating) or str(dtype) == "bfloat16":
-        src_finite = np.isfinite(a)
-        dst_finite = np.isfinite(out.astype(np.float64))
-        if np.any(src_finite & ~dst_finite):
-            raise FoldArithmeticError(
-                f"a folded value ({np.max(np.abs(a[src_finite & ~dst_finite])):.3g}) overflows "
-                f"{np.dtype(dtype).name}")
+        if np.any(np.isinf(out)):  # rare: only then find out whether the source was finite
+            bad = np.isinf(out) & np.isfinite(a)
+            if np.any(bad):
+                raise FoldArithmeticError(
+                    f"a folded value ({np.max(np.abs(np.asarray(a)[bad])):.3g}) overflows {np.dtype(dtype).name}")
     return out

@@ -151,27 +151,60 @@ def external_size(t: TensorProto) -> int:
 
 def _strip_external(t: TensorProto) -> TensorProto:
     """A copy of ``t``'s header: no data, no external-data fields."""
-    h = TensorProto()
-    h.CopyFrom(t)
+    h = copy_without(t, RAW_DATA_FIELD)  # never copy the payload
     h.ClearField("external_data")
     h.ClearField("data_location")
     h.ClearField("raw_data")
     return h
 
 
+def _assign(target, fd, value) -> None:
+    if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:
+        getattr(target, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(target, fd.name).CopyFrom(value)
+    else:
+        setattr(target, fd.name, value)
+
+
+def copy_without(msg, field_number: int):
+    """A copy of ``msg`` without one field (so a graph's payloads are not copied along)."""
+    out = type(msg)()
+    for fd, value in msg.ListFields():
+        if fd.number != field_number:
+            _assign(out, fd, value)
+    return out
+
+
+def checker_view(model: ModelProto) -> ModelProto:
+    """The model as onnx.checker should see it: every top-level initializer of 1 KiB or more (or on
+    disk) becomes a graph input of the same type and shape. Structure, types and shapes are checked
+    as before; payloads (validated by foldkit.io.check_tensors) are neither read nor copied."""
+    from onnx import helper
+
+    view = copy_without(model, GRAPH_FIELD)
+    graph = copy_without(model.graph, INITIALIZER_FIELD)
+    inputs = {i.name for i in graph.input}
+    for t in model.graph.initializer:
+        big = t.data_location == TensorProto.EXTERNAL or len(t.raw_data) >= 1024
+        if not big:
+            graph.initializer.add().CopyFrom(t)
+        elif t.name not in inputs:
+            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    view.graph.CopyFrom(graph)
+    return view
+
+
 def _split_serialize(msg, field_number: int):
-    """Serialize ``msg`` (deterministic) into the bytes of fields before and after ``field_number``;
-    that field must be cleared in ``msg``."""
+    """Serialize ``msg`` (deterministic) into the bytes of fields before and after ``field_number``,
+    leaving that field out."""
     before = type(msg)()
     after = type(msg)()
     for fd, value in msg.ListFields():
+        if fd.number == field_number:
+            continue
         target = before if fd.number < field_number else after
-        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:
-            getattr(target, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(target, fd.name).CopyFrom(value)
-        else:
-            setattr(target, fd.name, value)
+        _assign(target, fd, value)
     return before.SerializeToString(deterministic=True), after.SerializeToString(deterministic=True)
 
 
@@ -203,12 +236,18 @@ def _tensor_source(t: TensorProto, base_dir: str) -> _Source:
 
 
 def needs_external(model: ModelProto) -> bool:
-    """True when the model, with its external tensors embedded, would exceed protobuf's 2 GB limit."""
-    total = model.ByteSize()
+    """True when the model, with its external tensors embedded, would exceed protobuf's 2 GB limit.
+
+    Payload sizes are added up from the tensors (no serialization); 16 MiB of margin covers the
+    rest of a model whose structure is that large."""
+    total = 0
     for t in model.graph.initializer:
-        if t.data_location == TensorProto.EXTERNAL:
-            total += external_size(t) + 16
-    return total >= TWO_GB
+        total += external_size(t) if t.data_location == TensorProto.EXTERNAL else len(t.raw_data)
+        if total >= TWO_GB:
+            return True
+    if total < TWO_GB - (16 << 20):
+        return False
+    return copy_without(model, GRAPH_FIELD).ByteSize() + model.graph.ByteSize() >= TWO_GB
 
 
 def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_location: Optional[str] = None,
@@ -219,12 +258,8 @@ def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_locat
     open binary file whose name, relative to the model, is ``data_location``) is given: then every
     top-level initializer of at least 1 KiB goes there, each at an ``align``-aligned offset.
     """
-    m = ModelProto()
-    m.CopyFrom(model)  # skeleton-sized: large payloads are external
-    graph = m.graph
-    inits = list(graph.initializer)
-    graph.ClearField("initializer")
-    head, tail = _split_serialize(graph, INITIALIZER_FIELD)
+    inits = list(model.graph.initializer)
+    head, tail = _split_serialize(model.graph, INITIALIZER_FIELD)
     parts = []  # (header bytes, payload source or None, trailer bytes)
     data_pos = 0
     for t in inits:
@@ -247,10 +282,10 @@ def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_locat
                 continue
             parts.append((t.SerializeToString(deterministic=True), None, b""))
             continue
-        if not ext:
+        if not ext and len(t.raw_data) < CHUNK // 64:
             parts.append((t.SerializeToString(deterministic=True), None, b""))
             continue
-        src = _tensor_source(t, base_dir)
+        src = _tensor_source(t, base_dir) if ext else _Source(data=t.raw_data)
         h = _strip_external(t)
         before, after = _split_serialize(h, RAW_DATA_FIELD)
         raw_key = _encode_varint((RAW_DATA_FIELD << 3) | 2) + _encode_varint(src.length)
@@ -260,8 +295,7 @@ def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_locat
     for hdr, src, trl in parts:
         n = len(hdr) + (src.length if src else 0) + len(trl)
         graph_len += len(init_key) + len(_encode_varint(n)) + n
-    m.ClearField("graph")
-    mbefore, mafter = _split_serialize(m, GRAPH_FIELD)
+    mbefore, mafter = _split_serialize(model, GRAPH_FIELD)
     out.write(mbefore)
     out.write(_encode_varint((GRAPH_FIELD << 3) | 2) + _encode_varint(graph_len))
     out.write(head)
