@@ -29,10 +29,19 @@ class FoldResult:
     model: ModelProto
     report: Report
     base_dir: Optional[str] = None
+    payloads: Optional[dict] = None  # folded tensors kept as arrays (defer=True) until saved
 
     def save(self, path, input_path=None, in_place=False, external=None):
         return fio.save_model(self.model, path, input_path=input_path, in_place=in_place, base_dir=self.base_dir,
-                              external=external)
+                              external=external, payloads=self.payloads)
+
+    def materialize(self) -> ModelProto:
+        """Put payloads held in memory into ``model`` (a self-contained proto but for lazy tensors)."""
+        from .graph import materialize
+
+        if self.payloads:
+            materialize(self.model, self.payloads)
+        return self.model
 
 
 def count_bn(model: ModelProto) -> int:
@@ -105,30 +114,32 @@ def _checker(m: ModelProto, original_bytes: Optional[bytes], report: Report) -> 
 def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = True, atol: Optional[float] = None,
          rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
          passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
-         check: bool = True, lazy: Optional[bool] = None) -> FoldResult:
+         check: bool = True, lazy: Optional[bool] = None, defer: bool = False) -> FoldResult:
     """Fold every BatchNormalization that can be folded exactly; explain every one left.
 
     ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). A path loads lazily
     (weights stay on disk until a pass needs them) when ``lazy`` is True, or by default for files
-    over 256 MiB and for models with external data. Raises InputError
+    over 256 MiB and for models with external data. ``defer`` keeps folded tensors of 1 MiB or more
+    as arrays beside the proto until :meth:`FoldResult.save` (fewer copies of big models; call
+    :meth:`FoldResult.materialize` for a self-contained ``model``). Raises InputError
     for unusable input and VerificationError (with ``.result`` holding the FoldResult) when the folded
     model does not match the original within (atol, rtol) on ONNX Runtime.
     """
     m, base_dir = load(model, lazy)
     return fold_loaded(m, base_dir, verify=verify, atol=atol, rtol=rtol, input_shapes=input_shapes, skip=skip,
-                       passes=passes, seed=seed, lower_standalone=lower_standalone, check=check)
+                       passes=passes, seed=seed, lower_standalone=lower_standalone, check=check, defer=defer)
 
 
 def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, atol: Optional[float] = None,
                 rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
                 passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
-                check: bool = True) -> FoldResult:
+                check: bool = True, defer: bool = False) -> FoldResult:
     """:func:`fold` on a model this call may change in place; tensors on disk are read from ``base_dir``."""
     report = Report()
     report.bn_before = count_bn(m)
     _register_bns(m, report)
     selected = _select(passes, skip)
-    ctx = FoldContext(m, report, base_dir, lower_standalone=lower_standalone)
+    ctx = FoldContext(m, report, base_dir, defer=defer, lower_standalone=lower_standalone)
     ctx.converted_training = False
 
     first, rest = selected[:1], selected[1:]
@@ -157,11 +168,12 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
 
     report.bn_after = count_bn(m)
     report.finish()
-    result = FoldResult(m, report, base_dir)
+    result = FoldResult(m, report, base_dir, ctx.index.payloads)
 
     if check:
         _checker(m, reference_bytes, report)
     if verify:
+        result.materialize()  # ORT needs the payloads in the proto (or on disk)
         reference = fio.parse_model(reference_bytes)
         candidate_bytes = fio.serialize(m)
         try:

@@ -117,7 +117,7 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, l
     shapes = parse_input_shapes(input_shape)
     try:
         result = fold_api(model, verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
-                          lower_standalone=lower_standalone, lazy=True)
+                          lower_standalone=lower_standalone, lazy=True, defer=True)
     except VerificationError as e:
         if e.result is not None and not quiet:
             print_fold_report(e.result.report)

@@ -135,9 +135,15 @@ class Const:
 class ModelIndex:
     """Model-wide facts: use counts, the names taken, opset, and what the passes released."""
 
-    def __init__(self, model: ModelProto, base_dir: Optional[str] = None):
+    DEFER_BYTES = 1 << 20
+
+    def __init__(self, model: ModelProto, base_dir: Optional[str] = None, defer: bool = False):
         self.model = model
         self.base_dir = base_dir
+        # defer: new top-level tensors of 1 MiB or more stay numpy arrays in ``payloads`` (the
+        # tensor is marked external at wire.MEMORY) until written; saves two copies per tensor
+        self.defer = defer
+        self.payloads: dict = {}
         self.opset = default_opset(model)
         self.uses = count_uses(model)
         self.names = all_names(model)
@@ -248,7 +254,7 @@ class GraphView:
                 if name in view.inputs and (view.index.model.ir_version >= 4 or view.parent is not None):
                     return None  # an initializer that is also an input can be overridden at run time
                 t = view.inits[name]
-                return Const(name, _to_array(t, view.index.base_dir, view.index.files), t.data_type, view, "initializer")
+                return Const(name, _to_array(t, view.index), t.data_type, view, "initializer")
             if name in view.inputs:
                 return None
             view = view.parent
@@ -274,8 +280,11 @@ class GraphView:
         node = self.nodes[i]
         old = node.input[pos] if pos < len(node.input) else ""
         const = self.constant(old) if old else None
+        defer = self.index.defer and self.parent is None and np.asarray(array).nbytes >= self.index.DEFER_BYTES
         if const is not None and const.owner is self and self.uses(old) == 1:
-            if const.kind == "initializer":
+            if const.kind == "initializer" and defer:
+                self.index.payloads[old] = memory_tensor(array, data_type, self.inits[old])
+            elif const.kind == "initializer":
                 make_tensor(array, data_type, into=self.inits[old])  # in place: no second copy
             else:
                 tensor = make_tensor(array, data_type)
@@ -284,9 +293,14 @@ class GraphView:
                 del cnode.attribute[:]
                 cnode.attribute.append(onnx.helper.make_attribute("value", tensor))
             return old
-        tensor = make_tensor(array, data_type)
         name = self.index.fresh(base)
-        tensor.name = name
+        if defer:
+            tensor = TensorProto()
+            tensor.name = name
+            self.index.payloads[name] = memory_tensor(array, data_type, tensor)
+        else:
+            tensor = make_tensor(array, data_type)
+            tensor.name = name
         self.add_constant(tensor, before=i if self.index.model.ir_version < 4 else None)
         while len(node.input) <= pos:
             node.input.append("")
@@ -366,33 +380,47 @@ _RAW_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, Tens
 
 
 class OpenFiles:
-    """External data files opened once each; tensors are read with pread (one copy, no mapping
-    left resident, so peak memory stays that of the tensors actually read)."""
+    """External data files mapped once each (read-only). Tensors are read-only views of the map:
+    no copy, no zero-filled pages. :meth:`release` drops the mapped pages from this process's
+    resident set after each rewrite (they stay in the page cache and fault back in if read again),
+    so peak memory is that of the tensors foldkit creates, not of the file."""
 
     def __init__(self):
-        self.files = {}
+        self.maps = {}
 
-    def pread(self, path: str, length: int, offset: int) -> bytes:
-        f = self.files.get(path)
-        if f is None:
-            f = self.files[path] = open(path, "rb")
-        data = os.pread(f.fileno(), length, offset)
-        if len(data) != length:
+    def view(self, path: str, length: int, offset: int) -> memoryview:
+        import mmap
+
+        m = self.maps.get(path)
+        if m is None:
+            with open(path, "rb") as f:
+                m = self.maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if offset + length > len(m):
             raise ValueError(f"{path} ends before the tensor does")
-        return data
+        return memoryview(m)[offset:offset + length]
+
+    def release(self) -> None:
+        import mmap
+
+        for m in self.maps.values():
+            if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                m.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
-        for f in self.files.values():
-            f.close()
-        self.files.clear()
+        for m in self.maps.values():
+            try:
+                m.close()
+            except BufferError:  # an array still views it: let the GC unmap it
+                pass
+        self.maps.clear()
 
-    def __del__(self):
-        self.close()
 
-
-def _to_array(t: TensorProto, base_dir: Optional[str], files: Optional[OpenFiles] = None) -> np.ndarray:
-    """The tensor's values (read-only when read from external data through ``files``)."""
-    if files is not None and t.data_location == TensorProto.EXTERNAL and t.data_type in _RAW_TYPES:
+def _to_array(t: TensorProto, index: "ModelIndex") -> np.ndarray:
+    """The tensor's values (read-only when they come from external data or memory payloads)."""
+    base_dir, files = index.base_dir, index.files
+    if t.data_location == TensorProto.EXTERNAL and t.name in index.payloads:
+        return index.payloads[t.name]
+    if t.data_location == TensorProto.EXTERNAL and t.data_type in _RAW_TYPES:
         info = {e.key: e.value for e in t.external_data}
         try:
             offset, length = int(info.get("offset", 0) or 0), int(info["length"])
@@ -401,7 +429,7 @@ def _to_array(t: TensorProto, base_dir: Optional[str], files: Optional[OpenFiles
             for d in t.dims:
                 count *= d
             if count * dtype.itemsize == length:
-                data = files.pread(os.path.join(base_dir or "", info["location"]), length, offset)
+                data = files.view(os.path.join(base_dir or "", info["location"]), length, offset)
                 return np.frombuffer(data, dtype=dtype, count=count).reshape(tuple(t.dims))
         except (KeyError, ValueError, OSError):
             pass  # fall back to onnx's reader, which raises a precise error
@@ -411,7 +439,7 @@ def _to_array(t: TensorProto, base_dir: Optional[str], files: Optional[OpenFiles
 def _constant_node_value(node: NodeProto, view: GraphView) -> Optional[Const]:
     for a in node.attribute:
         if a.name == "value" and a.type == AttributeProto.TENSOR:
-            return Const(node.output[0], _to_array(a.t, view.index.base_dir), a.t.data_type, view, "constant")
+            return Const(node.output[0], _to_array(a.t, view.index), a.t.data_type, view, "constant")
         if a.name == "value_float":
             return Const(node.output[0], np.array(a.f, np.float32), TensorProto.FLOAT, view, "constant")
         if a.name == "value_floats":
@@ -421,6 +449,33 @@ def _constant_node_value(node: NodeProto, view: GraphView) -> Optional[Const]:
 
 def np_dtype(data_type: int):
     return onnx.helper.tensor_dtype_to_np_dtype(data_type)
+
+
+def memory_tensor(array: np.ndarray, data_type: int, into: TensorProto) -> np.ndarray:
+    """Make ``into`` a header whose payload is held in memory (wire.MEMORY); returns the payload."""
+    from .wire import MEMORY
+
+    arr = np.ascontiguousarray(np.asarray(array).astype(np_dtype(data_type), copy=False))
+    if arr.dtype.byteorder == ">":
+        arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
+    name, doc = into.name, into.doc_string
+    into.Clear()
+    into.name, into.doc_string = name, doc
+    into.dims.extend(arr.shape)
+    into.data_type = data_type
+    into.data_location = TensorProto.EXTERNAL
+    into.external_data.add(key="location", value=MEMORY)
+    into.external_data.add(key="length", value=str(arr.nbytes))
+    return arr
+
+
+def materialize(model: ModelProto, payloads: dict) -> None:
+    """Put in-memory payloads into their tensors (for code that needs a self-contained proto)."""
+    from .wire import is_memory
+
+    for t in model.graph.initializer:
+        if is_memory(t):
+            make_tensor(payloads.pop(t.name), t.data_type, into=t)
 
 
 def make_tensor(array: np.ndarray, data_type: int, into: Optional[TensorProto] = None) -> TensorProto:
@@ -443,6 +498,12 @@ def make_tensor(array: np.ndarray, data_type: int, into: Optional[TensorProto] =
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 
+def wire_payload_nbytes(t: TensorProto) -> int:
+    from .wire import payload_nbytes
+
+    return payload_nbytes(t)
+
+
 def value_types(model: ModelProto) -> dict:
     """(rank or None, elem_type) of every value ONNX shape inference can tell, across all graphs.
 
@@ -452,7 +513,8 @@ def value_types(model: ModelProto) -> dict:
     stash = []
     for g in iter_graphs(model.graph):
         for t in g.initializer:
-            if t.data_type in FLOAT_TYPES and len(t.raw_data) > 4096:
+            if t.data_type in FLOAT_TYPES and t.data_location != TensorProto.EXTERNAL and t.HasField("raw_data") \
+                    and wire_payload_nbytes(t) > 4096:
                 stash.append((t, t.raw_data))
                 t.ClearField("raw_data")
     try:

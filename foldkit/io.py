@@ -269,7 +269,8 @@ def has_external(model: ModelProto) -> bool:
 
 
 def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, in_place: bool = False,
-               base_dir: Optional[str] = None, external: Optional[bool] = None) -> Optional[str]:
+               base_dir: Optional[str] = None, external: Optional[bool] = None,
+               payloads: Optional[dict] = None) -> Optional[str]:
     """Write ``model`` atomically. Tensors left on disk by a lazy load (or in external data files,
     relative to ``base_dir``) are streamed, never loaded whole.
 
@@ -282,9 +283,6 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
         raise InputError(f"{path}: output is the input file; refusing to overwrite it (use --in-place)")
     if external is None:
         external = wire.needs_external(model)
-    if not external and not has_external(model):
-        atomic_write(path, serialize(model))
-        return None
     nested = [t.name for g in list(iter_graphs(model.graph))[1:] for t in g.initializer if t.data_location == TensorProto.EXTERNAL]
     if nested and base_dir is None:
         raise InputError("external data in subgraphs needs the model's folder")
@@ -306,7 +304,7 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
                         onnx.external_data_helper.load_external_data_for_tensor(t, base_dir)
                         t.data_location = TensorProto.DEFAULT
                         del t.external_data[:]
-        wire.write_model(m, out.file, base_dir or ".", data.file if data else None, data_name)
+        wire.write_model(m, out.file, base_dir or ".", data.file if data else None, data_name, payloads=payloads)
         if data:
             data.commit()
         out.commit()

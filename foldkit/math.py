@@ -81,6 +81,34 @@ def output_channel_scale(w: np.ndarray, s: np.ndarray, kind: str, group: int = 1
     raise ValueError(f"unknown weight kind {kind!r}")
 
 
+BLOCK_ELEMENTS = 1 << 18  # ~2 MiB of float64 per block: stays in cache
+
+
+def scale_output_channels_rounded(w: np.ndarray, s: np.ndarray, kind: str, group: int, dtype) -> np.ndarray:
+    """round_to(output_channel_scale(w, s, ...), dtype), computed in row blocks into one output
+    array: the same float64 products and the same single rounding, without a float64 copy of the
+    whole weight (big weights are memory-bound: this halves the traffic)."""
+    w = np.asarray(w)
+    if kind not in ("conv", "rows") or w.size < 4 * BLOCK_ELEMENTS or w.ndim < 2:
+        return round_to(output_channel_scale(as_f64(w) if w.dtype not in (np.float32, np.float64) else w, s, kind, group), dtype)
+    out = np.empty(w.shape, dtype=dtype)
+    row = int(np.prod(w.shape[1:]))
+    step = max(1, BLOCK_ELEMENTS // row)
+    tmp = np.empty((step,) + w.shape[1:], dtype=np.float64)
+    extra = (1,) * (w.ndim - 1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for a in range(0, w.shape[0], step):
+            b = min(a + step, w.shape[0])
+            t = tmp[: b - a]
+            np.multiply(w[a:b], s[a:b].reshape((b - a,) + extra), out=t)
+            out[a:b] = t
+    if np.any(np.isinf(out)):
+        bad = np.isinf(out) & np.isfinite(output_channel_scale(as_f64(w), s, kind, group))
+        if np.any(bad):
+            raise FoldArithmeticError(f"a folded value overflows {np.dtype(dtype).name}")
+    return out
+
+
 def output_channels(w_shape, kind: str, group: int = 1) -> int:
     """Number of output channels a weight of ``w_shape`` produces."""
     if kind in ("conv", "rows"):
@@ -92,11 +120,17 @@ def output_channels(w_shape, kind: str, group: int = 1) -> int:
     raise ValueError(kind)
 
 
+def fold_bias(b, s, t) -> np.ndarray:
+    """b' = b * s + t (b = 0 when absent), float64."""
+    return (np.zeros_like(s) if b is None else as_f64(b)) * s + t
+
+
 def fold_into_producer(w, b, s, t, kind: str, group: int = 1):
     """W' = W * s (output channels), b' = b * s + t. Returns float64 arrays."""
-    w = as_f64(w)
-    b = np.zeros_like(s) if b is None else as_f64(b)
-    return output_channel_scale(w, s, kind, group), b * s + t
+    w = np.asarray(w)
+    if w.dtype not in (np.float32, np.float64):  # float32 * float64 already computes in float64, exactly
+        w = as_f64(w)
+    return output_channel_scale(w, s, kind, group), fold_bias(b, s, t)
 
 
 def input_channel_expand(v: np.ndarray, c_out: int, group: int) -> np.ndarray:

@@ -22,6 +22,8 @@ import mmap
 import os
 from typing import Optional
 
+import numpy as np
+
 from onnx import GraphProto, ModelProto, TensorProto
 
 CHUNK = 64 << 20
@@ -141,8 +143,31 @@ def lazy_load(path: str, threshold: int = 1024) -> Optional[ModelProto]:
 
 # --- writing ------------------------------------------------------------------------------------
 
+MEMORY = "foldkit:memory"  # location of a payload held as a numpy array beside the skeleton
+
+
 def _ext_info(t: TensorProto) -> dict:
     return {e.key: e.value for e in t.external_data}
+
+
+def is_memory(t: TensorProto) -> bool:
+    return t.data_location == TensorProto.EXTERNAL and any(e.key == "location" and e.value == MEMORY for e in t.external_data)
+
+
+def payload_nbytes(t: TensorProto) -> int:
+    """Payload size from the header alone: reading ``raw_data`` would copy it (upb returns new bytes)."""
+    if t.data_location == TensorProto.EXTERNAL:
+        return external_size(t)
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    try:
+        itemsize = tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return t.ByteSize()
+    n = itemsize
+    for d in t.dims:
+        n *= d
+    return n
 
 
 def external_size(t: TensorProto) -> int:
@@ -186,7 +211,7 @@ def checker_view(model: ModelProto) -> ModelProto:
     graph = copy_without(model.graph, INITIALIZER_FIELD)
     inputs = {i.name for i in graph.input}
     for t in model.graph.initializer:
-        big = t.data_location == TensorProto.EXTERNAL or len(t.raw_data) >= 1024
+        big = t.data_location == TensorProto.EXTERNAL or payload_nbytes(t) >= 1024
         if not big:
             graph.initializer.add().CopyFrom(t)
         elif t.name not in inputs:
@@ -211,8 +236,9 @@ def _split_serialize(msg, field_number: int):
 class _Source:
     """A tensor payload: bytes in memory, or (file, offset, length)."""
 
-    def __init__(self, data: bytes = None, file: str = None, offset: int = 0, length: int = 0):
-        self.data, self.file, self.offset, self.length = data, file, offset, length if data is None else len(data)
+    def __init__(self, data=None, file: str = None, offset: int = 0, length: int = 0):
+        self.data, self.file, self.offset = data, file, offset
+        self.length = length if data is None else (data.nbytes if isinstance(data, memoryview) else len(data))
 
     def copy_to(self, out) -> None:
         if self.data is not None:
@@ -229,8 +255,11 @@ class _Source:
                 left -= len(chunk)
 
 
-def _tensor_source(t: TensorProto, base_dir: str) -> _Source:
+def _tensor_source(t: TensorProto, base_dir: str, payloads: Optional[dict] = None) -> _Source:
     info = _ext_info(t)
+    if info.get("location") == MEMORY:
+        arr = payloads[t.name]
+        return _Source(data=memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
     return _Source(file=os.path.join(base_dir, info["location"]), offset=int(info.get("offset", 0) or 0),
                    length=int(info["length"]))
 
@@ -242,7 +271,7 @@ def needs_external(model: ModelProto) -> bool:
     rest of a model whose structure is that large."""
     total = 0
     for t in model.graph.initializer:
-        total += external_size(t) if t.data_location == TensorProto.EXTERNAL else len(t.raw_data)
+        total += payload_nbytes(t)
         if total >= TWO_GB:
             return True
     if total < TWO_GB - (16 << 20):
@@ -251,7 +280,7 @@ def needs_external(model: ModelProto) -> bool:
 
 
 def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_location: Optional[str] = None,
-                align: int = 4096) -> None:
+                align: int = 4096, payloads: Optional[dict] = None) -> None:
     """Write ``model`` to the binary file ``out``.
 
     Top-level external initializers (read from ``base_dir``) are embedded, unless ``data_out`` (an
@@ -265,7 +294,8 @@ def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_locat
     for t in inits:
         ext = t.data_location == TensorProto.EXTERNAL
         if data_out is not None:
-            src = _tensor_source(t, base_dir) if ext else (_Source(data=t.raw_data) if t.HasField("raw_data") and len(t.raw_data) >= 1024 else None)
+            src = _tensor_source(t, base_dir, payloads) if ext else (
+                _Source(data=t.raw_data) if t.HasField("raw_data") and payload_nbytes(t) >= 1024 else None)
             if src is not None:
                 pad = (-data_pos) % align
                 data_out.write(b"\0" * pad)
@@ -282,10 +312,10 @@ def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_locat
                 continue
             parts.append((t.SerializeToString(deterministic=True), None, b""))
             continue
-        if not ext and len(t.raw_data) < CHUNK // 64:
+        if not ext and (not t.HasField("raw_data") or payload_nbytes(t) < CHUNK // 64):
             parts.append((t.SerializeToString(deterministic=True), None, b""))
             continue
-        src = _tensor_source(t, base_dir) if ext else _Source(data=t.raw_data)
+        src = _tensor_source(t, base_dir, payloads) if ext else _Source(data=t.raw_data)
         h = _strip_external(t)
         before, after = _split_serialize(h, RAW_DATA_FIELD)
         raw_key = _encode_varint((RAW_DATA_FIELD << 3) | 2) + _encode_varint(src.length)

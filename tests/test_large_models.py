@@ -138,3 +138,29 @@ def test_lazy_model_with_subgraph_initializers(tmp_path):
     res = CliRunner().invoke(main, ["fold", str(p), "-o", str(out), "--report", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert out.read_bytes() == foldkit.fold(m).model.SerializeToString(deterministic=True)
+
+
+def test_deferred_payloads_give_identical_bytes(tmp_path, monkeypatch):
+    """The CLI keeps folded tensors as arrays until writing (defer); the file must not change."""
+    from foldkit.graph import ModelIndex
+    monkeypatch.setattr(ModelIndex, "DEFER_BYTES", 1)
+    m = conv_bn_model(2, c_in=16, c_out=32)
+    m.graph.node.append(onnx.helper.make_node("Conv", ["X", "W2"], ["Y2"]))
+    m.graph.initializer.append(numpy_helper.from_array(np.ones((32, 16, 3, 3), np.float32), "W2"))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("Y2", TensorProto.FLOAT, [2, 32, 3, 3]))
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    expected = foldkit.fold(m).model.SerializeToString(deterministic=True)
+    for args in ([], ["--no-verify"], ["--external-data"]):
+        out = tmp_path / f"o{len(args)}{args[0] if args else ''}.onnx"
+        r = CliRunner().invoke(main, ["fold", str(p), "-o", str(out), "-q"] + args)
+        assert r.exit_code == 0, r.output
+        if args == ["--external-data"]:
+            assert onnx.load(str(out)).graph.initializer[0].raw_data  # loads with its data file
+        else:
+            assert out.read_bytes() == expected
+    res = foldkit.fold(str(p), lazy=True, defer=True, verify=False)
+    from foldkit.wire import is_memory
+    assert any(is_memory(t) for t in res.model.graph.initializer)
+    res.materialize()
+    assert not any(is_memory(t) for t in res.model.graph.initializer)

@@ -125,3 +125,34 @@ def test_random_chains(model):
     for n in res.model.graph.node:
         if n.op_type == "BatchNormalization":
             assert producers.get(n.input[0]) not in ("Conv", "ConvTranspose")
+
+
+def test_blocked_scaling_is_bit_identical_to_the_plain_formula():
+    """The cache-blocked kernel used for big weights computes the same float64 products and the
+    same single rounding as output_channel_scale + round_to."""
+    import foldkit.math as fm
+    rng = np.random.default_rng(3)
+    for shape, dtype in (((300, 40, 3, 3), np.float32), ((257, 1100), np.float32), ((64, 32, 5, 5), np.float16)):
+        w = rng.standard_normal(shape).astype(dtype)
+        s = rng.uniform(0.1, 3, shape[0])
+        old = fm.BLOCK_ELEMENTS
+        fm.BLOCK_ELEMENTS = 1024  # force several blocks
+        try:
+            blocked = fm.scale_output_channels_rounded(w, s, "conv", 1, dtype)
+        finally:
+            fm.BLOCK_ELEMENTS = old
+        plain = fm.round_to(fm.output_channel_scale(w.astype(np.float64), s, "conv", 1), dtype)
+        assert blocked.dtype == dtype and np.array_equal(blocked, plain)
+
+
+def test_blocked_scaling_refuses_overflow():
+    import pytest
+    import foldkit.math as fm
+    w = np.full((64, 64, 3, 3), 60000, np.float16)
+    old = fm.BLOCK_ELEMENTS
+    fm.BLOCK_ELEMENTS = 256
+    try:
+        with pytest.raises(fm.FoldArithmeticError, match="overflows float16"):
+            fm.scale_output_channels_rounded(w, np.full(64, 2.0), "conv", 1, np.float16)
+    finally:
+        fm.BLOCK_ELEMENTS = old

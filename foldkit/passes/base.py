@@ -16,11 +16,12 @@ def is_op(node: NodeProto, op_type: str) -> bool:
 
 
 class FoldContext:
-    def __init__(self, model: ModelProto, report: Report, base_dir: Optional[str] = None, **options):
+    def __init__(self, model: ModelProto, report: Report, base_dir: Optional[str] = None, defer: bool = False,
+                 **options):
         self.model = model
         self.report = report
         self.options = options
-        self.index = ModelIndex(model, base_dir)
+        self.index = ModelIndex(model, base_dir, defer=defer)
 
     def walk(self) -> Iterator[tuple]:
         """Yield (view, graph_path) for every graph, children before parents.
@@ -51,6 +52,7 @@ class Pass:
         changed = False
         for view, path in ctx.walk():
             changed |= self.run_graph(ctx, view, path)
+            ctx.index.files.release()
         return changed
 
     def run_graph(self, ctx: FoldContext, view: GraphView, path: str) -> bool:

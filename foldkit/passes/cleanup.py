@@ -27,6 +27,7 @@ class Cleanup(Pass):
             dead = [k for k, t in enumerate(g.initializer)
                     if t.name in released and uses[t.name] == 0 and t.name not in keep_io]
             for k in reversed(dead):
+                ctx.index.payloads.pop(g.initializer[k].name, None)
                 del g.initializer[k]
             dead_nodes = [k for k, n in enumerate(g.node)
                           if is_op(n, "Constant") and n.output[0] in released and uses[n.output[0]] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import FLOAT_TYPES, BadAttribute, GraphView, attr_float, attr_int, np_dtype
-from ..math import FoldArithmeticError, bn_scale_shift, round_to
+from ..math import FoldArithmeticError, bn_scale_shift, round_to, scale_output_channels_rounded
 
 
 class Refusal(Exception):
@@ -82,3 +82,11 @@ def weight(view: GraphView, node, pos: int, what: str, ndim=None):
     if ndim is not None and c.array.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
         raise Refusal(f"the {what} '{name}' has rank {c.array.ndim}, expected {ndim}")
     return c
+
+
+def scaled_weight(w, s, kind: str, group: int) -> np.ndarray:
+    """The constant ``w`` scaled by ``s`` along its output channels, rounded once to its dtype."""
+    try:
+        return scale_output_channels_rounded(w.array, s, kind, group, np_dtype(w.data_type))
+    except FoldArithmeticError as e:
+        raise Refusal(f"folded weight: {e}") from None

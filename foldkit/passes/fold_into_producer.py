@@ -29,11 +29,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import make_tensor, node_label, set_attr
-from ..math import fold_into_producer, output_channels
+from ..math import fold_bias, fold_into_producer, output_channels
 from ..report import Action
 from .affine import ARITH, ArithAffine, affine_of
 from .base import Pass, is_op
-from .common import Refusal, float_attr, int_attr, rounded, weight
+from .common import Refusal, float_attr, int_attr, rounded, scaled_weight, weight
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 
@@ -62,6 +62,7 @@ class FoldIntoProducer(Pass):
                 entry.action, entry.target = "folded", target
                 entry.reason = f"folded into the preceding {target}"
                 entry.tensors = list(self.written)
+                view.index.files.release()  # source pages of this weight: out of our RSS
             else:
                 ctx.report.affine.append(Action(node=label, action="folded", target=target, graph=path,
                                                 reason=f"{node.op_type} by a constant folded into the preceding {target}",
@@ -106,8 +107,8 @@ class FoldIntoProducer(Pass):
         rank = w.array.ndim
         s, t = aff.st(output_channels(w.array.shape, kind, group), 1 - rank, rank, p.op_type)
         b = weight(view, p, 2, f"{p.op_type} bias", ndim=1)
-        w_new, b_new = fold_into_producer(w.array, None if b is None else b.array, s, t, kind, group)
-        w_new = rounded(w_new, w.data_type, "folded weight")
+        b_new = fold_bias(None if b is None else b.array, s, t)
+        w_new = scaled_weight(w, s, kind, group)
         b_type = w.data_type if b is None else b.data_type
         b_new = rounded(b_new, b_type, "folded bias")
         scale_only = not np.any(t) and b is None
@@ -134,8 +135,7 @@ class FoldIntoProducer(Pass):
         s, t = aff.st(output_channels(w.array.shape, kind), -1, 2, "Gemm")
         c = weight(view, p, 2, "Gemm C", ndim=(0, 1, 2))
         beta = float_attr(p, "beta", 1.0)
-        w_new, _ = fold_into_producer(w.array, None, s, t, kind)
-        w_new = rounded(w_new, w.data_type, "folded weight")
+        w_new = scaled_weight(w, s, kind, 1)
         if c is None:
             c_new, c_type = t, w.data_type
         else:
