@@ -65,9 +65,14 @@ def run(cmd):
 
 
 def bn_count(path):
+    """Counted from the skeleton only: this process must stay small, or every tool it forks later
+    would inherit its RSS high-water mark and ru_maxrss would report that."""
     import onnx
 
-    m = onnx.load(path, load_external_data=False)
+    sys.path.insert(0, ROOT)
+    from foldkit.wire import lazy_load
+
+    m = lazy_load(path, 1024) or onnx.load(path, load_external_data=False)
     return sum(n.op_type == "BatchNormalization" for n in m.graph.node)
 
 

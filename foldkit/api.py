@@ -114,32 +114,36 @@ def _checker(m: ModelProto, original_bytes: Optional[bytes], report: Report) -> 
 def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = True, atol: Optional[float] = None,
          rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
          passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
-         check: bool = True, lazy: Optional[bool] = None, defer: bool = False) -> FoldResult:
+         check: bool = True, lazy: Optional[bool] = None, defer: bool = False,
+         spill_dir: Optional[str] = None) -> FoldResult:
     """Fold every BatchNormalization that can be folded exactly; explain every one left.
 
     ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). A path loads lazily
     (weights stay on disk until a pass needs them) when ``lazy`` is True, or by default for files
     over 256 MiB and for models with external data. ``defer`` keeps folded tensors of 1 MiB or more
     as arrays beside the proto until :meth:`FoldResult.save` (fewer copies of big models; call
-    :meth:`FoldResult.materialize` for a self-contained ``model``). Raises InputError
+    :meth:`FoldResult.materialize` for a self-contained ``model``); ``spill_dir`` keeps them in an
+    unlinked temp file in that folder instead of RAM (for models larger than memory should hold).
+    Raises InputError
     for unusable input and VerificationError (with ``.result`` holding the FoldResult) when the folded
     model does not match the original within (atol, rtol) on ONNX Runtime.
     """
     m, base_dir = load(model, lazy)
     return fold_loaded(m, base_dir, verify=verify, atol=atol, rtol=rtol, input_shapes=input_shapes, skip=skip,
-                       passes=passes, seed=seed, lower_standalone=lower_standalone, check=check, defer=defer)
+                       passes=passes, seed=seed, lower_standalone=lower_standalone, check=check, defer=defer,
+                       spill_dir=spill_dir)
 
 
 def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, atol: Optional[float] = None,
                 rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
                 passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
-                check: bool = True, defer: bool = False) -> FoldResult:
+                check: bool = True, defer: bool = False, spill_dir: Optional[str] = None) -> FoldResult:
     """:func:`fold` on a model this call may change in place; tensors on disk are read from ``base_dir``."""
     report = Report()
     report.bn_before = count_bn(m)
     _register_bns(m, report)
     selected = _select(passes, skip)
-    ctx = FoldContext(m, report, base_dir, defer=defer, lower_standalone=lower_standalone)
+    ctx = FoldContext(m, report, base_dir, defer=defer, spill_dir=spill_dir, lower_standalone=lower_standalone)
     ctx.converted_training = False
 
     first, rest = selected[:1], selected[1:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 
@@ -17,6 +18,7 @@ import click
 from .errors import EXIT_FAILED, EXIT_USAGE, FoldkitError
 
 EXIT_INTERNAL = 3
+SPILL_ABOVE = 2 ** 31 - 2 ** 24  # protobuf's limit, less a margin: the external-data regime
 EXIT_INTERRUPTED = 130
 
 
@@ -115,9 +117,14 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, l
     if fio.same_file(model, output) and not in_place:
         raise InputError(f"{output}: output is the input file; refusing to overwrite it (use --in-place)")
     shapes = parse_input_shapes(input_shape)
+    # models in the external-data regime (over 2 GB, or external data asked for) spill folded
+    # tensors to an unlinked temp file beside the output rather than holding them in RAM
+    spill = None
+    if external or fio.payload_size(model) >= SPILL_ABOVE:
+        spill = os.path.dirname(os.path.abspath(output))
     try:
         result = fold_api(model, verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
-                          lower_standalone=lower_standalone, lazy=True, defer=True)
+                          lower_standalone=lower_standalone, lazy=True, defer=True, spill_dir=spill)
     except VerificationError as e:
         if e.result is not None and not quiet:
             print_fold_report(e.result.report)

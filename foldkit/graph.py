@@ -137,13 +137,16 @@ class ModelIndex:
 
     DEFER_BYTES = 1 << 20
 
-    def __init__(self, model: ModelProto, base_dir: Optional[str] = None, defer: bool = False):
+    def __init__(self, model: ModelProto, base_dir: Optional[str] = None, defer: bool = False,
+                 spill_dir: Optional[str] = None):
+        from .payloads import MemoryPayloads, SpillPayloads
+
         self.model = model
         self.base_dir = base_dir
-        # defer: new top-level tensors of 1 MiB or more stay numpy arrays in ``payloads`` (the
-        # tensor is marked external at wire.MEMORY) until written; saves two copies per tensor
-        self.defer = defer
-        self.payloads: dict = {}
+        # defer: new top-level tensors of 1 MiB or more wait in ``payloads`` (the tensor is marked
+        # external at wire.MEMORY) until written, as arrays or (spill_dir) in an unlinked temp file
+        self.defer = defer or spill_dir is not None
+        self.payloads = SpillPayloads(spill_dir) if spill_dir is not None else MemoryPayloads()
         self.opset = default_opset(model)
         self.uses = count_uses(model)
         self.names = all_names(model)
@@ -283,7 +286,7 @@ class GraphView:
         defer = self.index.defer and self.parent is None and np.asarray(array).nbytes >= self.index.DEFER_BYTES
         if const is not None and const.owner is self and self.uses(old) == 1:
             if const.kind == "initializer" and defer:
-                self.index.payloads[old] = memory_tensor(array, data_type, self.inits[old])
+                self.index.payloads.put(old, memory_tensor(array, data_type, self.inits[old]))
             elif const.kind == "initializer":
                 make_tensor(array, data_type, into=self.inits[old])  # in place: no second copy
             else:
@@ -297,7 +300,7 @@ class GraphView:
         if defer:
             tensor = TensorProto()
             tensor.name = name
-            self.index.payloads[name] = memory_tensor(array, data_type, tensor)
+            self.index.payloads.put(name, memory_tensor(array, data_type, tensor))
         else:
             tensor = make_tensor(array, data_type)
             tensor.name = name
@@ -399,9 +402,11 @@ class OpenFiles:
             raise ValueError(f"{path} ends before the tensor does")
         return memoryview(m)[offset:offset + length]
 
-    def release(self) -> None:
+    def release(self, payloads=None) -> None:
         import mmap
 
+        if payloads is not None and hasattr(payloads, "release"):
+            payloads.release()
         for m in self.maps.values():
             if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
                 m.madvise(mmap.MADV_DONTNEED)
@@ -469,7 +474,7 @@ def memory_tensor(array: np.ndarray, data_type: int, into: TensorProto) -> np.nd
     return arr
 
 
-def materialize(model: ModelProto, payloads: dict) -> None:
+def materialize(model: ModelProto, payloads) -> None:
     """Put in-memory payloads into their tensors (for code that needs a self-contained proto)."""
     from .wire import is_memory
 

@@ -236,13 +236,22 @@ def _split_serialize(msg, field_number: int):
 class _Source:
     """A tensor payload: bytes in memory, or (file, offset, length)."""
 
-    def __init__(self, data=None, file: str = None, offset: int = 0, length: int = 0):
-        self.data, self.file, self.offset = data, file, offset
+    def __init__(self, data=None, file: str = None, offset: int = 0, length: int = 0, fd: Optional[int] = None):
+        self.data, self.file, self.offset, self.fd = data, file, offset, fd
         self.length = length if data is None else (data.nbytes if isinstance(data, memoryview) else len(data))
 
     def copy_to(self, out) -> None:
         if self.data is not None:
             out.write(self.data)
+            return
+        if self.fd is not None:
+            done = 0
+            while done < self.length:
+                chunk = os.pread(self.fd, min(CHUNK, self.length - done), self.offset + done)
+                if not chunk:
+                    raise WireError("spill file ended early")
+                out.write(chunk)
+                done += len(chunk)
             return
         with open(self.file, "rb") as f:
             f.seek(self.offset)
@@ -258,8 +267,11 @@ class _Source:
 def _tensor_source(t: TensorProto, base_dir: str, payloads: Optional[dict] = None) -> _Source:
     info = _ext_info(t)
     if info.get("location") == MEMORY:
-        arr = payloads[t.name]
-        return _Source(data=memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+        kind, *rest = payloads.source(t.name)
+        if kind == "data":
+            return _Source(data=rest[0])
+        fd, offset, length = rest
+        return _Source(fd=fd, offset=offset, length=length)
     return _Source(file=os.path.join(base_dir, info["location"]), offset=int(info.get("offset", 0) or 0),
                    length=int(info["length"]))
 

@@ -164,3 +164,22 @@ def test_deferred_payloads_give_identical_bytes(tmp_path, monkeypatch):
     assert any(is_memory(t) for t in res.model.graph.initializer)
     res.materialize()
     assert not any(is_memory(t) for t in res.model.graph.initializer)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_spilled_payloads_give_identical_bytes_and_leave_nothing(tmp_path, monkeypatch, verify):
+    from foldkit.graph import ModelIndex
+    monkeypatch.setattr(ModelIndex, "DEFER_BYTES", 1)
+    m = conv_bn_model(2, c_in=16, c_out=32, group=2)
+    src = tmp_path / "src"
+    spill = tmp_path / "spill"
+    src.mkdir()
+    spill.mkdir()
+    p = src / "m.onnx"
+    onnx.save(m, str(p))
+    res = foldkit.fold(str(p), lazy=True, spill_dir=str(spill), verify=verify)
+    assert os.listdir(spill) == []  # the spill file is unlinked at creation
+    out = tmp_path / "o.onnx"
+    res.save(str(out))
+    assert out.read_bytes() == foldkit.fold(m).model.SerializeToString(deterministic=True)
+    assert os.listdir(spill) == []

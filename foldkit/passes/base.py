@@ -17,11 +17,11 @@ def is_op(node: NodeProto, op_type: str) -> bool:
 
 class FoldContext:
     def __init__(self, model: ModelProto, report: Report, base_dir: Optional[str] = None, defer: bool = False,
-                 **options):
+                 spill_dir: Optional[str] = None, **options):
         self.model = model
         self.report = report
         self.options = options
-        self.index = ModelIndex(model, base_dir, defer=defer)
+        self.index = ModelIndex(model, base_dir, defer=defer, spill_dir=spill_dir)
 
     def walk(self) -> Iterator[tuple]:
         """Yield (view, graph_path) for every graph, children before parents.
@@ -52,7 +52,7 @@ class Pass:
         changed = False
         for view, path in ctx.walk():
             changed |= self.run_graph(ctx, view, path)
-            ctx.index.files.release()
+            ctx.index.files.release(ctx.index.payloads)
         return changed
 
     def run_graph(self, ctx: FoldContext, view: GraphView, path: str) -> bool:
