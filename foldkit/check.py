@@ -24,7 +24,6 @@ import numpy as np
 import onnx
 
 from . import io as fio
-from .errors import InputError
 
 SEVERITIES = ("warning", "error")
 FP16_MAX = 65504.0

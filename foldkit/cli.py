@@ -8,7 +8,6 @@ Exit codes: 0 success; 1 verification failed / check found problems at or above 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import sys

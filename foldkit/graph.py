@@ -330,19 +330,38 @@ class GraphView:
             self.index.unuse(name)
         self.invalidate()
 
-    def insert_before(self, i: int, node: NodeProto) -> None:
-        self.inserted_before.setdefault(i, []).append(node)
+    def _insert(self, table: dict, i: int, node: NodeProto) -> None:
+        table.setdefault(i, []).append(node)
         for name in node.input:
             self.index.use(name)
         for out in node.output:
             self.index.names.add(out)
 
+    def insert_before(self, i: int, node: NodeProto) -> None:
+        self._insert(self.inserted_before, i, node)
+
     def insert_after(self, i: int, node: NodeProto) -> None:
-        self.inserted_after.setdefault(i, []).append(node)
+        self._insert(self.inserted_after, i, node)
+
+    def new_constant(self, array: np.ndarray, data_type: int, base: str, near: int) -> str:
+        """A new constant (already rounded) under a fresh name, usable by node ``near``; its name."""
+        tensor = make_tensor(array, data_type)
+        tensor.name = self.index.fresh(base)
+        self.add_constant(tensor, before=near if self.index.model.ir_version < 4 else None)
+        return tensor.name
+
+    def rewrite_node(self, i: int, op_type: str, inputs: list) -> None:
+        """Turn node ``i`` into ``op_type(inputs)`` (default domain, no attributes), same outputs."""
+        node = self.nodes[i]
         for name in node.input:
+            self.index.unuse(name)
+        node.op_type, node.domain = op_type, ""
+        del node.attribute[:]
+        del node.input[:]
+        node.input.extend(inputs)
+        for name in inputs:
             self.index.use(name)
-        for out in node.output:
-            self.index.names.add(out)
+        self.invalidate()
 
     def set_input(self, i: int, pos: int, name: str) -> None:
         node = self.nodes[i]

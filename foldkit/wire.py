@@ -22,9 +22,7 @@ import mmap
 import os
 from typing import Optional
 
-import numpy as np
-
-from onnx import GraphProto, ModelProto, TensorProto
+from onnx import ModelProto, TensorProto
 
 CHUNK = 64 << 20
 GRAPH_FIELD = 7  # ModelProto.graph

@@ -146,7 +146,6 @@ def test_check_never_writes_or_modifies(tmp_path):
 # --- fuzz: mutated real models fail cleanly or succeed with a verified result ---------------
 
 def _seed_model():
-    from tests.test_dtypes_and_scopes import _branch
     m = conv_bn_model(2, group=2)
     return m.SerializeToString()
 

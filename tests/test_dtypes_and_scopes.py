@@ -2,12 +2,9 @@
 
 import ml_dtypes
 import numpy as np
-import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import foldkit
-from foldkit.graph import iter_graphs
 from tests.helpers import F32, bn_arrays, fold_and_compare, make_model, op_count, rng, tensor
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 import foldkit
 from tests.helpers import F32, bn_inits, fold_and_compare, make_model, op_count, rng, tensor

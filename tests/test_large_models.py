@@ -17,7 +17,6 @@ from foldkit import io as fio
 from foldkit.cli import main
 from foldkit.wire import lazy_load, write_model
 from tests.helpers import ort_run, random_feeds
-from tests.test_dtypes_and_scopes import test_if_branches_read_outer_scope_weight  # noqa: F401  (reused model below)
 from tests.test_fold_into_producer import conv_bn_model
 
 

@@ -82,7 +82,6 @@ def test_consumer_fold_grouped(data, groups, cpg_in, cpg_out):
 @st.composite
 def conv_bn_chain(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    c = draw(st.integers(1, 4))
     nodes, inits, cur = [], [], "X"
     c_cur = 3
     for i in range(draw(st.integers(1, 4))):

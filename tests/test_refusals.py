@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 import foldkit
 from tests.helpers import F32, bn_inits, make_model, rng, tensor

@@ -7,8 +7,6 @@ import platform
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
-
 from ..errors import InputError
 from .runners import ORT_LEVELS, RUNTIMES, OrtRunner, TorchRunner, TrtRunner, Unavailable
 from .stats import paired_ratio, summarize

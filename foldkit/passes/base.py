@@ -7,7 +7,7 @@ from typing import Iterator, Optional
 import onnx
 from onnx import ModelProto, NodeProto
 
-from ..graph import GraphView, ModelIndex, node_label, subgraphs
+from ..graph import GraphView, ModelIndex, node_label
 from ..report import Report
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import make_tensor, node_label, set_attr
+from ..graph import node_label, set_attr
 from ..math import fold_into_conv_consumer
 from .base import Pass, bn_nodes, is_op
 from .common import Refusal, bn_affine, float_attr, int_attr, rounded, weight
@@ -138,6 +138,7 @@ class FoldIntoConsumer(Pass):
                 if bias is not None and bias.array.size in (1, shift.size) and bias.array.ndim <= 2 and \
                         (bias.array.ndim == 0 or bias.array.shape[-1] == shift.size):
                     add = (k, list(cand.input).index(other), bias)
+        shift_rounded = rounded(shift, w.data_type, "folded bias")
         if add is not None:
             k, bpos, bias = add
             b_new = rounded(bias.array.astype(np.float64) + shift.reshape((1,) * (bias.array.ndim - 1) + (-1,))
@@ -148,10 +149,7 @@ class FoldIntoConsumer(Pass):
             if add is not None:
                 self.written.append(view.set_constant(k, bpos, b_new, bias.data_type, f"{bias.name}_folded"))
                 return
-            name = view.index.fresh(f"{node_label(c)}_bias_folded")
-            tensor = make_tensor(rounded(shift, w.data_type, "folded bias"), w.data_type)
-            tensor.name = name
-            view.add_constant(tensor, before=j if view.index.model.ir_version < 4 else None)
+            name = view.new_constant(shift_rounded, w.data_type, f"{node_label(c)}_bias_folded", j)
             self.written.append(name)
             mid = view.index.fresh(f"{out}_unbiased")
             view.rename_output(j, 0, mid)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import make_tensor, node_label, set_attr
+from ..graph import node_label, set_attr
 from ..math import fold_bias, fold_into_producer, output_channels
 from ..report import Action
 from .affine import ARITH, ArithAffine, affine_of
@@ -171,22 +171,9 @@ class FoldIntoProducer(Pass):
             self.written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
             if not np.any(t):
                 return f"MatMul '{node_label(p)}'", True
-            node = view.nodes[i]
-            for name in node.input:
-                view.index.unuse(name)
-            bias = view.index.fresh(f"{node_label(p)}_bias_folded")
-            tensor = make_tensor(t_new, w.data_type)
-            tensor.name = bias
-            view.add_constant(tensor, before=i if view.index.model.ir_version < 4 else None)
+            bias = view.new_constant(t_new, w.data_type, f"{node_label(p)}_bias_folded", i)
             self.written.append(bias)
-            node.op_type = "Add"
-            node.domain = ""
-            del node.attribute[:]
-            del node.input[:]
-            node.input.extend([x, bias])
-            view.index.use(x)
-            view.index.use(bias)
-            view.invalidate()
+            view.rewrite_node(i, "Add", [x, bias])
             return f"MatMul '{node_label(p)}' (the {'BN' if aff.is_bn else 'op'} became its bias Add)", False
         return apply
 

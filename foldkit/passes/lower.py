@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..graph import make_tensor, node_label
+from ..graph import node_label
 from .base import Pass, bn_nodes
 from .common import Refusal, bn_affine, rounded
 
@@ -38,23 +38,10 @@ class LowerStandalone(Pass):
             except Refusal as r:
                 ctx.report.refuse(bn.output[0], label, path, "not lowered", str(r))
                 continue
-            names = []
-            for base, arr in (("scale", s_c), ("shift", t_c)):
-                tensor = make_tensor(arr, elem)
-                tensor.name = view.index.fresh(f"{label}_{base}")
-                view.add_constant(tensor, before=i if view.index.model.ir_version < 4 else None)
-                names.append(tensor.name)
+            names = [view.new_constant(arr, elem, f"{label}_{base}", i) for base, arr in (("scale", s_c), ("shift", t_c))]
             mid = view.index.fresh(f"{bn.output[0]}_scaled")
             view.insert_before(i, onnx.helper.make_node("Mul", [x, names[0]], [mid], name=view.index.fresh(f"{label}_mul")))
-            for name in bn.input:
-                view.index.unuse(name)
-            bn.op_type = "Add"
-            del bn.attribute[:]
-            del bn.input[:]
-            bn.input.extend([mid, names[1]])
-            view.index.use(mid)
-            view.index.use(names[1])
-            view.invalidate()
+            view.rewrite_node(i, "Add", [mid, names[1]])
             e = ctx.report.entry(bn.output[0], label, path)
             e.action, e.target, e.reason = "lowered", None, "lowered to Mul + Add (--lower-standalone)"
             e.tensors = names

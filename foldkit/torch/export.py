@@ -16,8 +16,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-import numpy as np
-
 from ..errors import InputError, VerificationError
 
 STATE_DICT_KEYS = ("state_dict", "model", "ema", "model_ema", "ema_state_dict", "module")
