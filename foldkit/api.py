@@ -31,9 +31,10 @@ class FoldResult:
     base_dir: Optional[str] = None
     payloads: Optional[dict] = None  # folded tensors kept as arrays (defer=True) until saved
 
-    def save(self, path, input_path=None, in_place=False, external=None):
+    def save(self, path, input_path=None, in_place=False, external=None, durable=True):
+        """Write atomically; ``durable`` fsyncs before the rename (survives power loss)."""
         return fio.save_model(self.model, path, input_path=input_path, in_place=in_place, base_dir=self.base_dir,
-                              external=external, payloads=self.payloads)
+                              external=external, payloads=self.payloads, durable=durable)
 
     def materialize(self) -> ModelProto:
         """Put payloads held in memory into ``model`` (a self-contained proto but for lazy tensors)."""

@@ -101,10 +101,12 @@ def main(debug):
 @click.option("--in-place", is_flag=True, help="Allow the output path to be the input path.")
 @click.option("--external-data/--no-external-data", "external", default=None,
               help="Write tensors to OUTPUT.data (default: only when the model exceeds 2 GB).")
+@click.option("--no-fsync", is_flag=True,
+              help="Skip fsync before the atomic rename (still never a partial file; not power-loss safe).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @handle_errors
 def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, lower_standalone, in_place, external,
-         quiet):
+         no_fsync, quiet):
     """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT."""
     from . import io as fio
     from .api import fold as fold_api
@@ -130,9 +132,9 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, l
         raise
     if external is False and wire_needs_external(result.model):
         raise InputError(f"{output}: the folded model exceeds protobuf's 2 GB limit; it needs --external-data")
-    result.save(output, input_path=model, in_place=in_place, external=external)
+    result.save(output, input_path=model, in_place=in_place, external=external, durable=not no_fsync)
     if report_path:
-        fio.atomic_write(report_path, result.report.to_json().encode())
+        fio.atomic_write(report_path, result.report.to_json().encode(), durable=not no_fsync)
     if not quiet:
         print_fold_report(result.report, output)
 

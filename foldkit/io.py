@@ -213,13 +213,13 @@ def same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and a rename.
 
     On any exception (KeyboardInterrupt and SystemExit from SIGINT/SIGTERM included) the temp file is
     removed and ``path`` is left as it was.
     """
-    f = _AtomicFile(path)
+    f = _AtomicFile(path, durable)
     try:
         f.file.write(data)
         f.commit()
@@ -238,8 +238,9 @@ def serialize(model: ModelProto) -> bytes:
 class _AtomicFile:
     """A temp file beside ``path`` that becomes ``path`` on commit() and disappears otherwise."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, durable: bool = True):
         self.path = os.fspath(path)
+        self.durable = durable
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise InputError(f"{self.path}: folder '{folder}' does not exist")
@@ -248,7 +249,8 @@ class _AtomicFile:
 
     def commit(self) -> None:
         self.file.flush()
-        os.fsync(self.file.fileno())
+        if self.durable:  # the rename is atomic for other processes either way; fsync survives power loss
+            os.fsync(self.file.fileno())
         self.file.close()
         umask = os.umask(0)
         os.umask(umask)
@@ -289,7 +291,7 @@ def has_external(model: ModelProto) -> bool:
 
 def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, in_place: bool = False,
                base_dir: Optional[str] = None, external: Optional[bool] = None,
-               payloads: Optional[dict] = None) -> Optional[str]:
+               payloads: Optional[dict] = None, durable: bool = True) -> Optional[str]:
     """Write ``model`` atomically. Tensors left on disk by a lazy load (or in external data files,
     relative to ``base_dir``) are streamed, never loaded whole.
 
@@ -307,10 +309,10 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
         raise InputError("external data in subgraphs needs the model's folder")
     files = []
     try:
-        out = _AtomicFile(path)
+        out = _AtomicFile(path, durable)
         files.append(out)
         data_name = os.path.basename(path) + ".data" if external else None
-        data = _AtomicFile(os.path.join(os.path.dirname(os.path.abspath(path)), data_name)) if external else None
+        data = _AtomicFile(os.path.join(os.path.dirname(os.path.abspath(path)), data_name), durable) if external else None
         if data:
             files.append(data)
         m = model
