@@ -80,7 +80,8 @@ def main():
                 variants[tool] = dst
         labels = {path: label for label, path in variants.items()}
         res = run_bench(BenchConfig(models=list(variants.values()), runtimes=args.runtime.split(","),
-                                    ort_opt_levels=["disable", "all"], warmup=args.warmup, iters=args.iters))
+                                    ort_opt_levels=["disable", "all"], batches=[shape[0]], warmup=args.warmup,
+                                    iters=args.iters))
         import onnx
         for row in res.rows:
             path = os.path.join(args.out, row["model"])
@@ -91,13 +92,27 @@ def main():
             row.pop("samples_ms")
             row["model"] = f"{row['variant']} ({row['bn_left']} BN)"
         all_rows += res.rows
-        md.append(f"### {name} {list(shape)}\n\n" + to_markdown(res))
-        print(md[-1], flush=True)
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "zoo.md"), "w") as f:
-        f.write("\n".join(md))
-    with open(os.path.join(ROOT, "benchmarks", "results", "zoo.json"), "w") as f:
-        json.dump(all_rows, f, indent=1)
+        md.append((name, f"### {name} {list(shape)}\n\n" + to_markdown(res)))
+        print(md[-1][1], flush=True)
+    # a run over some networks replaces their results and keeps the others'
+    results = os.path.join(ROOT, "benchmarks", "results")
+    os.makedirs(results, exist_ok=True)
+    done = {name for name, _ in md}
+    try:
+        with open(os.path.join(results, "zoo.json")) as f:
+            old_rows = [r for r in json.load(f) if r["network"] not in done]
+        with open(os.path.join(results, "zoo.md")) as f:
+            old_md = [("", part if part.startswith("### ") else "### " + part)
+                      for part in f.read().split("\n### ") if part.strip() and part.split()[0].lstrip("#") not in done]
+    except (OSError, ValueError):
+        old_rows, old_md = [], []
+    order = list(SHAPES)
+    sections = sorted(old_md + md, key=lambda s: order.index(s[1].split()[1]) if s[1].split()[1] in order else 99)
+    rows = sorted(old_rows + all_rows, key=lambda r: order.index(r["network"]))
+    with open(os.path.join(results, "zoo.md"), "w") as f:
+        f.write("\n".join(s for _, s in sections))
+    with open(os.path.join(results, "zoo.json"), "w") as f:
+        json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -243,15 +243,22 @@ class GraphView:
         return self.index.uses[name]
 
     # -- constants ---------------------------------------------------------------------------
-    def constant(self, name: str) -> Optional[Const]:
-        """The constant tensor called ``name`` as seen from this graph, or None."""
+    def constant(self, name: str, depth: int = 0) -> Optional[Const]:
+        """The constant tensor called ``name`` as seen from this graph, or None.
+
+        Besides initializers and Constant nodes, the output of a small pure op whose inputs are all
+        constant (``PURE_OPS``: exporters write ``MatMul(x, Transpose(W))``) is evaluated here."""
         view: Optional[GraphView] = self
         while view is not None:
             if name in view.producer:
                 i = view.producer[name]
                 node = view.nodes[i]
-                if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and i not in view.removed:
+                if i in view.removed or node.domain not in ("", "ai.onnx"):
+                    return None
+                if node.op_type == "Constant":
                     return _constant_node_value(node, view)
+                if node.op_type in PURE_OPS and len(node.output) == 1:
+                    return _computed_value(node, view, depth)
                 return None
             if name in view.inits:
                 if name in view.inputs and (view.index.model.ir_version >= 4 or view.parent is not None):
@@ -284,7 +291,7 @@ class GraphView:
         old = node.input[pos] if pos < len(node.input) else ""
         const = self.constant(old) if old else None
         defer = self.index.defer and self.parent is None and np.asarray(array).nbytes >= self.index.DEFER_BYTES
-        if const is not None and const.owner is self and self.uses(old) == 1:
+        if const is not None and const.owner is self and self.uses(old) == 1 and const.kind != "computed":
             if const.kind == "initializer" and defer:
                 self.index.payloads.put(old, memory_tensor(array, data_type, self.inits[old]))
             elif const.kind == "initializer":
@@ -458,6 +465,54 @@ def _to_array(t: TensorProto, index: "ModelIndex") -> np.ndarray:
         except (KeyError, ValueError, OSError):
             pass  # fall back to onnx's reader, which raises a precise error
     return numpy_helper.to_array(t, base_dir or "")
+
+
+PURE_OPS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast")
+
+
+def _computed_value(node: NodeProto, view: GraphView, depth: int) -> Optional[Const]:
+    """Evaluate a PURE_OPS node on constant inputs with numpy (exact: these ops move or convert
+    values, they do no arithmetic), or None."""
+    if depth > 8:
+        return None
+    ins = [view.constant(n, depth + 1) if n else None for n in node.input]
+    if not ins or ins[0] is None or any(c is None for c, n in zip(ins, node.input) if n):
+        return None
+    x = ins[0].array
+    op = node.op_type
+    try:
+        if op == "Identity":
+            out, dt = x, ins[0].data_type
+        elif op == "Transpose":
+            perm = get_attr(node, "perm", None)
+            out, dt = np.transpose(x, perm if perm else None), ins[0].data_type
+        elif op == "Reshape":
+            shape = [int(d) for d in ins[1].array.reshape(-1)]
+            if not get_attr(node, "allowzero", 0):
+                shape = [x.shape[k] if d == 0 else d for k, d in enumerate(shape)]
+            out, dt = x.reshape(shape), ins[0].data_type
+        elif op in ("Squeeze", "Unsqueeze"):
+            axes = get_attr(node, "axes", None)
+            if axes is None and len(ins) > 1 and ins[1] is not None:
+                axes = [int(a) for a in ins[1].array.reshape(-1)]
+            if op == "Squeeze":
+                out = np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
+            else:
+                out = x
+                rank = x.ndim + len(axes)
+                for a in sorted(a % rank for a in axes):
+                    out = np.expand_dims(out, a)
+            dt = ins[0].data_type
+        elif op == "Cast":
+            dt = int(get_attr(node, "to", 0))
+            if dt not in FLOAT_TYPES or ins[0].data_type not in FLOAT_TYPES:
+                return None
+            out = x.astype(np_dtype(dt))
+        else:
+            return None
+    except (ValueError, TypeError, IndexError):
+        return None
+    return Const(node.output[0], np.asarray(out), dt, view, "computed")
 
 
 def _constant_node_value(node: NodeProto, view: GraphView) -> Optional[Const]:

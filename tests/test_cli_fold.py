@@ -173,3 +173,15 @@ fio.atomic_write({str(tmp_path / 'o.onnx')!r}, b"x" * 1000)
     p.wait(timeout=30)
     assert p.returncode != 0
     assert os.listdir(tmp_path) == []
+
+
+def test_no_fsync_writes_the_same_bytes(conv_bn_path, tmp_path, monkeypatch):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    assert invoke("fold", conv_bn_path, "-o", tmp_path / "a.onnx", "-q").exit_code == 0
+    durable_calls = len(calls)
+    assert durable_calls >= 1
+    assert invoke("fold", conv_bn_path, "-o", tmp_path / "b.onnx", "-q", "--no-fsync").exit_code == 0
+    assert len(calls) == durable_calls
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

@@ -196,3 +196,39 @@ def test_lower_standalone_fp16():
     feeds = {"X": r.standard_normal((1, 6, 3, 3)).astype(np.float16)}
     res = fold_and_compare(m, rtol=4e-3, atol=4e-3, feeds=feeds, lower_standalone=True)
     assert {t.data_type for t in res.model.graph.initializer} == {TensorProto.FLOAT16}
+
+
+def test_weight_computed_by_pure_ops_folds_and_the_ops_go():
+    """Exporters write Linear(bias=False) as MatMul(x, Transpose(W)) and reshape biases: foldkit
+    evaluates such pure ops on constants, folds, and removes what became dead."""
+    r = rng(50)
+    names, bn = bn_inits("bn", 5, r)
+    nodes = [helper.make_node("Transpose", ["Wt"], ["W"], perm=[1, 0]),
+             helper.make_node("MatMul", ["X", "W"], ["mm"]),
+             helper.make_node("BatchNormalization", ["mm"] + names, ["Y"], name="bn"),
+             helper.make_node("Unsqueeze", ["b0", "ax"], ["b1"]),
+             helper.make_node("Reshape", ["b1", "shp"], ["b2"]),
+             helper.make_node("Cast", ["w16"], ["w32"], to=1),
+             helper.make_node("Conv", ["Z", "w32", "b2"], ["c"]),
+             helper.make_node("BatchNormalization", ["c"] + names, ["Y2"], name="bn2")]
+    inits = bn + [tensor("Wt", r.standard_normal((5, 4)).astype(np.float32)),
+                  tensor("b0", r.standard_normal(5).astype(np.float32)), tensor("ax", np.array([0], np.int64)),
+                  tensor("shp", np.array([5], np.int64)), tensor("w16", r.standard_normal((5, 3, 1, 1)).astype(np.float16))]
+    m = make_model(nodes, [("X", F32, [2, 4]), ("Z", F32, [1, 3, 4, 4])], [("Y", F32, None), ("Y2", F32, None)], inits)
+    res = fold_and_compare(m)
+    assert [n.op_type for n in res.model.graph.node] == ["MatMul", "Add", "Conv"]
+    assert not {"Wt", "b0", "w16"} & {t.name for t in res.model.graph.initializer}
+
+
+def test_computed_weight_read_elsewhere_is_kept():
+    r = rng(51)
+    names, bn = bn_inits("bn", 5, r)
+    nodes = [helper.make_node("Transpose", ["Wt"], ["W"], perm=[1, 0]),
+             helper.make_node("MatMul", ["X", "W"], ["mm"]),
+             helper.make_node("BatchNormalization", ["mm"] + names, ["Y"]),
+             helper.make_node("MatMul", ["X", "W"], ["Y2"])]
+    m = make_model(nodes, [("X", F32, [2, 4])], [("Y", F32, None), ("Y2", F32, None)],
+                   bn + [tensor("Wt", r.standard_normal((5, 4)).astype(np.float32))])
+    res = fold_and_compare(m)
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops.count("Transpose") == 1 and "Wt" in {t.name for t in res.model.graph.initializer}

@@ -1,6 +1,7 @@
 """Remove what the rewrites made dead, and nothing else.
 
-- initializers and Constant nodes whose last use a pass removed (``ModelIndex.released``), unless
+- initializers, Constant nodes and the small pure ops that computed a weight (Transpose of an
+  initializer, say) whose last use a pass removed (``ModelIndex.released``), transitively, unless
   they are graph inputs or outputs; constants the input model already left unused stay;
 - ``value_info`` entries for values that no longer exist (renamed producer outputs, dropped
   running-statistics outputs).
@@ -11,7 +12,7 @@ never touched.
 
 from __future__ import annotations
 
-from ..graph import count_uses, iter_graphs
+from ..graph import PURE_OPS, count_uses, iter_graphs
 from .base import Pass, is_op
 
 
@@ -24,16 +25,30 @@ class Cleanup(Pass):
         changed = False
         for g in iter_graphs(ctx.model.graph):
             keep_io = {i.name for i in g.input} | {o.name for o in g.output}
+            # Constant nodes, and pure ops that computed a weight a fold replaced, once nothing reads
+            # them; removing one can free its inputs in turn
+            dead_nodes = []
+            while True:
+                gone = set(dead_nodes)
+                more = [k for k, n in enumerate(g.node) if k not in gone and len(n.output) == 1
+                        and (is_op(n, "Constant") or (n.domain in ("", "ai.onnx") and n.op_type in PURE_OPS))
+                        and n.output[0] in released and uses[n.output[0]] == 0 and n.output[0] not in keep_io]
+                if not more:
+                    break
+                for k in more:
+                    for name in g.node[k].input:
+                        if name:
+                            uses[name] -= 1
+                            if uses[name] == 0:
+                                released.add(name)
+                dead_nodes += more
+            for k in sorted(dead_nodes, reverse=True):
+                del g.node[k]
             dead = [k for k, t in enumerate(g.initializer)
                     if t.name in released and uses[t.name] == 0 and t.name not in keep_io]
             for k in reversed(dead):
                 ctx.index.payloads.pop(g.initializer[k].name, None)
                 del g.initializer[k]
-            dead_nodes = [k for k, n in enumerate(g.node)
-                          if is_op(n, "Constant") and n.output[0] in released and uses[n.output[0]] == 0
-                          and n.output[0] not in keep_io]
-            for k in reversed(dead_nodes):
-                del g.node[k]
             live = set(keep_io) | {t.name for t in g.initializer}
             for n in g.node:
                 live.update(n.output)
