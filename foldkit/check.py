@@ -84,18 +84,11 @@ def _numeric_risk(model, action, base_dir=None) -> Optional[str]:
     return None
 
 
-def _fold_in_place(model, base_dir):
-    """Run the fold pipeline on ``model`` (already a private copy) without verification."""
-    from .api import fold_loaded
-
-    return fold_loaded(model, base_dir, verify=False, check=False)
-
-
 def check(path: str) -> CheckResult:
     """Check the model at ``path``. Raises InputError only when the file cannot be read as a model."""
     from . import wire
 
-    fio._check_path(path)
+    fio.check_path(path)
     model = wire.lazy_load(path, fio.LAZY_THRESHOLD) or fio.read_model(path)
     result = CheckResult(path=str(path))
     base_dir = os.path.dirname(os.path.abspath(path))
@@ -111,7 +104,9 @@ def check(path: str) -> CheckResult:
     err = checker_error(model)
     if err:
         result.findings.append(Finding("FK006", "error", "model", f"onnx.checker (full check) fails: {err}"))
-    folded = _fold_in_place(model, base_dir)
+    from .api import fold_loaded
+
+    folded = fold_loaded(model, base_dir, verify=False, check=False)  # ``model`` is this call's own copy
     report = folded.report
     result.bn_count = report.bn_before
     for a in report.actions:

@@ -22,7 +22,7 @@ from . import wire
 from .graph import iter_graphs, subgraphs
 
 
-def _check_path(path: str) -> None:
+def check_path(path: str) -> None:
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -118,7 +118,7 @@ def check_references(model: ModelProto, source: str = "model") -> None:
 def read_model(path: str) -> ModelProto:
     """Parse a model file without touching its external data."""
     path = os.fspath(path)
-    _check_path(path)
+    check_path(path)
     with open(path, "rb") as f:
         data = f.read()
     return parse_model(data, path)
@@ -187,7 +187,7 @@ def load_model(path: str, load_external: bool = True, lazy: bool = False) -> Mod
     path = os.fspath(path)
     model = None
     if lazy:
-        _check_path(path)
+        check_path(path)
         try:
             model = wire.lazy_load(path, LAZY_THRESHOLD)
         except OSError as e:

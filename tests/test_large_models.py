@@ -182,3 +182,27 @@ def test_spilled_payloads_give_identical_bytes_and_leave_nothing(tmp_path, monke
     res.save(str(out))
     assert out.read_bytes() == foldkit.fold(m).model.SerializeToString(deterministic=True)
     assert os.listdir(spill) == []
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_interrupted_streaming_save_leaves_nothing(tmp_path, monkeypatch, external):
+    """A SIGINT/SIGTERM (KeyboardInterrupt/SystemExit) in the middle of streaming tensors out leaves
+    neither the model nor its data file, and keeps an existing output as it was."""
+    from foldkit import wire
+    m = conv_bn_model(2, c_in=16, c_out=32)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    res = foldkit.fold(str(p), lazy=True, verify=False)
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"previous")
+    real = wire._Source.copy_to
+
+    def interrupted(self, f):
+        real(self, f)
+        raise SystemExit(143)
+
+    monkeypatch.setattr(wire._Source, "copy_to", interrupted)
+    with pytest.raises(SystemExit):
+        res.save(str(out), external=external)
+    assert out.read_bytes() == b"previous"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx"]
