@@ -11,11 +11,12 @@ from onnx import ModelProto
 
 from . import io as fio
 from .errors import InputError, VerificationError
-from .graph import iter_graphs, node_label
+from .graph import iter_graphs, node_label, subgraph_paths
 from .passes import DEFAULT_PASSES, FINAL_PASSES, PASS_NAMES
 from .passes.base import FoldContext, Pass, is_op
 from .report import Report
 from .verify import verify as run_verify
+from .wire import payload_nbytes
 
 MAX_ROUNDS = 8
 
@@ -54,10 +55,8 @@ def _register_bns(model: ModelProto, report: Report) -> None:
         for n in graph.node:
             if is_op(n, "BatchNormalization"):
                 report.entry(n.output[0], node_label(n), path)
-            for a in n.attribute:
-                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-                for k, sub in enumerate(subs):
-                    visit(sub, f"{path}/{node_label(n)}.{a.name if len(subs) == 1 else f'{a.name}[{k}]'}")
+            for sub, sub_path in subgraph_paths(n, path):
+                visit(sub, sub_path)
     visit(model.graph, "main")
 
 
@@ -116,7 +115,7 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
          rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
          passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
          check: bool = True, lazy: Optional[bool] = None, defer: bool = False,
-         spill_dir: Optional[str] = None) -> FoldResult:
+         spill_dir: Optional[str] = None, spill_above: int = 0) -> FoldResult:
     """Fold every BatchNormalization that can be folded exactly; explain every one left.
 
     ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). A path loads lazily
@@ -124,7 +123,8 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
     over 256 MiB and for models with external data. ``defer`` keeps folded tensors of 1 MiB or more
     as arrays beside the proto until :meth:`FoldResult.save` (fewer copies of big models; call
     :meth:`FoldResult.materialize` for a self-contained ``model``); ``spill_dir`` keeps them in an
-    unlinked temp file in that folder instead of RAM (for models larger than memory should hold).
+    unlinked temp file in that folder instead of RAM when the model's tensors total at least
+    ``spill_above`` bytes (for models larger than memory should hold).
     Raises InputError
     for unusable input and VerificationError (with ``.result`` holding the FoldResult) when the folded
     model does not match the original within (atol, rtol) on ONNX Runtime.
@@ -132,18 +132,22 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
     m, base_dir = load(model, lazy)
     return fold_loaded(m, base_dir, verify=verify, atol=atol, rtol=rtol, input_shapes=input_shapes, skip=skip,
                        passes=passes, seed=seed, lower_standalone=lower_standalone, check=check, defer=defer,
-                       spill_dir=spill_dir)
+                       spill_dir=spill_dir, spill_above=spill_above)
 
 
 def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, atol: Optional[float] = None,
                 rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
                 passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
-                check: bool = True, defer: bool = False, spill_dir: Optional[str] = None) -> FoldResult:
+                check: bool = True, defer: bool = False, spill_dir: Optional[str] = None,
+                spill_above: int = 0) -> FoldResult:
     """:func:`fold` on a model this call may change in place; tensors on disk are read from ``base_dir``."""
     report = Report()
     report.bn_before = count_bn(m)
     _register_bns(m, report)
     selected = _select(passes, skip)
+    if spill_dir is not None and spill_above > 0:  # sizes from the tensor headers: nothing is read
+        if sum(payload_nbytes(t) for t in m.graph.initializer) < spill_above:
+            spill_dir = None
     ctx = FoldContext(m, report, base_dir, defer=defer, spill_dir=spill_dir, lower_standalone=lower_standalone)
     ctx.converted_training = False
 

@@ -120,12 +120,11 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, l
     shapes = parse_input_shapes(input_shape)
     # models in the external-data regime (over 2 GB, or external data asked for) spill folded
     # tensors to an unlinked temp file beside the output rather than holding them in RAM
-    spill = None
-    if external or fio.payload_size(model) >= SPILL_ABOVE:
-        spill = os.path.dirname(os.path.abspath(output))
     try:
         result = fold_api(model, verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
-                          lower_standalone=lower_standalone, lazy=True, defer=True, spill_dir=spill)
+                          lower_standalone=lower_standalone, lazy=True, defer=True,
+                          spill_dir=os.path.dirname(os.path.abspath(output)),
+                          spill_above=0 if external else SPILL_ABOVE)
     except VerificationError as e:
         if e.result is not None and not quiet:
             print_fold_report(e.result.report)

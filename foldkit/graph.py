@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
+from .wire import MEMORY, is_memory, payload_nbytes
+
 
 def subgraphs(node: NodeProto) -> Iterator[GraphProto]:
     for attr in node.attribute:
@@ -27,6 +29,14 @@ def subgraphs(node: NodeProto) -> Iterator[GraphProto]:
             yield attr.g
         elif attr.type == AttributeProto.GRAPHS:
             yield from attr.graphs
+
+
+def subgraph_paths(node: NodeProto, path: str) -> Iterator[tuple]:
+    """(subgraph, its report path) for each graph attribute of ``node``: ``path/node.attr[k]``."""
+    for attr in node.attribute:
+        subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+        for k, sub in enumerate(subs):
+            yield sub, f"{path}/{node_label(node)}.{attr.name if len(subs) == 1 else f'{attr.name}[{k}]'}"
 
 
 def iter_graphs(graph: GraphProto) -> Iterator[GraphProto]:
@@ -165,11 +175,6 @@ class ModelIndex:
     def elem_type(self, name: str) -> int:
         """TensorProto elem type of ``name`` (0 when unknown)."""
         return self._type(name)[1]
-
-    def learn(self, name: str, rank: Optional[int], elem_type: int) -> None:
-        """Record the type of a value a pass creates, so later passes need not re-infer."""
-        if self._types is not None:
-            self._types[name] = (rank, elem_type)
 
     def fresh(self, base: str) -> str:
         """A name no value, initializer or node in the model has: ``base``, ``base_1``, ..."""
@@ -530,10 +535,9 @@ def np_dtype(data_type: int):
     return onnx.helper.tensor_dtype_to_np_dtype(data_type)
 
 
-def memory_tensor(array: np.ndarray, data_type: int, into: TensorProto) -> np.ndarray:
-    """Make ``into`` a header whose payload is held in memory (wire.MEMORY); returns the payload."""
-    from .wire import MEMORY
-
+def _header(array: np.ndarray, data_type: int, into: TensorProto) -> np.ndarray:
+    """Make ``into`` (name and doc kept, all else cleared) the header of ``array`` cast to
+    ``data_type``, little-endian; returns that array."""
     arr = np.ascontiguousarray(np.asarray(array).astype(np_dtype(data_type), copy=False))
     if arr.dtype.byteorder == ">":
         arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
@@ -542,6 +546,12 @@ def memory_tensor(array: np.ndarray, data_type: int, into: TensorProto) -> np.nd
     into.name, into.doc_string = name, doc
     into.dims.extend(arr.shape)
     into.data_type = data_type
+    return arr
+
+
+def memory_tensor(array: np.ndarray, data_type: int, into: TensorProto) -> np.ndarray:
+    """Make ``into`` a header whose payload is held in memory (wire.MEMORY); returns the payload."""
+    arr = _header(array, data_type, into)
     into.data_location = TensorProto.EXTERNAL
     into.external_data.add(key="location", value=MEMORY)
     into.external_data.add(key="length", value=str(arr.nbytes))
@@ -550,8 +560,6 @@ def memory_tensor(array: np.ndarray, data_type: int, into: TensorProto) -> np.nd
 
 def materialize(model: ModelProto, payloads) -> None:
     """Put in-memory payloads into their tensors (for code that needs a self-contained proto)."""
-    from .wire import is_memory
-
     for t in model.graph.initializer:
         if is_memory(t):
             make_tensor(payloads.pop(t.name), t.data_type, into=t)
@@ -560,27 +568,12 @@ def materialize(model: ModelProto, payloads) -> None:
 def make_tensor(array: np.ndarray, data_type: int, into: Optional[TensorProto] = None) -> TensorProto:
     """A raw-data TensorProto (little-endian) of ``array`` cast to ``data_type``, built in ``into``
     when given (its name is kept; data, dims and external-data fields are replaced)."""
-    arr = np.asarray(array).astype(np_dtype(data_type), copy=False)
-    if arr.dtype.byteorder == ">":
-        arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
     t = into if into is not None else TensorProto()
-    name = t.name
-    doc = t.doc_string
-    t.Clear()
-    t.name, t.doc_string = name, doc
-    t.dims.extend(arr.shape)
-    t.data_type = data_type
-    t.raw_data = np.ascontiguousarray(arr).tobytes()
+    t.raw_data = _header(array, data_type, t).tobytes()
     return t
 
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
-
-
-def wire_payload_nbytes(t: TensorProto) -> int:
-    from .wire import payload_nbytes
-
-    return payload_nbytes(t)
 
 
 def value_types(model: ModelProto) -> dict:
@@ -593,7 +586,7 @@ def value_types(model: ModelProto) -> dict:
     for g in iter_graphs(model.graph):
         for t in g.initializer:
             if t.data_type in FLOAT_TYPES and t.data_location != TensorProto.EXTERNAL and t.HasField("raw_data") \
-                    and wire_payload_nbytes(t) > 4096:
+                    and payload_nbytes(t) > 4096:
                 stash.append((t, t.raw_data))
                 t.ClearField("raw_data")
     try:

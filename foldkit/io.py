@@ -266,29 +266,6 @@ class _AtomicFile:
             pass
 
 
-def payload_size(path: str) -> int:
-    """Bytes of a model file plus its external data files (0 if it cannot be read)."""
-    try:
-        total = os.path.getsize(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        if total < (64 << 20):  # small file: maybe external data; read the skeleton to find out
-            model = read_model(path)
-            seen = set()
-            for t in external_tensors(model):
-                loc = {e.key: e.value for e in t.external_data}.get("location", "")
-                full = os.path.realpath(os.path.join(folder, loc))
-                if loc and full not in seen and os.path.isfile(full) and full.startswith(os.path.realpath(folder) + os.sep):
-                    seen.add(full)
-                    total += os.path.getsize(full)
-        return total
-    except (OSError, InputError):
-        return 0
-
-
-def has_external(model: ModelProto) -> bool:
-    return any(True for _ in external_tensors(model))
-
-
 def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, in_place: bool = False,
                base_dir: Optional[str] = None, external: Optional[bool] = None,
                payloads: Optional[dict] = None, durable: bool = True) -> Optional[str]:

@@ -64,10 +64,6 @@ class Report:
                 refusals = [s for s in a.steps if not s.startswith("converted")]
                 a.reason = "; ".join(refusals) or "no rewrite applies"
 
-    @property
-    def folded(self) -> int:
-        return sum(a.action in ("folded", "merged", "lowered") for a in self.actions)
-
     def to_dict(self) -> dict:
         d = {
             "bn_before": self.bn_before,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
-import onnx
 from onnx import ModelProto, NodeProto
 
-from ..graph import GraphView, ModelIndex, node_label
+from ..graph import GraphView, ModelIndex, subgraph_paths
 from ..report import Report
 
 
@@ -33,11 +32,8 @@ class FoldContext:
     def _walk(self, graph, parent, path):
         view = GraphView(graph, self.index, parent)
         for node in view.nodes:
-            for attr in node.attribute:
-                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-                for k, sub in enumerate(subs):
-                    suffix = attr.name if len(subs) == 1 else f"{attr.name}[{k}]"
-                    yield from self._walk(sub, view, f"{path}/{node_label(node)}.{suffix}")
+            for sub, sub_path in subgraph_paths(node, path):
+                yield from self._walk(sub, view, sub_path)
         yield view, path
         view.commit()
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import node_label, set_attr
-from ..math import fold_bias, fold_into_producer, output_channels
+from ..math import fold_bias, output_channels
 from ..report import Action
 from .affine import ARITH, ArithAffine, affine_of
 from .base import Pass, is_op
@@ -163,7 +163,7 @@ class FoldIntoProducer(Pass):
         if w is None:
             raise Refusal("the MatMul has no constant weight")
         s, t = aff.st(w.array.shape[1], -1, view.index.rank(aff.x), "MatMul")
-        w_new = rounded(fold_into_producer(w.array, None, s, t, "cols")[0], w.data_type, "folded weight")
+        w_new = scaled_weight(w, s, "cols", 1)
         t_new = rounded(t, w.data_type, "folded bias")
         x = aff.x
 
@@ -200,7 +200,7 @@ class FoldIntoProducer(Pass):
         if b_arr.ndim and (b_arr.shape[-1] not in (1, n) or any(d != 1 for d in b_arr.shape[:-1])):
             raise Refusal(f"the Add bias of shape {list(b_arr.shape)} is not per-column")
         s, t = aff.st(n, -1, view.index.rank(aff.x), "MatMul")
-        w_new = rounded(fold_into_producer(w.array, None, s, t, "cols")[0], w.data_type, "folded weight")
+        w_new = scaled_weight(w, s, "cols", 1)
         b_new = rounded((b_arr * s + t).reshape(b_arr.shape[:-1] + (n,)), bias.data_type, "folded bias")
 
         def apply():
