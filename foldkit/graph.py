@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
+from .math import ScaledChannels
 from .wire import MEMORY, is_memory, payload_nbytes
 
 
@@ -156,12 +157,12 @@ class ModelIndex:
         # defer: new top-level tensors of 1 MiB or more wait in ``payloads`` (the tensor is marked
         # external at wire.MEMORY) until written, as arrays or (spill_dir) in an unlinked temp file
         self.defer = defer or spill_dir is not None
-        self.payloads = SpillPayloads(spill_dir) if spill_dir is not None else MemoryPayloads()
+        self.files = OpenFiles()
+        self.payloads = SpillPayloads(spill_dir, self.files) if spill_dir is not None else MemoryPayloads(self.files)
         self.opset = default_opset(model)
         self.uses = count_uses(model)
         self.names = all_names(model)
         self.released: set = set()  # constant names whose last use a pass removed
-        self.files = OpenFiles()
         self._types: Optional[dict] = None
 
     def _type(self, name: str):
@@ -285,8 +286,9 @@ class GraphView:
             view = view.parent
         return f"'{name}' is not a constant initializer"
 
-    def set_constant(self, i: int, pos: int, array: np.ndarray, data_type: int, base: str) -> str:
-        """Give ``node`` input ``pos`` the constant ``array`` (already rounded to its dtype).
+    def set_constant(self, i: int, pos: int, array, data_type: int, base: str) -> str:
+        """Give ``node`` input ``pos`` the constant ``array`` (already rounded to its dtype; an
+        array or a ScaledChannels, which a deferred payload keeps as is until it is written).
 
         Overwrites the existing constant in place only when this node is its sole user and it lives
         in this graph; otherwise (shared weight, outer-scope weight, missing optional input) a new
@@ -295,8 +297,12 @@ class GraphView:
         node = self.nodes[i]
         old = node.input[pos] if pos < len(node.input) else ""
         const = self.constant(old) if old else None
-        defer = self.index.defer and self.parent is None and np.asarray(array).nbytes >= self.index.DEFER_BYTES
-        if const is not None and const.owner is self and self.uses(old) == 1 and const.kind != "computed":
+        size = array.nbytes if isinstance(array, ScaledChannels) else np.asarray(array).nbytes
+        defer = self.index.defer and self.parent is None and size >= self.index.DEFER_BYTES
+        in_place = const is not None and const.owner is self and self.uses(old) == 1 and const.kind != "computed"
+        if isinstance(array, ScaledChannels) and not (defer and (not in_place or const.kind == "initializer")):
+            array = array.array()  # only a deferred initializer stays a recipe until written
+        if in_place:
             if const.kind == "initializer" and defer:
                 self.index.payloads.put(old, memory_tensor(array, data_type, self.inits[old]))
             elif const.kind == "initializer":
@@ -537,9 +543,10 @@ def np_dtype(data_type: int):
 
 def _header(array: np.ndarray, data_type: int, into: TensorProto) -> np.ndarray:
     """Make ``into`` (name and doc kept, all else cleared) the header of ``array`` cast to
-    ``data_type``, little-endian; returns that array."""
-    arr = np.ascontiguousarray(np.asarray(array).astype(np_dtype(data_type), copy=False))
-    if arr.dtype.byteorder == ">":
+    ``data_type``, little-endian; returns that array (a ScaledChannels is returned as is)."""
+    lazy = isinstance(array, ScaledChannels)
+    arr = array if lazy else np.ascontiguousarray(np.asarray(array).astype(np_dtype(data_type), copy=False))
+    if not lazy and arr.dtype.byteorder == ">":
         arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
     name, doc = into.name, into.doc_string
     into.Clear()

@@ -84,29 +84,114 @@ def output_channel_scale(w: np.ndarray, s: np.ndarray, kind: str, group: int = 1
 BLOCK_ELEMENTS = 1 << 18  # ~2 MiB of float64 per block: stays in cache
 
 
+class ScaledChannels:
+    """``round_to(output_channel_scale(w, s, kind), dtype)`` for a big weight, computed block by
+    block (a few rows at a time, in cache) only when asked for:
+
+    - :meth:`check` refuses, as round_to would, when a finite product overflows ``dtype``; it
+      reads ``w`` once and creates no product array (see below);
+    - :meth:`blocks` yields the result rows in order from two reused buffers: a writer streams the
+      folded weight without ever holding it (foldkit's deferred payloads do this);
+    - :meth:`array` builds the whole result.
+
+    Every element is ``float64(w) * s`` rounded once to ``dtype``, so all three agree bit for bit
+    with the plain formula. ``kind`` is "conv"/"rows" (s along axis 0) or "cols" (2-D, s along
+    axis 1).
+
+    The overflow check needs only, per channel c, the largest |w| scaled by c: products and the
+    rounding are monotonic, so a finite product of channel c rounds to Inf exactly when the largest
+    one does. Channels whose largest |w| is not finite, or whose largest product overflows float64,
+    are checked element by element (the exact criterion of round_to).
+    """
+
+    def __init__(self, w: np.ndarray, s: np.ndarray, kind: str, dtype):
+        if kind not in ("conv", "rows", "cols") or (kind == "cols" and w.ndim != 2):
+            raise ValueError(f"ScaledChannels does not handle kind {kind!r} for rank {w.ndim}")
+        self.w = w
+        self.s = np.asarray(s, dtype=np.float64).reshape(-1)
+        self.axis = 1 if kind == "cols" else 0
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(w.shape)
+        self.size = int(w.size)
+        self.nbytes = self.size * self.dtype.itemsize
+        row = max(1, self.size // max(1, self.shape[0]))
+        self.step = max(1, BLOCK_ELEMENTS // row)
+
+    def _ranges(self):
+        for a in range(0, self.shape[0], self.step):
+            yield a, min(a + self.step, self.shape[0])
+
+    def _factor(self, a: int, b: int) -> np.ndarray:
+        if self.axis == 0:
+            return self.s[a:b].reshape((b - a,) + (1,) * (len(self.shape) - 1))
+        return self.s.reshape(1, -1)
+
+    def _fill(self, a: int, b: int, tmp: np.ndarray, out: np.ndarray) -> None:
+        t = tmp[: b - a]
+        t[...] = self.w[a:b]  # exact widening
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(t, self._factor(a, b), out=t)
+            out[...] = t  # the one rounding
+
+    def _buffers(self):
+        return np.empty((self.step,) + self.shape[1:], dtype=np.float64)
+
+    def blocks(self):
+        """The result, rows [a, b) at a time, little-endian, in a buffer reused between blocks."""
+        tmp = self._buffers()
+        out = np.empty((self.step,) + self.shape[1:], dtype=self.dtype.newbyteorder("<"))
+        for a, b in self._ranges():
+            o = out[: b - a]
+            self._fill(a, b, tmp, o)
+            yield o
+
+    def array(self) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        tmp = self._buffers()
+        for a, b in self._ranges():
+            self._fill(a, b, tmp, out[a:b])
+        return out
+
+    def check(self) -> "ScaledChannels":
+        """Raise FoldArithmeticError when a finite folded value overflows ``dtype``; returns self."""
+        if not np.issubdtype(self.dtype, np.floating) and str(self.dtype) != "bfloat16":
+            return self
+        n = self.s.size
+        peak = np.zeros(n, dtype=np.float64)
+        for a, b in self._ranges():
+            blk = np.abs(self.w[a:b])
+            if self.axis == 0:
+                peak[a:b] = blk.reshape(b - a, -1).max(axis=1)
+            else:
+                np.maximum(peak, blk.max(axis=0), out=peak)  # NaN propagates, and stays
+        with np.errstate(over="ignore", invalid="ignore"):
+            top = peak * np.abs(self.s)
+            sure = np.isfinite(top)
+            rounded = top[sure].astype(self.dtype)
+        if np.any(np.isinf(rounded)):
+            raise FoldArithmeticError(
+                f"a folded value ({np.max(top[sure][np.isinf(rounded)]):.3g}) overflows {self.dtype.name}")
+        for c in np.flatnonzero(~sure):  # rare: Inf/NaN weights or float64 overflow
+            col = self.w[c] if self.axis == 0 else self.w[:, c]
+            with np.errstate(over="ignore", invalid="ignore"):
+                product = as_f64(col) * self.s[c]
+            round_to(product, self.dtype)
+        return self
+
+
 def scale_output_channels_rounded(w: np.ndarray, s: np.ndarray, kind: str, group: int, dtype) -> np.ndarray:
-    """round_to(output_channel_scale(w, s, ...), dtype), computed in row blocks into one output
-    array: the same float64 products and the same single rounding, without a float64 copy of the
-    whole weight (big weights are memory-bound: this halves the traffic)."""
+    """round_to(output_channel_scale(w, s, ...), dtype); big weights go through
+    :class:`ScaledChannels` (the same float64 products and the same single rounding, without a
+    float64 copy of the whole weight: big weights are memory-bound, this halves the traffic)."""
     w = np.asarray(w)
-    if kind not in ("conv", "rows") or w.size < 4 * BLOCK_ELEMENTS or w.ndim < 2:
+    if not blockable(w, kind):
         return round_to(output_channel_scale(as_f64(w) if w.dtype not in (np.float32, np.float64) else w, s, kind, group), dtype)
-    out = np.empty(w.shape, dtype=dtype)
-    row = int(np.prod(w.shape[1:]))
-    step = max(1, BLOCK_ELEMENTS // row)
-    tmp = np.empty((step,) + w.shape[1:], dtype=np.float64)
-    extra = (1,) * (w.ndim - 1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for a in range(0, w.shape[0], step):
-            b = min(a + step, w.shape[0])
-            t = tmp[: b - a]
-            np.multiply(w[a:b], s[a:b].reshape((b - a,) + extra), out=t)
-            out[a:b] = t
-    if np.any(np.isinf(out)):
-        bad = np.isinf(out) & np.isfinite(output_channel_scale(as_f64(w), s, kind, group))
-        if np.any(bad):
-            raise FoldArithmeticError(f"a folded value overflows {np.dtype(dtype).name}")
-    return out
+    return ScaledChannels(w, s, kind, dtype).check().array()
+
+
+def blockable(w: np.ndarray, kind: str) -> bool:
+    """Whether ScaledChannels computes this weight (big, and scaled along axis 0 or a 2-D axis 1)."""
+    return (kind in ("conv", "rows") and w.ndim >= 2 or kind == "cols" and w.ndim == 2) and w.size >= 4 * BLOCK_ELEMENTS
 
 
 def output_channels(w_shape, kind: str, group: int = 1) -> int:

@@ -7,6 +7,10 @@ little-endian). The tensor's header in the model is marked external at ``wire.ME
 - :class:`SpillPayloads`: appended to a temp file that is unlinked as soon as it is created
   (read back through its descriptor, so nothing is ever left behind, even after SIGKILL), for
   models in the external-data regime: peak memory is then one tensor, not the model.
+
+Either store also keeps recipes (:class:`foldkit.math.ScaledChannels`: a big weight scaled per
+channel) as they are: the writer computes them block by block as it streams them out, so a folded
+weight is never held whole. Reading one (a later fold of the same weight) computes it.
 """
 
 from __future__ import annotations
@@ -18,14 +22,45 @@ from typing import Optional
 
 import numpy as np
 
+from .math import ScaledChannels
+
+
+def stream(recipe: ScaledChannels, files=None):
+    """The recipe's bytes, block by block; then the input pages it read leave our resident set
+    (``files``: graph.OpenFiles)."""
+    for block in recipe.blocks():
+        yield memoryview(block.reshape(-1).view(np.uint8))
+    if files is not None:
+        files.release()
+
 
 class MemoryPayloads(dict):
-    def put(self, name: str, arr: np.ndarray) -> None:
-        self[name] = arr
+    def __init__(self, files=None):
+        super().__init__()
+        self.files = files  # graph.OpenFiles: released after each recipe is streamed
+
+    def put(self, name: str, arr) -> None:
+        super().__setitem__(name, arr)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        value = super().__getitem__(name)
+        if isinstance(value, ScaledChannels):
+            value = value.array()
+            super().__setitem__(name, value)
+        return value
+
+    def pop(self, name: str, *default):
+        value = super().pop(name, *default)
+        return value.array() if isinstance(value, ScaledChannels) else value
+
+    def discard(self, name: str) -> None:
+        super().pop(name, None)
 
     def source(self, name: str):
-        arr = self[name]
-        return ("data", memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+        value = super().__getitem__(name)
+        if isinstance(value, ScaledChannels):
+            return ("blocks", value.nbytes, stream(value, self.files))
+        return ("data", memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8)))
 
     def close(self) -> None:
         self.clear()
@@ -34,7 +69,9 @@ class MemoryPayloads(dict):
 class SpillPayloads:
     ALIGN = 4096
 
-    def __init__(self, folder: Optional[str] = None):
+    def __init__(self, folder: Optional[str] = None, files=None):
+        self.recipes = {}  # name -> ScaledChannels, never spilled: they hold no folded bytes
+        self.files = files
         fd, path = tempfile.mkstemp(prefix=".foldkit-spill-", dir=folder)
         os.unlink(path)  # the descriptor keeps it alive; no path, no leftovers
         self.fd = fd
@@ -43,9 +80,13 @@ class SpillPayloads:
         self._map = None
 
     def __contains__(self, name) -> bool:
-        return name in self.index
+        return name in self.index or name in self.recipes
 
-    def put(self, name: str, arr: np.ndarray) -> None:
+    def put(self, name: str, arr) -> None:
+        self.discard(name)
+        if isinstance(arr, ScaledChannels):
+            self.recipes[name] = arr
+            return
         arr = np.ascontiguousarray(arr)
         self.end += (-self.end) % self.ALIGN
         data = memoryview(arr.reshape(-1).view(np.uint8))
@@ -57,19 +98,28 @@ class SpillPayloads:
         self._map = None
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.recipes:
+            return self.recipes[name].array()
         offset, length, dtype, shape = self.index[name]
         if self._map is None or len(self._map) < self.end:
             self._map = mmap.mmap(self.fd, self.end, access=mmap.ACCESS_READ) if self.end else None
         return np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset).reshape(shape)
 
     def pop(self, name: str, default=None):
-        if name not in self.index:
+        if name not in self:
             return default
-        arr = np.array(self[name])  # a private copy: the region may be reused by nobody, but keep it simple
-        del self.index[name]
+        arr = np.array(self[name])  # a private copy, not a view of the spill file
+        self.discard(name)
         return arr
 
+    def discard(self, name: str) -> None:
+        self.recipes.pop(name, None)
+        self.index.pop(name, None)  # its spilled bytes stay unused in the unlinked file
+
     def source(self, name: str):
+        if name in self.recipes:
+            recipe = self.recipes[name]
+            return ("blocks", recipe.nbytes, stream(recipe, self.files))
         offset, length, _, _ = self.index[name]
         return ("fd", self.fd, offset, length)
 

@@ -232,15 +232,25 @@ def _split_serialize(msg, field_number: int):
 
 
 class _Source:
-    """A tensor payload: bytes in memory, or (file, offset, length)."""
+    """A tensor payload: bytes in memory, (file, offset, length), or ``blocks`` (an iterable of
+    buffers, ``length`` bytes in all, computed as they are written)."""
 
-    def __init__(self, data=None, file: str = None, offset: int = 0, length: int = 0, fd: Optional[int] = None):
-        self.data, self.file, self.offset, self.fd = data, file, offset, fd
+    def __init__(self, data=None, file: str = None, offset: int = 0, length: int = 0, fd: Optional[int] = None,
+                 blocks=None):
+        self.data, self.file, self.offset, self.fd, self.blocks = data, file, offset, fd, blocks
         self.length = length if data is None else (data.nbytes if isinstance(data, memoryview) else len(data))
 
     def copy_to(self, out) -> None:
         if self.data is not None:
             out.write(self.data)
+            return
+        if self.blocks is not None:
+            done = 0
+            for block in self.blocks:
+                out.write(block)
+                done += block.nbytes
+            if done != self.length:
+                raise WireError(f"a computed payload gave {done} bytes, not {self.length}")
             return
         if self.fd is not None:
             done = 0
@@ -268,6 +278,8 @@ def _tensor_source(t: TensorProto, base_dir: str, payloads: Optional[dict] = Non
         kind, *rest = payloads.source(t.name)
         if kind == "data":
             return _Source(data=rest[0])
+        if kind == "blocks":
+            return _Source(length=rest[0], blocks=rest[1])
         fd, offset, length = rest
         return _Source(fd=fd, offset=offset, length=length)
     return _Source(file=os.path.join(base_dir, info["location"]), offset=int(info.get("offset", 0) or 0),

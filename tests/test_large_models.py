@@ -208,3 +208,130 @@ def test_interrupted_streaming_save_leaves_nothing(tmp_path, monkeypatch, extern
         res.save(str(out), external=external)
     assert out.read_bytes() == b"previous"
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx"]
+
+
+# -- big weights are folded while they are written (ScaledChannels recipes) ------------------------
+# BLOCK_ELEMENTS is made tiny so that small test weights take the path of a multi-GB model's: each
+# folded weight is kept as a recipe, computed block by block only when the writer streams it.
+
+def _gemm_bn(trans_b):
+    from tests.helpers import F32, bn_inits, make_model, rng, tensor
+    r = rng(21)
+    w = r.standard_normal((24, 16) if trans_b else (16, 24)).astype(np.float32)
+    names, bn = bn_inits("bn", 24, r)
+    nodes = [onnx.helper.make_node("Gemm", ["A", "B"], ["g"], transB=trans_b),
+             onnx.helper.make_node("BatchNormalization", ["g"] + names, ["Y"])]
+    return make_model(nodes, [("A", F32, [3, 16])], [("Y", F32, None)], [tensor("B", w)] + bn)
+
+
+def _matmul_add_bn():
+    from tests.helpers import F32, bn_inits, make_model, rng, tensor
+    r = rng(22)
+    names, bn = bn_inits("bn", 24, r)
+    nodes = [onnx.helper.make_node("MatMul", ["X", "W"], ["mm"]), onnx.helper.make_node("Add", ["mm", "b"], ["a"]),
+             onnx.helper.make_node("BatchNormalization", ["a"] + names, ["Y"])]
+    inits = [tensor("W", r.standard_normal((16, 24)).astype(np.float32)), tensor("b", r.standard_normal(24).astype(np.float32))]
+    return make_model(nodes, [("X", F32, [3, 16])], [("Y", F32, None)], inits + bn)
+
+
+def _conv_bn_bn():
+    from tests.helpers import bn_inits, rng
+    m = conv_bn_model(2, c_in=8, c_out=12)
+    names, bn2 = bn_inits("bn2", 12, rng(23))
+    m.graph.node[1].output[0] = "mid"
+    m.graph.node.append(onnx.helper.make_node("BatchNormalization", ["mid"] + names, ["Y"], name="bn2"))
+    m.graph.initializer.extend(bn2)
+    return m
+
+
+def _shared_weight():
+    from tests.helpers import F32, bn_inits, make_model, rng, tensor
+    r = rng(24)
+    names, bn = bn_inits("bn", 12, r)
+    nodes = [onnx.helper.make_node("Conv", ["X", "W"], ["c1"], pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("BatchNormalization", ["c1"] + names, ["Y1"]),
+             onnx.helper.make_node("Conv", ["X", "W"], ["Y2"], pads=[1, 1, 1, 1])]
+    w = r.standard_normal((12, 8, 3, 3)).astype(np.float32)
+    return make_model(nodes, [("X", F32, [1, 8, 5, 5])], [("Y1", F32, None), ("Y2", F32, None)], [tensor("W", w)] + bn)
+
+
+def _fp16_conv_bn():
+    from tests.test_dtypes_and_scopes import typed_conv_bn
+    return typed_conv_bn(np.float16, TensorProto.FLOAT16)
+
+
+RECIPE_MODELS = {
+    "conv": lambda: conv_bn_model(2, c_in=16, c_out=32), "conv3d": lambda: conv_bn_model(3, c_in=4, c_out=8, group=2),
+    "gemm_rows": lambda: _gemm_bn(1), "gemm_cols": lambda: _gemm_bn(0), "matmul_add": _matmul_add_bn,
+    "conv_bn_bn": _conv_bn_bn, "shared_weight": _shared_weight, "fp16": _fp16_conv_bn,
+}
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    import foldkit.math as fm
+    from foldkit.graph import ModelIndex
+    monkeypatch.setattr(fm, "BLOCK_ELEMENTS", 16)
+    monkeypatch.setattr(ModelIndex, "DEFER_BYTES", 1)
+    return fm
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_MODELS))
+def test_streamed_folds_equal_the_plain_formula(tmp_path, monkeypatch, name):
+    import foldkit.math as fm
+    from foldkit.graph import ModelIndex
+    m = RECIPE_MODELS[name]()
+    plain = foldkit.fold(m, verify=False)  # small weights: the plain float64 formula, in memory
+    expected = plain.model.SerializeToString(deterministic=True)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    monkeypatch.setattr(fm, "BLOCK_ELEMENTS", 16)
+    monkeypatch.setattr(ModelIndex, "DEFER_BYTES", 1)
+    made = []
+    real_init = fm.ScaledChannels.__init__
+    monkeypatch.setattr(fm.ScaledChannels, "__init__", lambda self, *a: (made.append(1), real_init(self, *a))[1])
+    out = tmp_path / "o.onnx"
+    r = CliRunner().invoke(main, ["fold", str(p), "-o", str(out), "-q", "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert made, "no recipe was used"
+    assert out.read_bytes() == expected
+    feeds = random_feeds(m)
+    for a, b in zip(ort_run(m, feeds), ort_run(onnx.load(str(out)), feeds)):
+        np.testing.assert_allclose(b, a, rtol=5e-3 if name == "fp16" else 1e-5, atol=5e-3 if name == "fp16" else 1e-5)
+    # spilled (the external-data regime) and external data out: the same tensors
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    res = foldkit.fold(str(p), lazy=True, spill_dir=str(spill), verify=False)
+    res.save(str(tmp_path / "s.onnx"))
+    assert (tmp_path / "s.onnx").read_bytes() == expected
+    r = CliRunner().invoke(main, ["fold", str(p), "-o", str(tmp_path / "e.onnx"), "-q", "--external-data"])
+    assert r.exit_code == 0, r.output
+    got = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "e.onnx")).graph.initializer}
+    want = {t.name: numpy_helper.to_array(t) for t in plain.model.graph.initializer}
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_streamed_fold_refuses_overflow_and_changes_nothing(tmp_path, tiny_blocks):
+    from tests.test_dtypes_and_scopes import typed_conv_bn
+    m = typed_conv_bn(np.float16, TensorProto.FLOAT16, scale=6e4)
+    for t in m.graph.initializer:
+        if t.name == "v":
+            t.CopyFrom(numpy_helper.from_array(np.full(6, 1e-6, np.float16), "v"))
+    res = foldkit.fold(m, verify=False, defer=True)
+    assert res.report.bn_after == 1 and "overflows float16" in res.report.actions[0].reason
+    assert res.model.SerializeToString() == m.SerializeToString()
+
+
+def test_streamed_fold_keeps_little_memory(tmp_path, tiny_blocks):
+    """The folded weight is never held whole: a recipe stays a recipe until it is written."""
+    from foldkit.math import ScaledChannels
+    from foldkit.wire import is_memory
+    m = conv_bn_model(2, c_in=16, c_out=32)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    res = foldkit.fold(str(p), lazy=True, defer=True, verify=False)
+    held = [t.name for t in res.model.graph.initializer if is_memory(t)]
+    assert "W" in held and isinstance(dict.__getitem__(res.payloads, "W"), ScaledChannels)
+    res.save(str(tmp_path / "o.onnx"))
+    assert isinstance(dict.__getitem__(res.payloads, "W"), ScaledChannels)  # streamed, not materialized
+    assert (tmp_path / "o.onnx").read_bytes() == foldkit.fold(m, verify=False).model.SerializeToString(deterministic=True)

@@ -155,3 +155,45 @@ def test_blocked_scaling_refuses_overflow():
             fm.scale_output_channels_rounded(w, np.full(64, 2.0), "conv", 1, np.float16)
     finally:
         fm.BLOCK_ELEMENTS = old
+
+
+SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -2.5, 6e4, -6.5e4, 3e38, -3.3e38, 1e-40, np.inf, -np.inf, np.nan])
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(["conv", "rows", "cols"]),
+       dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+       rows=st.integers(1, 9), cols=st.integers(1, 9), block=st.integers(1, 20))
+def test_scaled_channels_match_round_to_exactly(data, kind, dtype, rows, cols, block):
+    """ScaledChannels (the streamed kernel for big weights) refuses exactly when round_to refuses,
+    with its row-maxima overflow check, and otherwise gives the same bits, whatever the values:
+    Inf, NaN, subnormals, values near the dtype's limit, scales that overflow float64."""
+    import pytest
+    import foldkit.math as fm
+    shape = (rows, cols, 2) if kind == "conv" else (rows, cols)
+    n = int(np.prod(shape))
+    with np.errstate(over="ignore"):
+        w = np.array(data.draw(st.lists(st.one_of(SPECIAL, finite), min_size=n, max_size=n))).astype(dtype).reshape(shape)
+    c = cols if kind == "cols" else rows
+    s = np.array(data.draw(st.lists(st.one_of(finite, st.sampled_from([1e-3, 7e4, 1e35, 1e300, -1e300])),
+                                    min_size=c, max_size=c)))
+    old = fm.BLOCK_ELEMENTS
+    fm.BLOCK_ELEMENTS = block
+    try:
+        try:
+            with np.errstate(all="ignore"):
+                product = fm.output_channel_scale(w.astype(np.float64), s, kind, 1)
+            plain = fm.round_to(product, dtype)
+        except fm.FoldArithmeticError:
+            plain = None
+        recipe = fm.ScaledChannels(w, s, kind, dtype)
+        if plain is None:
+            with pytest.raises(fm.FoldArithmeticError):
+                recipe.check()
+            return
+        recipe.check()
+        streamed = np.concatenate([b.copy() for b in recipe.blocks()]) if rows else recipe.array()
+    finally:
+        fm.BLOCK_ELEMENTS = old
+    assert streamed.tobytes() == plain.tobytes()
+    assert recipe.array().tobytes() == plain.tobytes()
