@@ -30,10 +30,11 @@ class FoldResult:
     model: ModelProto
     report: Report
     base_dir: Optional[str] = None
-    payloads: Optional[dict] = None  # folded tensors kept as arrays (defer=True) until saved
+    payloads: Optional[dict] = None  # folded tensors kept out of the proto (defer=True) until saved
 
-    def save(self, path, input_path=None, in_place=False, external=None, durable=True):
-        """Write atomically; ``durable`` fsyncs before the rename (survives power loss)."""
+    def save(self, path, input_path=None, in_place=False, external=None, durable=False):
+        """Write atomically (temp file + rename: never a partial file); ``durable`` also fsyncs
+        before the rename, so the file survives a power loss."""
         return fio.save_model(self.model, path, input_path=input_path, in_place=in_place, base_dir=self.base_dir,
                               external=external, payloads=self.payloads, durable=durable)
 
@@ -121,8 +122,9 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
     ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). A path loads lazily
     (weights stay on disk until a pass needs them) when ``lazy`` is True, or by default for files
     over 256 MiB and for models with external data. ``defer`` keeps folded tensors of 1 MiB or more
-    as arrays beside the proto until :meth:`FoldResult.save` (fewer copies of big models; call
-    :meth:`FoldResult.materialize` for a self-contained ``model``); ``spill_dir`` keeps them in an
+    out of the proto until :meth:`FoldResult.save`: big weights scaled per channel as recipes that
+    the writer computes block by block (never held whole), others as arrays (call
+    :meth:`FoldResult.materialize` for a self-contained ``model``); ``spill_dir`` keeps arrays in an
     unlinked temp file in that folder instead of RAM when the model's tensors total at least
     ``spill_above`` bytes (for models larger than memory should hold).
     Raises InputError

@@ -101,17 +101,17 @@ def main(debug):
 @click.option("--in-place", is_flag=True, help="Allow the output path to be the input path.")
 @click.option("--external-data/--no-external-data", "external", default=None,
               help="Write tensors to OUTPUT.data (default: only when the model exceeds 2 GB).")
-@click.option("--no-fsync", is_flag=True,
-              help="Skip fsync before the atomic rename (still never a partial file; not power-loss safe).")
+@click.option("--fsync/--no-fsync", "fsync", default=False, show_default=True,
+              help="fsync the output before the atomic rename, so it also survives a power loss "
+                   "(costs the disk's write time). Either way it is never a partial file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @handle_errors
 def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, lower_standalone, in_place, external,
-         no_fsync, quiet):
+         fsync, quiet):
     """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT."""
     from . import io as fio
     from .api import fold as fold_api
     from .errors import InputError, VerificationError
-    from .render import print_fold_report
     from .verify import parse_input_shapes
     from .wire import needs_external as wire_needs_external
 
@@ -127,14 +127,18 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, l
                           spill_above=0 if external else SPILL_ABOVE)
     except VerificationError as e:
         if e.result is not None and not quiet:
+            from .render import print_fold_report
+
             print_fold_report(e.result.report)
         raise
     if external is False and wire_needs_external(result.model):
         raise InputError(f"{output}: the folded model exceeds protobuf's 2 GB limit; it needs --external-data")
-    result.save(output, input_path=model, in_place=in_place, external=external, durable=not no_fsync)
+    result.save(output, input_path=model, in_place=in_place, external=external, durable=fsync)
     if report_path:
-        fio.atomic_write(report_path, result.report.to_json().encode(), durable=not no_fsync)
+        fio.atomic_write(report_path, result.report.to_json().encode(), durable=fsync)
     if not quiet:
+        from .render import print_fold_report  # rich: only imported when something is printed
+
         print_fold_report(result.report, output)
 
 
@@ -266,10 +270,12 @@ def _parse_dims(text: str):
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @tolerance_options
+@click.option("--fsync/--no-fsync", "fsync", default=False, show_default=True,
+              help="fsync the output before the atomic rename (power-loss safe).")
 @click.option("-q", "--quiet", is_flag=True)
 @handle_errors
 def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dynamic_batch, opset, exporter, no_fold,
-           output, report_path, atol, rtol, quiet):
+           output, report_path, atol, rtol, fsync, quiet):
     """Export a PyTorch model to ONNX: load, revert SyncBN, eval, export, fold, check parity."""
     from . import io as fio
     from .errors import InputError
@@ -282,12 +288,12 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
     shapes = [_parse_dims(s) for s in input_shapes]
     result = export_api(model_spec, output, shapes, checkpoint=checkpoint, model_args=parse_model_args(model_arg),
                         trust_checkpoint=trust_checkpoint, dynamic_batch=dynamic_batch, opset=opset,
-                        exporter=exporter, fold=not no_fold, atol=atol, rtol=rtol)
+                        exporter=exporter, fold=not no_fold, atol=atol, rtol=rtol, durable=fsync)
     rep = result.report
     if report_path:
         import json
 
-        fio.atomic_write(report_path, (json.dumps(rep, indent=2, sort_keys=True) + "\n").encode())
+        fio.atomic_write(report_path, (json.dumps(rep, indent=2, sort_keys=True) + "\n").encode(), durable=fsync)
     if not quiet:
         from .render import print_export_report
 

@@ -3,7 +3,7 @@
 - Loading turns every way a file can be unusable into an InputError with one sentence: missing,
   a directory, empty, not protobuf, a protobuf that is not a model, dangling references, external
   data that is missing, truncated or outside the model's folder.
-- Saving is atomic (temp file in the destination folder, fsync, rename), deterministic
+- Saving is atomic (temp file in the destination folder, rename; fsync first when durable), deterministic
   (deterministic protobuf serialization) and never overwrites the input unless asked.
 """
 
@@ -213,7 +213,7 @@ def same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
+def atomic_write(path: str, data: bytes, durable: bool = False) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and a rename.
 
     On any exception (KeyboardInterrupt and SystemExit from SIGINT/SIGTERM included) the temp file is
@@ -238,7 +238,7 @@ def serialize(model: ModelProto) -> bytes:
 class _AtomicFile:
     """A temp file beside ``path`` that becomes ``path`` on commit() and disappears otherwise."""
 
-    def __init__(self, path: str, durable: bool = True):
+    def __init__(self, path: str, durable: bool = False):
         self.path = os.fspath(path)
         self.durable = durable
         folder = os.path.dirname(os.path.abspath(self.path))
@@ -268,7 +268,7 @@ class _AtomicFile:
 
 def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, in_place: bool = False,
                base_dir: Optional[str] = None, external: Optional[bool] = None,
-               payloads: Optional[dict] = None, durable: bool = True) -> Optional[str]:
+               payloads: Optional[dict] = None, durable: bool = False) -> Optional[str]:
     """Write ``model`` atomically. Tensors left on disk by a lazy load (or in external data files,
     relative to ``base_dir``) are streamed, never loaded whole.
 

@@ -134,7 +134,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", boom)
     with pytest.raises(KeyboardInterrupt):
-        fio.atomic_write(str(target), b"new contents")
+        fio.atomic_write(str(target), b"new contents", durable=True)
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["o.onnx"]
 
@@ -165,7 +165,7 @@ def slow(fd):
     print("writing", flush=True)
     time.sleep(30)
 os.fsync = slow
-fio.atomic_write({str(tmp_path / 'o.onnx')!r}, b"x" * 1000)
+fio.atomic_write({str(tmp_path / 'o.onnx')!r}, b"x" * 1000, durable=True)
 """
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "writing"
@@ -175,13 +175,14 @@ fio.atomic_write({str(tmp_path / 'o.onnx')!r}, b"x" * 1000)
     assert os.listdir(tmp_path) == []
 
 
-def test_no_fsync_writes_the_same_bytes(conv_bn_path, tmp_path, monkeypatch):
+def test_fsync_is_opt_in_and_writes_the_same_bytes(conv_bn_path, tmp_path, monkeypatch):
     calls = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
-    assert invoke("fold", conv_bn_path, "-o", tmp_path / "a.onnx", "-q").exit_code == 0
-    durable_calls = len(calls)
-    assert durable_calls >= 1
-    assert invoke("fold", conv_bn_path, "-o", tmp_path / "b.onnx", "-q", "--no-fsync").exit_code == 0
-    assert len(calls) == durable_calls
+    assert invoke("fold", conv_bn_path, "-o", tmp_path / "a.onnx", "-q", "--report", tmp_path / "a.json").exit_code == 0
+    assert calls == []
+    assert invoke("fold", conv_bn_path, "-o", tmp_path / "b.onnx", "-q", "--fsync", "--report", tmp_path / "b.json").exit_code == 0
+    assert len(calls) == 2  # the model and the report
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert invoke("fold", conv_bn_path, "-o", tmp_path / "c.onnx", "-q", "--no-fsync").exit_code == 0
+    assert len(calls) == 2

@@ -183,8 +183,9 @@ def _export_to(model, args, path, opset, exporter, dynamic_batch, input_names, o
 def export(model_spec: str, output: str, input_shapes: Sequence[Sequence[int]], checkpoint: Optional[str] = None,
            model_args: Optional[dict] = None, trust_checkpoint: bool = False, dynamic_batch: bool = False,
            opset: Optional[int] = None, exporter: str = "legacy", fold: bool = True, atol=None, rtol=None,
-           seed: int = 0, in_place_ok: bool = False) -> ExportResult:
-    """Build, load, revert SyncBN, eval, export, fold (unless fold=False), check parity, write atomically."""
+           seed: int = 0, in_place_ok: bool = False, durable: bool = False) -> ExportResult:
+    """Build, load, revert SyncBN, eval, export, fold (unless fold=False), check parity, write
+    atomically (and fsynced before the rename when ``durable``)."""
     import torch
 
     from .. import api
@@ -253,5 +254,5 @@ def export(model_spec: str, output: str, input_shapes: Sequence[Sequence[int]], 
         raise VerificationError(f"PyTorch and ONNX Runtime disagree: max abs err {parity['max_abs_err']:.3g} "
                                 f"(relative {parity['max_rel_err']:.3g}; atol {p_atol:g}, rtol {p_rtol:g})",
                                 ExportResult(output, report))
-    fio.atomic_write(output, fio.serialize(onnx_model))
+    fio.atomic_write(output, fio.serialize(onnx_model), durable=durable)
     return ExportResult(output, report)
