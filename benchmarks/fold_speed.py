@@ -4,16 +4,19 @@
 
 Each round runs every tool once on each model, in an order that rotates between rounds, as a fresh
 process; wall time is measured around the process and peak memory is the child's ru_maxrss
-(os.wait4). Tools:
+(os.wait4). Before each process the page cache is put in the same state for every tool: `sync`
+(so nobody pays for the previous tool's writeback) and then the input read once (warm, the
+default: the model was just exported or downloaded) or, with --cold, every cache dropped (needs
+root). Tools:
 
-- foldkit:       `foldkit fold IN -o OUT --no-verify -q` (the console script)
+- foldkit:       `foldkit fold IN -o OUT --no-verify -q` (the console script; `--fsync` also timed)
 - onnxoptimizer: onnx.load -> onnxoptimizer.optimize(["fuse_bn_into_conv"]) -> onnx.save
 - onnxscript:    onnx_ir.load -> rewrite(fuse_batchnorm_into_{conv,conv_transpose,gemm}) -> onnx_ir.save
 - ort-offline:   ONNX Runtime, ORT_ENABLE_BASIC, optimized_model_filepath (session creation writes it)
 
-Ratios are foldkit's median wall time over each other tool's, durable (fsync) and, in
-parentheses, with --no-fsync like the other tools, which do not fsync their output; each tool's output BN count is
-reported so that a tool that did less work is visible.
+Ratios are foldkit's median wall time over each other tool's (none of them fsyncs its output, and
+neither does foldkit by default) and, in parentheses, foldkit's with --fsync; each tool's output BN
+count is reported so that a tool that did less work is visible.
 """
 
 import argparse
@@ -51,8 +54,8 @@ SNIPPETS = {
 def command(tool, src, dst):
     if tool == "foldkit":
         return [os.path.join(BIN, "foldkit"), "fold", src, "-o", dst, "--no-verify", "-q"]
-    if tool == "foldkit --no-fsync":  # like-for-like: none of the other tools fsync their output
-        return [os.path.join(BIN, "foldkit"), "fold", src, "-o", dst, "--no-verify", "--no-fsync", "-q"]
+    if tool == "foldkit --fsync":  # durable: survives a power loss, at the disk's write speed
+        return [os.path.join(BIN, "foldkit"), "fold", src, "-o", dst, "--no-verify", "--fsync", "-q"]
     return [sys.executable, "-c", SNIPPETS[tool], src, dst]
 
 
@@ -65,6 +68,21 @@ def run(cmd):
     p.stderr.close()
     code = os.waitstatus_to_exitcode(status)
     return wall, usage.ru_maxrss / 1024.0, code, (err[-1] if err else "")
+
+
+def prepare(src, cold):
+    """The same cache state before every run: nothing dirty, and the input warm (or cold)."""
+    os.sync()
+    if cold:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return
+    for path in (src, src + ".data"):
+        if os.path.exists(path):
+            with open(path, "rb", buffering=0) as f:
+                buf = bytearray(16 << 20)
+                while f.readinto(buf):
+                    pass
 
 
 def bn_count(path):
@@ -88,22 +106,23 @@ def file_size(path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out"))
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every run (root only)")
     ap.add_argument("--models", default="resnet50,wide_1p5gb,wide_2p3gb")
     args = ap.parse_args()
     # generate in a child: a parent grown to several GB would hand its RSS high-water mark to every
     # tool process it forks, and ru_maxrss would report that instead of the tool's own peak
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "make_models.py"), args.out], check=True)
     plan = {
-        "resnet50": ["foldkit", "foldkit --no-fsync", "onnxoptimizer", "onnxscript", "ort-offline"],
-        "wide_1p5gb": ["foldkit", "foldkit --no-fsync", "onnxoptimizer", "onnxscript", "ort-offline"],
-        "wide_2p3gb": ["foldkit", "foldkit --no-fsync", "onnxscript"],  # protobuf's 2 GB limit rules out the others
+        "resnet50": ["foldkit", "foldkit --fsync", "onnxoptimizer", "onnxscript", "ort-offline"],
+        "wide_1p5gb": ["foldkit", "foldkit --fsync", "onnxoptimizer", "onnxscript", "ort-offline"],
+        "wide_2p3gb": ["foldkit", "foldkit --fsync", "onnxscript"],  # protobuf's 2 GB limit rules out the others
     }
     results = []
     for name in args.models.split(","):
         src = os.path.join(args.out, name + ".onnx")
         tools = plan[name]
-        rounds = args.rounds if name == "resnet50" else max(1, args.rounds // 2)
+        rounds = args.rounds
         samples = {t: [] for t in tools}
         for r in range(rounds):
             order = tools[r % len(tools):] + tools[:r % len(tools)]
@@ -112,6 +131,7 @@ def main():
                 for f in (dst, dst + ".data"):
                     if os.path.exists(f):
                         os.unlink(f)
+                prepare(src, args.cold)
                 wall, rss, code, err = run(command(tool, src, dst))
                 samples[tool].append((wall, rss, code, err, bn_count(dst) if code == 0 and os.path.exists(dst) else None))
                 print(f"{name} round {r} {tool}: {wall:.2f}s, {rss:.0f} MB, exit {code} {err[:80]}", flush=True)
@@ -121,30 +141,35 @@ def main():
             results.append({
                 "model": name, "size_mb": round(size_mb, 1), "tool": tool,
                 "median_s": round(statistics.median(s[0] for s in ok), 3) if ok else None,
+                "walls_s": [round(s[0], 3) for s in ok],
                 "peak_rss_mb": round(max(s[1] for s in ok), 1) if ok else None,
                 "bn_after": ok[0][4] if ok else None, "failed": None if ok else samples[tool][0][3],
                 "bn_before": bn_count(src),
             })
-    lines = ["| model | size MB | tool | median wall s | peak RSS MB | RSS / size | BN before -> after | foldkit time / this tool (--no-fsync) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Input cache: {'cold (dropped before every run)' if args.cold else 'warm (read once before every run)'}; "
+             f"{args.rounds} rounds; `sync` before every run.", "",
+             "| model | size MB | tool | median wall s | range s | peak RSS MB | RSS / size | BN before -> after | foldkit time / this tool (with --fsync) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == name]
         fk = next(r for r in rows if r["tool"] == "foldkit")
-        fast = next((r for r in rows if r["tool"] == "foldkit --no-fsync"), fk)
+        durable = next((r for r in rows if r["tool"] == "foldkit --fsync"), fk)
         for r in rows:
             if r["median_s"] is None:
-                lines.append(f"| {name} | {r['size_mb']} | {r['tool']} | failed: {r['failed'][:60]} | | | | |")
+                lines.append(f"| {name} | {r['size_mb']} | {r['tool']} | failed: {r['failed'][:60]} | | | | | |")
                 continue
             ratio = "" if r["tool"].startswith("foldkit") or fk["median_s"] is None else \
-                f"{fk['median_s'] / r['median_s']:.2f} ({fast['median_s'] / r['median_s']:.2f})"
-            lines.append(f"| {name} | {r['size_mb']} | {r['tool']} | {r['median_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+                f"{fk['median_s'] / r['median_s']:.2f} ({durable['median_s'] / r['median_s']:.2f})"
+            lines.append(f"| {name} | {r['size_mb']} | {r['tool']} | {r['median_s']:.2f} | "
+                         f"{min(r['walls_s']):.2f}-{max(r['walls_s']):.2f} | {r['peak_rss_mb']:.0f} | "
                          f"{r['peak_rss_mb'] / r['size_mb']:.2f} | {r['bn_before']} -> {r['bn_after']} | {ratio} |")
     table = "\n".join(lines)
     print(table)
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "fold_speed.md"), "w") as f:
+    stem = os.path.join(ROOT, "benchmarks", "results", "fold_speed" + ("_cold" if args.cold else ""))
+    with open(stem + ".md", "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(ROOT, "benchmarks", "results", "fold_speed.json"), "w") as f:
+    with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=1)
 
 
