@@ -299,10 +299,7 @@ class GraphView:
         const = self.constant(old) if old else None
         size = array.nbytes if isinstance(array, ScaledChannels) else np.asarray(array).nbytes
         defer = self.index.defer and self.parent is None and size >= self.index.DEFER_BYTES
-        in_place = const is not None and const.owner is self and self.uses(old) == 1 and const.kind != "computed"
-        if isinstance(array, ScaledChannels) and not (defer and (not in_place or const.kind == "initializer")):
-            array = array.array()  # only a deferred initializer stays a recipe until written
-        if in_place:
+        if const is not None and const.owner is self and self.uses(old) == 1 and const.kind != "computed":
             if const.kind == "initializer" and defer:
                 self.index.payloads.put(old, memory_tensor(array, data_type, self.inits[old]))
             elif const.kind == "initializer":
@@ -573,8 +570,9 @@ def materialize(model: ModelProto, payloads) -> None:
 
 
 def make_tensor(array: np.ndarray, data_type: int, into: Optional[TensorProto] = None) -> TensorProto:
-    """A raw-data TensorProto (little-endian) of ``array`` cast to ``data_type``, built in ``into``
-    when given (its name is kept; data, dims and external-data fields are replaced)."""
+    """A raw-data TensorProto (little-endian) of ``array`` (or a ScaledChannels) cast to
+    ``data_type``, built in ``into`` when given (its name is kept; data, dims and external-data
+    fields are replaced)."""
     t = into if into is not None else TensorProto()
     t.raw_data = _header(array, data_type, t).tobytes()
     return t

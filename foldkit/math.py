@@ -145,6 +145,10 @@ class ScaledChannels:
             self._fill(a, b, tmp, o)
             yield o
 
+    def tobytes(self) -> bytes:
+        """The result's bytes, little-endian (what TensorProto.raw_data holds)."""
+        return b"".join(block.tobytes() for block in self.blocks())
+
     def array(self) -> np.ndarray:
         out = np.empty(self.shape, dtype=self.dtype)
         tmp = self._buffers()
@@ -179,19 +183,17 @@ class ScaledChannels:
         return self
 
 
-def scale_output_channels_rounded(w: np.ndarray, s: np.ndarray, kind: str, group: int, dtype) -> np.ndarray:
-    """round_to(output_channel_scale(w, s, ...), dtype); big weights go through
-    :class:`ScaledChannels` (the same float64 products and the same single rounding, without a
-    float64 copy of the whole weight: big weights are memory-bound, this halves the traffic)."""
+def scale_output_channels_rounded(w: np.ndarray, s: np.ndarray, kind: str, group: int, dtype, lazy: bool = False):
+    """round_to(output_channel_scale(w, s, ...), dtype). Big weights scaled along axis 0 (or axis 1
+    of a 2-D weight) go through :class:`ScaledChannels`: the same float64 products and the same
+    single rounding without a float64 copy of the whole weight (big weights are memory-bound: this
+    halves the traffic); with ``lazy`` the checked ScaledChannels itself is returned for them."""
     w = np.asarray(w)
-    if not blockable(w, kind):
+    big = w.size >= 4 * BLOCK_ELEMENTS and (kind in ("conv", "rows") and w.ndim >= 2 or kind == "cols" and w.ndim == 2)
+    if not big:
         return round_to(output_channel_scale(as_f64(w) if w.dtype not in (np.float32, np.float64) else w, s, kind, group), dtype)
-    return ScaledChannels(w, s, kind, dtype).check().array()
-
-
-def blockable(w: np.ndarray, kind: str) -> bool:
-    """Whether ScaledChannels computes this weight (big, and scaled along axis 0 or a 2-D axis 1)."""
-    return (kind in ("conv", "rows") and w.ndim >= 2 or kind == "cols" and w.ndim == 2) and w.size >= 4 * BLOCK_ELEMENTS
+    recipe = ScaledChannels(w, s, kind, dtype).check()
+    return recipe if lazy else recipe.array()
 
 
 def output_channels(w_shape, kind: str, group: int = 1) -> int:

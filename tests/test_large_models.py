@@ -255,6 +255,17 @@ def _shared_weight():
     return make_model(nodes, [("X", F32, [1, 8, 5, 5])], [("Y1", F32, None), ("Y2", F32, None)], [tensor("W", w)] + bn)
 
 
+def _constant_nodes():
+    m = conv_bn_model(2, c_in=8, c_out=12)
+    g = m.graph
+    consts = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in g.initializer]
+    nodes = consts + list(g.node)
+    del g.initializer[:]
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
+
+
 def _fp16_conv_bn():
     from tests.test_dtypes_and_scopes import typed_conv_bn
     return typed_conv_bn(np.float16, TensorProto.FLOAT16)
@@ -264,6 +275,7 @@ RECIPE_MODELS = {
     "conv": lambda: conv_bn_model(2, c_in=16, c_out=32), "conv3d": lambda: conv_bn_model(3, c_in=4, c_out=8, group=2),
     "gemm_rows": lambda: _gemm_bn(1), "gemm_cols": lambda: _gemm_bn(0), "matmul_add": _matmul_add_bn,
     "conv_bn_bn": _conv_bn_bn, "shared_weight": _shared_weight, "fp16": _fp16_conv_bn,
+    "constant_nodes": _constant_nodes,
 }
 
 
@@ -295,6 +307,8 @@ def test_streamed_folds_equal_the_plain_formula(tmp_path, monkeypatch, name):
     assert r.exit_code == 0, r.output
     assert made, "no recipe was used"
     assert out.read_bytes() == expected
+    # not deferred (the API's default): the recipe becomes the TensorProto's bytes at once
+    assert foldkit.fold(m, verify=False).model.SerializeToString(deterministic=True) == expected
     feeds = random_feeds(m)
     for a, b in zip(ort_run(m, feeds), ort_run(onnx.load(str(out)), feeds)):
         np.testing.assert_allclose(b, a, rtol=5e-3 if name == "fp16" else 1e-5, atol=5e-3 if name == "fp16" else 1e-5)

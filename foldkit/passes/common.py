@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import FLOAT_TYPES, BadAttribute, GraphView, attr_float, attr_int, np_dtype
-from ..math import FoldArithmeticError, ScaledChannels, blockable, bn_scale_shift, round_to, scale_output_channels_rounded
+from ..math import FoldArithmeticError, bn_scale_shift, round_to, scale_output_channels_rounded
 
 
 class Refusal(Exception):
@@ -87,10 +87,8 @@ def weight(view: GraphView, node, pos: int, what: str, ndim=None):
 def scaled_weight(w, s, kind: str, group: int):
     """The constant ``w`` scaled by ``s`` along its output channels, rounded once to its dtype: an
     array, or for a big weight a checked :class:`~foldkit.math.ScaledChannels` that computes it
-    when written (GraphView.set_constant materializes it unless the payload is deferred)."""
+    when written (or, when it is not a deferred payload, when its TensorProto is made)."""
     try:
-        if blockable(w.array, kind):
-            return ScaledChannels(w.array, s, kind, np_dtype(w.data_type)).check()
-        return scale_output_channels_rounded(w.array, s, kind, group, np_dtype(w.data_type))
+        return scale_output_channels_rounded(w.array, s, kind, group, np_dtype(w.data_type), lazy=True)
     except FoldArithmeticError as e:
         raise Refusal(f"folded weight: {e}") from None
