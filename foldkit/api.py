@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import onnx
 from onnx import ModelProto
@@ -16,7 +17,7 @@ from .passes import DEFAULT_PASSES, FINAL_PASSES, PASS_NAMES
 from .passes.base import FoldContext, Pass, is_op
 from .report import Report
 from .verify import verify as run_verify
-from .wire import payload_nbytes
+from .wire import needs_external, payload_nbytes
 
 MAX_ROUNDS = 8
 
@@ -31,12 +32,16 @@ class FoldResult:
     report: Report
     base_dir: Optional[str] = None
     payloads: Optional[dict] = None  # folded tensors kept out of the proto (defer=True) until saved
+    # verification that fold() left to save(): it runs on the written files before they are renamed
+    verify_before_commit: Optional[Callable[[str], None]] = None
 
     def save(self, path, input_path=None, in_place=False, external=None, durable=False):
         """Write atomically (temp file + rename: never a partial file); ``durable`` also fsyncs
-        before the rename, so the file survives a power loss."""
+        before the rename, so the file survives a power loss. Raises VerificationError, writing
+        nothing, when the verification fold() left to this call fails."""
         return fio.save_model(self.model, path, input_path=input_path, in_place=in_place, base_dir=self.base_dir,
-                              external=external, payloads=self.payloads, durable=durable)
+                              external=external, payloads=self.payloads, durable=durable,
+                              before_commit=self.verify_before_commit)
 
     def materialize(self) -> ModelProto:
         """Put payloads held in memory into ``model`` (a self-contained proto but for lazy tensors)."""
@@ -126,7 +131,10 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
     the writer computes block by block (never held whole), others as arrays (call
     :meth:`FoldResult.materialize` for a self-contained ``model``); ``spill_dir`` keeps arrays in an
     unlinked temp file in that folder instead of RAM when the model's tensors total at least
-    ``spill_above`` bytes (for models larger than memory should hold).
+    ``spill_above`` bytes (for models larger than memory should hold). With ``defer`` (or a folded
+    model over protobuf's 2 GB), verification runs in :meth:`FoldResult.save`, on the files as
+    written, before they take their names: ONNX Runtime loads them from disk, and no second copy
+    of the model is made in memory.
     Raises InputError
     for unusable input and VerificationError (with ``.result`` holding the FoldResult) when the folded
     model does not match the original within (atol, rtol) on ONNX Runtime.
@@ -184,20 +192,27 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
     if check:
         _checker(m, reference_bytes, report)
     if verify:
-        result.materialize()  # ORT needs the payloads in the proto (or on disk)
-        reference = fio.parse_model(reference_bytes)
-        candidate_bytes = fio.serialize(m)
-        try:
-            vr = run_verify(reference, m, atol=atol, rtol=rtol, input_shapes=input_shapes, seed=seed,
-                            reference_bytes=reference_bytes, candidate_bytes=candidate_bytes, base_dir=base_dir,
-                            reference_label="inference-mode original" if ctx.converted_training else "original")
-        except InputError:
-            raise
-        report.verification = vr.to_dict()
-        if not vr.passed:
-            worst = max(vr.outputs, key=lambda d: d["max_abs_err"])
-            raise VerificationError(
-                f"verification failed: output '{worst['name']}' differs by {worst['max_abs_err']:.3g} "
-                f"(relative {worst['max_rel_err']:.3g}; tolerance atol={vr.atol:g} + rtol={vr.rtol:g} x scale)"
-                + (f" [{worst['detail']}]" if worst.get("detail") else ""), result)
+        options = dict(atol=atol, rtol=rtol, input_shapes=input_shapes, seed=seed, base_dir=base_dir,
+                       reference_label="inference-mode original" if ctx.converted_training else "original")
+        if defer or needs_external(m):  # payloads stay out of the proto, or it cannot be one buffer
+            result.verify_before_commit = functools.partial(_verify, result, reference_bytes, options)
+        else:
+            result.materialize()  # ORT needs the payloads in the proto
+            _verify(result, reference_bytes, options)
     return result
+
+
+def _verify(result: FoldResult, reference_bytes: bytes, options: dict, candidate_path: Optional[str] = None) -> None:
+    """Compare the folded model (``result.model``, or the file at ``candidate_path``) with the
+    original on ONNX Runtime; record the outcome in the report, raise VerificationError on failure."""
+    reference = fio.parse_model(reference_bytes)
+    candidate = result.model if candidate_path is None else None
+    vr = run_verify(reference, candidate, reference_bytes=reference_bytes, candidate_path=candidate_path,
+                    candidate_bytes=fio.serialize(candidate) if candidate is not None else None, **options)
+    result.report.verification = vr.to_dict()
+    if not vr.passed:
+        worst = max(vr.outputs, key=lambda d: d["max_abs_err"])
+        raise VerificationError(
+            f"verification failed: output '{worst['name']}' differs by {worst['max_abs_err']:.3g} "
+            f"(relative {worst['max_rel_err']:.3g}; tolerance atol={vr.atol:g} + rtol={vr.rtol:g} x scale)"
+            + (f" [{worst['detail']}]" if worst.get("detail") else ""), result)

@@ -125,15 +125,16 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, l
                           lower_standalone=lower_standalone, lazy=True, defer=True,
                           spill_dir=os.path.dirname(os.path.abspath(output)),
                           spill_above=0 if external else SPILL_ABOVE)
+        if external is False and wire_needs_external(result.model):
+            raise InputError(f"{output}: the folded model exceeds protobuf's 2 GB limit; it needs --external-data")
+        # defer: verification runs on the written files, before they take their names
+        result.save(output, input_path=model, in_place=in_place, external=external, durable=fsync)
     except VerificationError as e:
         if e.result is not None and not quiet:
             from .render import print_fold_report
 
             print_fold_report(e.result.report)
         raise
-    if external is False and wire_needs_external(result.model):
-        raise InputError(f"{output}: the folded model exceeds protobuf's 2 GB limit; it needs --external-data")
-    result.save(output, input_path=model, in_place=in_place, external=external, durable=fsync)
     if report_path:
         fio.atomic_write(report_path, result.report.to_json().encode(), durable=fsync)
     if not quiet:

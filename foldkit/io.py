@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -236,22 +237,34 @@ def serialize(model: ModelProto) -> bytes:
 
 
 class _AtomicFile:
-    """A temp file beside ``path`` that becomes ``path`` on commit() and disappears otherwise."""
+    """A temp file that becomes ``path`` on commit() and disappears otherwise: beside ``path``, or
+    under its own name in ``tmp_dir`` (a private folder beside it, for files that must keep their
+    final names until committed, such as a model and the data file it names)."""
 
-    def __init__(self, path: str, durable: bool = False):
+    def __init__(self, path: str, durable: bool = False, tmp_dir: Optional[str] = None):
         self.path = os.fspath(path)
         self.durable = durable
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise InputError(f"{self.path}: folder '{folder}' does not exist")
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp")
+        if tmp_dir is None:
+            fd, self.tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp")
+        else:
+            self.tmp = os.path.join(tmp_dir, os.path.basename(self.path))
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.file = os.fdopen(fd, "wb")
 
-    def commit(self) -> None:
+    def finish(self) -> None:
+        """Complete the temp file (flushed, fsynced when durable, closed); commit() renames it."""
+        if self.file.closed:
+            return
         self.file.flush()
         if self.durable:  # the rename is atomic for other processes either way; fsync survives power loss
             os.fsync(self.file.fileno())
         self.file.close()
+
+    def commit(self) -> None:
+        self.finish()
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o666 & ~umask)
@@ -268,9 +281,13 @@ class _AtomicFile:
 
 def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, in_place: bool = False,
                base_dir: Optional[str] = None, external: Optional[bool] = None,
-               payloads: Optional[dict] = None, durable: bool = False) -> Optional[str]:
+               payloads: Optional[dict] = None, durable: bool = False,
+               before_commit: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """Write ``model`` atomically. Tensors left on disk by a lazy load (or in external data files,
     relative to ``base_dir``) are streamed, never loaded whole.
+
+    ``before_commit(path)`` runs on the complete written files (``path``: the model's temp file,
+    its data file beside it) before they take their final names; if it raises, nothing is written.
 
     ``external``: True puts every top-level initializer of 1 KiB or more into ``<path>.data``;
     None (default) does so only when the model would exceed protobuf's 2 GB limit. Returns the data
@@ -285,11 +302,15 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
     if nested and base_dir is None:
         raise InputError("external data in subgraphs needs the model's folder")
     files = []
+    folder = os.path.dirname(os.path.abspath(path))
+    data_name = os.path.basename(path) + ".data" if external else None
+    # a model and its data file are written under their final names in a private folder, so that
+    # ``before_commit`` can load the pair as it will be; a single file needs no folder
+    tmp_dir = tempfile.mkdtemp(dir=folder, prefix=".foldkit-") if external and os.path.isdir(folder) else None
     try:
-        out = _AtomicFile(path, durable)
+        out = _AtomicFile(path, durable, tmp_dir)
         files.append(out)
-        data_name = os.path.basename(path) + ".data" if external else None
-        data = _AtomicFile(os.path.join(os.path.dirname(os.path.abspath(path)), data_name), durable) if external else None
+        data = _AtomicFile(os.path.join(folder, data_name), durable, tmp_dir) if external else None
         if data:
             files.append(data)
         m = model
@@ -303,11 +324,17 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
                         t.data_location = TensorProto.DEFAULT
                         del t.external_data[:]
         wire.write_model(m, out.file, base_dir or ".", data.file if data else None, data_name, payloads=payloads)
-        if data:
-            data.commit()
-        out.commit()
+        for f in files:
+            f.finish()
+        if before_commit is not None:
+            before_commit(out.tmp)
+        for f in reversed(files):  # the data file first, then the model that names it
+            f.commit()
         return data.path if data else None
     except BaseException:
         for f in files:
             f.discard()
         raise
+    finally:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -126,18 +126,19 @@ class _BackendUnavailable(Exception):
     pass
 
 
-def _run_ort(model_bytes: bytes, feeds: dict, base_dir: Optional[str] = None):
+def _run_ort(source, feeds: dict, base_dir: Optional[str] = None):
+    """``source``: serialized bytes, or a model file's path (its external data beside it)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    if base_dir:  # tensors left on disk (lazy load, external data) are read from the model's folder
+    if base_dir and not isinstance(source, str):  # tensors left on disk are read from the model's folder
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4  # errors surface as exceptions; keep ORT's own log off stderr
     try:
         # ORT's wrapper prints "EP Error" banners on failure; the exception says the same in one line
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as e:
         msg = str(e)
         if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg or "Type Error" in msg:
@@ -148,9 +149,11 @@ def _run_ort(model_bytes: bytes, feeds: dict, base_dir: Optional[str] = None):
     return sess.run(None, feeds, ro)
 
 
-def _run_reference(model: ModelProto, feeds: dict, base_dir: Optional[str] = None):
+def _run_reference(model: ModelProto, feeds: dict, base_dir: Optional[str] = None, path: Optional[str] = None):
     from onnx.reference import ReferenceEvaluator
 
+    if path is not None:
+        return ReferenceEvaluator(onnx.load(path)).run(None, feeds)
     if base_dir and any(t.data_location == TensorProto.EXTERNAL for g in iter_graphs(model.graph) for t in g.initializer):
         full = ModelProto()
         full.CopyFrom(model)
@@ -159,17 +162,17 @@ def _run_reference(model: ModelProto, feeds: dict, base_dir: Optional[str] = Non
     return ReferenceEvaluator(model).run(None, feeds)
 
 
-def run(model: ModelProto, feeds: dict, model_bytes: Optional[bytes] = None, backend: Optional[str] = None,
-        base_dir: Optional[str] = None):
-    """Returns (outputs, backend_name)."""
+def run(model: Optional[ModelProto], feeds: dict, model_bytes: Optional[bytes] = None, backend: Optional[str] = None,
+        base_dir: Optional[str] = None, path: Optional[str] = None):
+    """Returns (outputs, backend_name). ``path``: run the model file there (``model`` unused)."""
     if backend in (None, "onnxruntime"):
         try:
-            data = model_bytes if model_bytes is not None else model.SerializeToString()
+            data = path if path is not None else model_bytes if model_bytes is not None else model.SerializeToString()
             return _run_ort(data, feeds, base_dir), "onnxruntime-cpu"
         except _BackendUnavailable:
             if backend == "onnxruntime":
                 raise
-    return _run_reference(model, feeds, base_dir), "onnx-reference"
+    return _run_reference(model, feeds, base_dir, path), "onnx-reference"
 
 
 @dataclass
@@ -218,9 +221,13 @@ def compare(name: str, ref, new, atol: float, rtol: float) -> OutputDiff:
     return OutputDiff(name, max_abs, max_rel, passed, "" if same_nonfinite else "NaN/Inf positions differ")
 
 
-def verify(reference: ModelProto, candidate: ModelProto, *, atol=None, rtol=None, input_shapes=None, seed: int = 0,
-           reference_bytes: Optional[bytes] = None, candidate_bytes: Optional[bytes] = None,
-           reference_label: str = "original", base_dir: Optional[str] = None) -> VerificationResult:
+def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None, rtol=None, input_shapes=None,
+           seed: int = 0, reference_bytes: Optional[bytes] = None, candidate_bytes: Optional[bytes] = None,
+           reference_label: str = "original", base_dir: Optional[str] = None,
+           candidate_path: Optional[str] = None) -> VerificationResult:
+    """Run ``reference`` and the candidate (a ModelProto, or the model file at ``candidate_path``)
+    on the same inputs and compare their outputs. ``base_dir``: where tensors the models leave on
+    disk are read from (not used for ``candidate_path``, whose data lies beside it)."""
     d_atol, d_rtol = default_tolerances(reference)
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
@@ -231,7 +238,7 @@ def verify(reference: ModelProto, candidate: ModelProto, *, atol=None, rtol=None
         raise InputError(f"the original model does not run on ONNX Runtime: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     try:
         new_out, _ = run(candidate, feeds, candidate_bytes, backend="onnxruntime" if backend == "onnxruntime-cpu" else "reference",
-                         base_dir=base_dir)
+                         base_dir=base_dir, path=candidate_path)
     except Exception as e:  # the original ran, the rewritten model does not: that is a failed verification
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         names = [o.name for o in reference.graph.output]

@@ -349,3 +349,65 @@ def test_streamed_fold_keeps_little_memory(tmp_path, tiny_blocks):
     res.save(str(tmp_path / "o.onnx"))
     assert isinstance(dict.__getitem__(res.payloads, "W"), ScaledChannels)  # streamed, not materialized
     assert (tmp_path / "o.onnx").read_bytes() == foldkit.fold(m, verify=False).model.SerializeToString(deterministic=True)
+
+
+# -- verification of the files as written (defer, or a model over 2 GB) ----------------------------
+
+def test_deferred_verification_runs_on_the_written_files(tmp_path):
+    m = conv_bn_model(2, c_in=16, c_out=32)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    res = foldkit.fold(str(p), lazy=True, defer=True)
+    assert res.report.verification is None and res.verify_before_commit is not None
+    seen = []
+    real = res.verify_before_commit
+    res.verify_before_commit = lambda path: (seen.append(sorted(os.listdir(os.path.dirname(path)))), real(path))
+    res.save(str(tmp_path / "o.onnx"), external=True)
+    assert seen == [["o.onnx", "o.onnx.data"]]  # the pair, under its final names, before the rename
+    v = res.report.verification
+    assert v["passed"] and v["backend"] == "onnxruntime-cpu"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx", "o.onnx.data"]
+    feeds = random_feeds(m)
+    for a, b in zip(ort_run(m, feeds), ort_run(onnx.load(str(tmp_path / "o.onnx")), feeds)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_deferred_verification_failure_writes_nothing(tmp_path, external):
+    m = conv_bn_model(2, c_in=16, c_out=32)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    (tmp_path / "o.onnx").write_bytes(b"previous")
+    (tmp_path / "o.onnx.data").write_bytes(b"previous data")
+    args = ["fold", str(p), "-o", str(tmp_path / "o.onnx"), "--atol", "0", "--rtol", "0"]
+    r = CliRunner().invoke(main, args + (["--external-data"] if external else []))
+    assert r.exit_code == 1 and "verification failed" in r.output
+    assert (tmp_path / "o.onnx").read_bytes() == b"previous"
+    assert (tmp_path / "o.onnx.data").read_bytes() == b"previous data"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx", "o.onnx.data"]
+
+
+def test_model_over_the_protobuf_limit_is_verified_from_its_files(tmp_path, monkeypatch):
+    """The 2 GB limit made small: the API's fold() cannot verify in memory, so save() does."""
+    from foldkit import wire
+    monkeypatch.setattr(wire, "TWO_GB", 4096)
+    m = conv_bn_model(2, c_in=16, c_out=32)
+    res = foldkit.fold(m)
+    assert res.report.verification is None
+    res.save(str(tmp_path / "o.onnx"))
+    assert res.report.verification["passed"]
+    assert sorted(os.listdir(tmp_path)) == ["o.onnx", "o.onnx.data"]
+
+
+def test_deferred_verification_with_the_reference_evaluator(tmp_path):
+    """float64 Conv is not in ONNX Runtime's CPU kernels: both sides run on ONNX's evaluator, the
+    folded one loaded from its written file."""
+    from tests.test_dtypes_and_scopes import typed_conv_bn
+    m = typed_conv_bn(np.float64, TensorProto.DOUBLE)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    r = CliRunner().invoke(main, ["fold", str(p), "-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    import json
+    v = json.loads((tmp_path / "r.json").read_text())["verification"]
+    assert v["passed"] and v["backend"] == "onnx-reference"
