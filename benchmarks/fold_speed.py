@@ -9,7 +9,8 @@ process; wall time is measured around the process and peak memory is the child's
 default: the model was just exported or downloaded) or, with --cold, every cache dropped (needs
 root). Tools:
 
-- foldkit:       `foldkit fold IN -o OUT --no-verify -q` (the console script; `--fsync` also timed)
+- foldkit:       `foldkit fold IN -o OUT --no-verify -q` (the console script; also timed with
+                 `--fsync`, and as "foldkit verify": the default, which also runs both models on ORT)
 - onnxoptimizer: onnx.load -> onnxoptimizer.optimize(["fuse_bn_into_conv"]) -> onnx.save
 - onnxscript:    onnx_ir.load -> rewrite(fuse_batchnorm_into_{conv,conv_transpose,gemm}) -> onnx_ir.save
 - ort-offline:   ONNX Runtime, ORT_ENABLE_BASIC, optimized_model_filepath (session creation writes it)
@@ -54,6 +55,8 @@ SNIPPETS = {
 def command(tool, src, dst):
     if tool == "foldkit":
         return [os.path.join(BIN, "foldkit"), "fold", src, "-o", dst, "--no-verify", "-q"]
+    if tool == "foldkit verify":  # the default command: the output is checked on ONNX Runtime too
+        return [os.path.join(BIN, "foldkit"), "fold", src, "-o", dst, "-q"]
     if tool == "foldkit --fsync":  # durable: survives a power loss, at the disk's write speed
         return [os.path.join(BIN, "foldkit"), "fold", src, "-o", dst, "--no-verify", "--fsync", "-q"]
     return [sys.executable, "-c", SNIPPETS[tool], src, dst]
@@ -114,9 +117,9 @@ def main():
     # tool process it forks, and ru_maxrss would report that instead of the tool's own peak
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "make_models.py"), args.out], check=True)
     plan = {
-        "resnet50": ["foldkit", "foldkit --fsync", "onnxoptimizer", "onnxscript", "ort-offline"],
-        "wide_1p5gb": ["foldkit", "foldkit --fsync", "onnxoptimizer", "onnxscript", "ort-offline"],
-        "wide_2p3gb": ["foldkit", "foldkit --fsync", "onnxscript"],  # protobuf's 2 GB limit rules out the others
+        "resnet50": ["foldkit", "foldkit --fsync", "foldkit verify", "onnxoptimizer", "onnxscript", "ort-offline"],
+        "wide_1p5gb": ["foldkit", "foldkit --fsync", "foldkit verify", "onnxoptimizer", "onnxscript", "ort-offline"],
+        "wide_2p3gb": ["foldkit", "foldkit --fsync", "foldkit verify", "onnxscript"],  # protobuf's 2 GB limit rules out the others
     }
     results = []
     for name in args.models.split(","):
@@ -127,7 +130,7 @@ def main():
         for r in range(rounds):
             order = tools[r % len(tools):] + tools[:r % len(tools)]
             for tool in order:
-                dst = os.path.join(args.out, f"{name}.{tool.replace(' --', '-')}.onnx")
+                dst = os.path.join(args.out, f"{name}.{tool.replace(' --', '-').replace(' ', '-')}.onnx")
                 for f in (dst, dst + ".data"):
                     if os.path.exists(f):
                         os.unlink(f)
