@@ -75,7 +75,7 @@ def _sigterm(signum, frame):  # turn SIGTERM into SystemExit so temp files are c
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="foldkit")
+@click.version_option(package_name="foldkit-onnx")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(debug):
     """foldkit: remove BatchNorm from inference graphs, exactly, and prove it."""
@@ -285,7 +285,7 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
         from .torch import export as export_api
         from .torch.export import parse_model_args
     except ImportError as e:
-        raise InputError(f"foldkit export needs PyTorch: pip install 'foldkit[torch]' ({e})") from None
+        raise InputError(f"foldkit export needs PyTorch: pip install 'foldkit-onnx[torch]' ({e})") from None
     shapes = [_parse_dims(s) for s in input_shapes]
     result = export_api(model_spec, output, shapes, checkpoint=checkpoint, model_args=parse_model_args(model_arg),
                         trust_checkpoint=trust_checkpoint, dynamic_batch=dynamic_batch, opset=opset,

@@ -192,7 +192,7 @@ def plot_png(result: BenchResult) -> bytes:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InputError("--plot needs matplotlib: pip install 'foldkit[bench]'") from None
+        raise InputError("--plot needs matplotlib: pip install 'foldkit-onnx[bench]'") from None
     import io
 
     groups = []

@@ -133,11 +133,11 @@ class TrtRunner(Runner):
         try:
             import tensorrt as trt
         except ImportError:
-            raise Unavailable("tensorrt is not installed (pip install 'foldkit[gpu]')") from None
+            raise Unavailable("tensorrt is not installed (pip install 'foldkit-onnx[gpu]')") from None
         try:
             import torch
         except ImportError:
-            raise Unavailable("the TensorRT runner uses torch for CUDA buffers; pip install 'foldkit[torch]'") from None
+            raise Unavailable("the TensorRT runner uses torch for CUDA buffers; pip install 'foldkit-onnx[torch]'") from None
         if not torch.cuda.is_available():
             raise Unavailable("no CUDA device")
         logger = trt.Logger(trt.Logger.ERROR)
@@ -216,7 +216,7 @@ class TorchRunner(Runner):
         try:
             import torch
         except ImportError:
-            raise Unavailable("torch is not installed (pip install 'foldkit[torch]')") from None
+            raise Unavailable("torch is not installed (pip install 'foldkit-onnx[torch]')") from None
         if self.device == "cuda" and not torch.cuda.is_available():
             raise Unavailable("no CUDA device")
         if self.module is None:
