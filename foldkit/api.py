@@ -121,7 +121,8 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
          rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
          passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
          check: bool = True, lazy: Optional[bool] = None, defer: bool = False,
-         spill_dir: Optional[str] = None, spill_above: int = 0) -> FoldResult:
+         spill_dir: Optional[str] = None, spill_above: int = 0,
+         max_input_bytes: Optional[int] = None) -> FoldResult:
     """Fold every BatchNormalization that can be folded exactly; explain every one left.
 
     ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). A path loads lazily
@@ -142,14 +143,14 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
     m, base_dir = load(model, lazy)
     return fold_loaded(m, base_dir, verify=verify, atol=atol, rtol=rtol, input_shapes=input_shapes, skip=skip,
                        passes=passes, seed=seed, lower_standalone=lower_standalone, check=check, defer=defer,
-                       spill_dir=spill_dir, spill_above=spill_above)
+                       spill_dir=spill_dir, spill_above=spill_above, max_input_bytes=max_input_bytes)
 
 
 def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, atol: Optional[float] = None,
                 rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
                 passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
                 check: bool = True, defer: bool = False, spill_dir: Optional[str] = None,
-                spill_above: int = 0) -> FoldResult:
+                spill_above: int = 0, max_input_bytes: Optional[int] = None) -> FoldResult:
     """:func:`fold` on a model this call may change in place; tensors on disk are read from ``base_dir``."""
     report = Report()
     report.bn_before = count_bn(m)
@@ -193,6 +194,7 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
         _checker(m, reference_bytes, report)
     if verify:
         options = dict(atol=atol, rtol=rtol, input_shapes=input_shapes, seed=seed, base_dir=base_dir,
+                       max_input_bytes=max_input_bytes,
                        reference_label="inference-mode original" if ctx.converted_training else "original")
         if defer or needs_external(m):  # payloads stay out of the proto, or it cannot be one buffer
             result.verify_before_commit = functools.partial(_verify, result, reference_bytes, options)

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from . import io as fio
+from .text import printable, xml_safe
 
 SEVERITIES = ("warning", "error")
 FP16_MAX = 65504.0
@@ -138,33 +139,42 @@ def check(path: str) -> CheckResult:
 
 # --- output formats -----------------------------------------------------------------------------
 
-def to_github(result: CheckResult) -> str:
-    def esc(s: str) -> str:
-        return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+def _gh_data(s: str) -> str:
+    """A workflow command's message, escaped as GitHub's own toolkit does (@actions/core)."""
+    return str(s).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
+
+def _gh_property(s: str) -> str:
+    return _gh_data(s).replace(":", "%3A").replace(",", "%2C")
+
+
+def to_github(result: CheckResult) -> str:
     lines = []
     for f in result.findings:
-        title = esc(f"{f.code} {f.node}").replace(",", "%2C").replace("::", "%3A%3A")
-        lines.append(f"::{f.severity} file={result.path},title={title}::{esc(f.message)}")
+        props = f"file={_gh_property(printable(result.path))},title={_gh_property(printable(f'{f.code} {f.node}'))}"
+        lines.append(f"::{f.severity} {props}::{_gh_data(printable(f.message))}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 
 def to_junit(result: CheckResult, fail_on: str = "error") -> str:
+    """JUnit XML; every name and message made XML 1.0-legal (control characters escaped)."""
     import xml.etree.ElementTree as ET
 
     level = SEVERITIES.index(fail_on)
     failing = [f for f in result.findings if SEVERITIES.index(f.severity) >= level]
+    path = xml_safe(result.path)
     suite = ET.Element("testsuite", name="foldkit check", tests=str(max(1, len(result.findings))),
                        failures=str(len(failing)), errors="0", skipped="0")
     if not result.findings:
-        ET.SubElement(suite, "testcase", classname=result.path, name="deployment-ready")
+        ET.SubElement(suite, "testcase", classname=path, name="deployment-ready")
     for f in result.findings:
-        case = ET.SubElement(suite, "testcase", classname=result.path, name=f"{f.code} {f.node}")
+        case = ET.SubElement(suite, "testcase", classname=path, name=xml_safe(f"{f.code} {f.node}"))
+        message = xml_safe(f.message)
         if SEVERITIES.index(f.severity) >= level:
-            el = ET.SubElement(case, "failure", type=f.code, message=f.message)
-            el.text = f"[{f.severity}] {f.graph}: {f.message}"
+            el = ET.SubElement(case, "failure", type=f.code, message=message)
+            el.text = f"[{f.severity}] {xml_safe(f.graph)}: {message}"
         else:
-            ET.SubElement(case, "system-out").text = f"[{f.severity}] {f.message}"
+            ET.SubElement(case, "system-out").text = f"[{f.severity}] {message}"
     root = ET.Element("testsuites")
     root.append(suite)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

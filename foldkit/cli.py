@@ -15,6 +15,7 @@ import sys
 import click
 
 from .errors import EXIT_FAILED, EXIT_USAGE, FoldkitError
+from .text import printable
 
 EXIT_INTERNAL = 3
 SPILL_ABOVE = 2 ** 31 - 2 ** 24  # protobuf's limit, less a margin: the external-data regime
@@ -23,7 +24,7 @@ EXIT_INTERRUPTED = 130
 
 def one_line(text: str) -> str:
     """Control characters (a newline in a node name, say) escaped, so an error is always one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return printable(text)
 
 
 def _die(message: str, code: int) -> None:
@@ -64,6 +65,12 @@ def input_shape_option(fn):
                         help="Size of an input's symbolic dimensions (default 1). Repeatable.")(fn)
 
 
+def max_input_option(fn):
+    return click.option("--max-input-mb", "max_input_mb", type=click.FloatRange(min=0, min_open=True), default=1024,
+                        show_default=True, metavar="MIB",
+                        help="Cap on the generated inputs (all inputs together), checked before anything is allocated.")(fn)
+
+
 def tolerance_options(fn):
     fn = click.option("--rtol", type=float, default=None, help="Relative tolerance (scale-aware; default per dtype).")(fn)
     fn = click.option("--atol", type=float, default=None, help="Absolute tolerance (default per dtype).")(fn)
@@ -96,6 +103,7 @@ def main(debug):
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime comparison.")
 @tolerance_options
 @input_shape_option
+@max_input_option
 @click.option("--skip", multiple=True, metavar="PASS", help="Skip a pass by name (repeatable).")
 @click.option("--lower-standalone", is_flag=True, help="Turn BNs nothing can absorb into Mul + Add.")
 @click.option("--in-place", is_flag=True, help="Allow the output path to be the input path.")
@@ -106,7 +114,7 @@ def main(debug):
                    "(costs the disk's write time). Either way it is never a partial file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @handle_errors
-def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, lower_standalone, in_place, external,
+def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_input_mb, skip, lower_standalone, in_place, external,
          fsync, quiet):
     """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT."""
     from . import io as fio
@@ -124,7 +132,7 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, skip, l
         result = fold_api(model, verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
                           lower_standalone=lower_standalone, lazy=True, defer=True,
                           spill_dir=os.path.dirname(os.path.abspath(output)),
-                          spill_above=0 if external else SPILL_ABOVE)
+                          spill_above=0 if external else SPILL_ABOVE, max_input_bytes=int(max_input_mb * 2 ** 20))
         if external is False and wire_needs_external(result.model):
             raise InputError(f"{output}: the folded model exceeds protobuf's 2 GB limit; it needs --external-data")
         # defer: verification runs on the written files, before they take their names
@@ -180,8 +188,8 @@ def check(model, fmt, fail_on, output):
 
 
 def _check_text(result, fail_on):
-    lines = [f"{f.severity.upper():7} {f.code} {f.node}: {f.message}" for f in result.findings]
-    lines.append(f"{result.path}: {'FAILED' if result.failed(fail_on) else 'ready to deploy'} "
+    lines = [f"{f.severity.upper():7} {f.code} {printable(f.node)}: {printable(f.message)}" for f in result.findings]
+    lines.append(f"{printable(result.path)}: {'FAILED' if result.failed(fail_on) else 'ready to deploy'} "
                  f"({len(result.findings)} finding(s), fail-on {fail_on})")
     return "\n".join(lines) + "\n"
 
@@ -198,6 +206,7 @@ def _csv(value, cast=str):
               help="ONNX Runtime graph optimization levels to measure: disable, basic, extended, all.")
 @click.option("--batch", default="1", show_default=True, metavar="LIST", help="Batch sizes, e.g. 1,8.")
 @input_shape_option
+@max_input_option
 @click.option("--warmup", type=click.IntRange(0), default=10, show_default=True)
 @click.option("--iters", type=click.IntRange(2), default=100, show_default=True, help="Timed rounds (each runs every model once).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Intra-op threads (default: the runtime's).")
@@ -209,7 +218,7 @@ def _csv(value, cast=str):
 @click.option("--markdown", "md_path", type=click.Path())
 @click.option("--plot", "plot_path", type=click.Path(), help="PNG of latency distributions.")
 @handle_errors
-def bench(models, runtime, ort_opt_level, batch, input_shape, warmup, iters, threads, fp16, torch_model, model_arg,
+def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warmup, iters, threads, fp16, torch_model, model_arg,
           cache_dir, json_path, md_path, plot_path):
     """Latency of MODELS (the first is the baseline), interleaved A/B, on each runtime."""
     import json
@@ -233,7 +242,8 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, warmup, iters, thr
         raise InputError("--batch sizes must be positive")
     cfg = BenchConfig(models=list(models), runtimes=_csv(runtime), ort_opt_levels=_csv(ort_opt_level), batches=batches,
                       input_shapes=parse_input_shapes(input_shape), warmup=warmup, iters=iters, threads=threads,
-                      fp16=fp16, torch_model=torch_model, torch_model_args=model_args, cache_dir=cache_dir)
+                      fp16=fp16, torch_model=torch_model, torch_model_args=model_args, cache_dir=cache_dir,
+                      max_input_bytes=int(max_input_mb * 2 ** 20))
     with progress_bar() as make_tick:
         result = run_bench(cfg, progress=make_tick)
     if json_path:

@@ -66,7 +66,7 @@ def all_names(model: ModelProto) -> set:
         names.update(i.name for i in g.input)
         names.update(o.name for o in g.output)
         names.update(t.name for t in g.initializer)
-        names.update(t.name for t in g.sparse_initializer)
+        names.update(t.values.name for t in g.sparse_initializer)
         names.update(v.name for v in g.value_info)
         for node in g.node:
             names.update(node.input)

@@ -56,30 +56,63 @@ def external_tensors(model: ModelProto):
                     yield a.t
 
 
+def _expected_nbytes(t: TensorProto) -> Optional[int]:
+    """Bytes the tensor's dims and type call for, or None for a type without a fixed size."""
+    numel = 1
+    for d in t.dims:
+        numel *= d
+    bits = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4}.get(t.data_type)
+    if bits:
+        return (numel * bits + 7) // 8
+    try:
+        return numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _ext_problem(t: TensorProto, root: str) -> Optional[str]:
+    """Why the external tensor ``t`` cannot be read safely, or None. Every size claim (offset,
+    length, dims) is checked against the file before anything is read."""
+    info = {e.key: e.value for e in t.external_data}
+    loc = info.get("location", "")
+    if not loc or os.path.isabs(loc) or "\0" in loc:
+        return f"tensor '{t.name}' has external data location {loc!r}, which is not a relative path"
+    full = os.path.realpath(os.path.join(root, loc))
+    if os.path.commonpath([root, full]) != root:
+        return f"tensor '{t.name}' points to external data '{loc}' outside the model's folder"
+    if not os.path.isfile(full):
+        return f"external data file '{loc}' for tensor '{t.name}' is missing"
+    try:
+        offset = int(info.get("offset", 0) or 0)
+        length = None if info.get("length") in (None, "") else int(info["length"])
+    except ValueError:
+        return f"tensor '{t.name}' has a non-numeric external data offset or length"
+    if offset < 0 or (length is not None and length < 0):
+        return f"tensor '{t.name}' has a negative external data offset or length"
+    if any(d < 0 for d in t.dims):
+        return f"tensor '{t.name}' has a negative dimension {list(t.dims)}"
+    if t.data_type == TensorProto.STRING:
+        return f"tensor '{t.name}' holds strings, which cannot be stored as external data"
+    expected = _expected_nbytes(t)
+    if expected is None:
+        return f"tensor '{t.name}' has an undefined data type ({t.data_type})"
+    if length is not None and length != expected:
+        return f"tensor '{t.name}' has dims {list(t.dims)} ({expected} bytes) but external data length {length}"
+    if offset + expected > os.path.getsize(full):
+        return f"external data file '{loc}' is shorter than tensor '{t.name}' needs ({expected} bytes at offset {offset})"
+    return None
+
+
 def external_data_problems(model: ModelProto, base_dir: str) -> list:
     """(tensor name, sentence) for every external tensor that is not safely readable: a location
-    outside ``base_dir`` (path traversal), an absolute path, a missing or too short file."""
+    outside ``base_dir`` (path traversal), an absolute path, a missing or too short file, an
+    offset, length or dims that disagree with the file."""
     root = os.path.realpath(base_dir)
     problems = []
     for t in external_tensors(model):
-        info = {e.key: e.value for e in t.external_data}
-        loc = info.get("location", "")
-        if not loc or os.path.isabs(loc):
-            problems.append((t.name, f"tensor '{t.name}' has external data location '{loc}', which is not a relative path"))
-            continue
-        full = os.path.realpath(os.path.join(root, loc))
-        if os.path.commonpath([root, full]) != root:
-            problems.append((t.name, f"tensor '{t.name}' points to external data '{loc}' outside the model's folder"))
-        elif not os.path.isfile(full):
-            problems.append((t.name, f"external data file '{loc}' for tensor '{t.name}' is missing"))
-        else:
-            try:
-                offset, length = int(info.get("offset", 0) or 0), info.get("length")
-                short = length is not None and offset + int(length) > os.path.getsize(full)
-            except ValueError:
-                short = True
-            if short:
-                problems.append((t.name, f"external data file '{loc}' is shorter than tensor '{t.name}' needs"))
+        problem = _ext_problem(t, root)
+        if problem:
+            problems.append((t.name, problem))
     return problems
 
 
@@ -131,25 +164,29 @@ _TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint6
 def _tensor_problem(t: TensorProto) -> Optional[str]:
     if any(d < 0 for d in t.dims):
         return f"has a negative dimension {list(t.dims)}"
-    numel = 1
-    for d in t.dims:
-        numel *= d
     if t.data_type == TensorProto.UNDEFINED or t.data_type not in TensorProto.DataType.values():
         return f"has an undefined data type ({t.data_type})"
     if t.data_location == TensorProto.EXTERNAL:
-        return None
-    if t.HasField("raw_data") and t.data_type != TensorProto.STRING:
-        try:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except (KeyError, ValueError, TypeError):
+        return None  # checked against its file by external_data_problems
+    numel = 1
+    for d in t.dims:
+        numel *= d
+    is_string = t.data_type == TensorProto.STRING
+    if t.HasField("raw_data") and not is_string:
+        expected = _expected_nbytes(t)
+        if expected is None:
             return f"has an unknown data type {t.data_type}"
-        bits = {TensorProto.INT4: 4, TensorProto.UINT4: 4}.get(t.data_type)
-        expected = (numel * bits + 7) // 8 if bits else numel * itemsize
         if len(t.raw_data) != expected:
             return f"has dims {list(t.dims)} ({numel} values) but {len(t.raw_data)} bytes of data"
         return None
-    counts = [len(getattr(t, f)) for f in _TYPED_FIELDS if len(getattr(t, f))]
-    held = counts[0] if counts else 0
+    if is_string and t.HasField("raw_data"):
+        return "holds strings in raw_data, which ONNX does not allow"
+    fields = [f for f in _TYPED_FIELDS if len(getattr(t, f))]
+    if len(fields) > 1:
+        return f"holds data in several fields ({', '.join(fields)})"
+    if fields and (fields[0] == "string_data") != is_string:
+        return f"of type {TensorProto.DataType.Name(t.data_type)} holds its data in {fields[0]}"
+    held = len(getattr(t, fields[0])) if fields else 0
     if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
         held //= 2
     if held != numel and not (held == 0 and numel == 0):
@@ -171,8 +208,17 @@ def check_tensors(model: ModelProto, source: str = "model") -> None:
                 raise InputError(f"{source}: tensor '{name}' {problem}")
 
 
+def check_nodes(model: ModelProto, source: str = "model") -> None:
+    """Nodes foldkit rewrites must have the outputs their operator requires."""
+    for g in iter_graphs(model.graph):
+        for n in g.node:
+            if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") and (not n.output or not n.output[0]):
+                raise InputError(f"{source}: BatchNormalization node '{n.name}' has no output Y, which ONNX requires")
+
+
 def validate(model: ModelProto, source: str = "model") -> None:
     check_tensors(model, source)
+    check_nodes(model, source)
     check_references(model, source)
 
 

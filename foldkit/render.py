@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.markup import escape as esc
+from rich.markup import escape
 from rich.table import Table
+
+from .text import printable
+
+
+def esc(text) -> str:
+    """User text (node names, paths, reasons) as literal text: no markup, no control characters."""
+    return escape(printable(text))
 
 
 def console() -> Console:
     import sys
 
-    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120, highlight=False, soft_wrap=False)
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120, highlight=False, soft_wrap=False,
+                   emoji=False)
 
 
 def print_fold_report(report, output=None) -> None:

@@ -63,13 +63,18 @@ def parse_input_shapes(specs) -> dict:
             shapes[name] = [int(d) for d in dims.split(",") if d.strip()]
         except ValueError:
             raise InputError(f"--input-shape '{spec}': dimensions must be integers") from None
-        if any(d < 0 for d in shapes[name]):
-            raise InputError(f"--input-shape '{spec}': dimensions must not be negative")
+        if not shapes[name] or any(d <= 0 for d in shapes[name]):
+            raise InputError(f"--input-shape '{spec}': dimensions must be positive integers")
     return shapes
 
 
-def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: int = 0, batch: Optional[int] = None) -> dict:
-    """Seeded random feeds for every graph input that is not an initializer.
+DEFAULT_MAX_INPUT_BYTES = 1 << 30  # generated inputs in all; --max-input-mb raises it
+
+
+def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: int = 0, batch: Optional[int] = None,
+                max_bytes: Optional[int] = None) -> dict:
+    """Seeded random feeds for every graph input that is not an initializer, at most ``max_bytes``
+    in all (default 1 GiB): the total is computed from the shapes before anything is allocated.
 
     Symbolic or unknown dimensions take the size given in ``input_shapes`` for that input, else
     ``batch`` for the first dimension, else 1.
@@ -81,6 +86,9 @@ def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: in
     unknown = set(input_shapes) - {i.name for i in model.graph.input}
     if unknown:
         raise InputError(f"--input-shape names {sorted(unknown)}, which are not inputs of the model")
+    limit = DEFAULT_MAX_INPUT_BYTES if max_bytes is None else int(max_bytes)
+    plans = []
+    total = 0
     for inp in model.graph.input:
         if inp.name in inits:
             continue
@@ -104,12 +112,23 @@ def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: in
                     shape.append(batch if (batch and k == 0) else 1)
         else:
             raise InputError(f"input '{inp.name}' has no declared shape; give one with --input-shape {inp.name}=D0,D1,...")
-        if int(np.prod(shape, dtype=np.int64)) > 1 << 28:
-            raise InputError(f"input '{inp.name}' of shape {shape} is too large to generate")
+        if any(d <= 0 for d in shape):
+            raise InputError(f"input '{inp.name}' of shape {shape}: dimensions must be positive "
+                             f"(give sizes with --input-shape {inp.name}=D0,D1,...)")
         try:
             dtype = np_dtype(tt.elem_type)
         except (KeyError, TypeError, ValueError):
             raise InputError(f"input '{inp.name}' has an undefined element type ({tt.elem_type})") from None
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        total += numel * dtype.itemsize
+        if total > limit:
+            raise InputError(f"generated inputs would take {total / 2 ** 20:,.0f} MiB at least (input '{inp.name}' "
+                             f"of shape {shape}), over the {limit / 2 ** 20:,.0f} MiB cap; raise it with "
+                             f"--max-input-mb, give smaller sizes with --input-shape, or use --no-verify")
+        plans.append((inp, tt, shape, dtype))
+    for inp, tt, shape, dtype in plans:
         if tt.elem_type in FLOAT_TYPES:
             arr = rng.standard_normal(shape).astype(dtype)
         elif tt.elem_type == TensorProto.BOOL:
@@ -224,14 +243,14 @@ def compare(name: str, ref, new, atol: float, rtol: float) -> OutputDiff:
 def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None, rtol=None, input_shapes=None,
            seed: int = 0, reference_bytes: Optional[bytes] = None, candidate_bytes: Optional[bytes] = None,
            reference_label: str = "original", base_dir: Optional[str] = None,
-           candidate_path: Optional[str] = None) -> VerificationResult:
+           candidate_path: Optional[str] = None, max_input_bytes: Optional[int] = None) -> VerificationResult:
     """Run ``reference`` and the candidate (a ModelProto, or the model file at ``candidate_path``)
     on the same inputs and compare their outputs. ``base_dir``: where tensors the models leave on
     disk are read from (not used for ``candidate_path``, whose data lies beside it)."""
     d_atol, d_rtol = default_tolerances(reference)
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
-    feeds = make_inputs(reference, input_shapes, seed)
+    feeds = make_inputs(reference, input_shapes, seed, max_bytes=max_input_bytes)
     try:
         ref_out, backend = run(reference, feeds, reference_bytes, base_dir=base_dir)
     except Exception as e:

@@ -96,6 +96,10 @@ def lazy_load(path: str, threshold: int = 1024) -> Optional[ModelProto]:
     several pieces); the caller then loads it the ordinary way.
     """
     name = os.path.basename(path)
+    try:
+        name.encode("utf-8")  # the name becomes a tensor's location string: protobuf needs UTF-8
+    except UnicodeEncodeError:
+        return None
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:

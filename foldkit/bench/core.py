@@ -27,6 +27,7 @@ class BenchConfig:
     torch_model_args: dict = field(default_factory=dict)
     cache_dir: Optional[str] = None
     seed: int = 0
+    max_input_bytes: Optional[int] = None
 
 
 @dataclass
@@ -58,7 +59,7 @@ def machine_info() -> dict:
     return info
 
 
-def _feeds_for(model_path: str, batch: int, shapes: dict, seed: int) -> dict:
+def _feeds_for(model_path: str, batch: int, shapes: dict, seed: int, max_bytes: Optional[int] = None) -> dict:
     from .. import io as fio
     from ..verify import make_inputs
 
@@ -70,7 +71,7 @@ def _feeds_for(model_path: str, batch: int, shapes: dict, seed: int) -> dict:
         dims = inp.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value != batch:
             raise Unavailable(f"input '{inp.name}' has a fixed batch of {dims[0].dim_value} (export with --dynamic-batch)")
-    return make_inputs(model, shapes, seed=seed, batch=batch)
+    return make_inputs(model, shapes, seed=seed, batch=batch, max_bytes=max_bytes)
 
 
 def _measure(runners: list, warmup: int, iters: int, tick: Callable[[], None]) -> list:
@@ -130,13 +131,13 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None) -> BenchRes
                 if not cfg.torch_model:
                     raise Unavailable("needs --model FACTORY (as for foldkit export)")
                 shapes = dict(cfg.input_shapes)
-                feeds = _feeds_for(cfg.models[0], batch, shapes, cfg.seed) if cfg.models else None
+                feeds = _feeds_for(cfg.models[0], batch, shapes, cfg.seed, cfg.max_input_bytes) if cfg.models else None
                 if feeds is None:
                     raise Unavailable("needs an ONNX model to take input shapes from")
                 entries = [(label, TorchRunner(None, feeds, module=mod, device="cpu", threads=cfg.threads))
                            for label, mod in _torch_modules(cfg)]
             else:
-                feeds = _feeds_for(cfg.models[0], batch, cfg.input_shapes, cfg.seed)
+                feeds = _feeds_for(cfg.models[0], batch, cfg.input_shapes, cfg.seed, cfg.max_input_bytes)
                 entries = []
                 for path in cfg.models:
                     if runtime == "trt":
