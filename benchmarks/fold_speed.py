@@ -100,10 +100,15 @@ def bn_count(path):
     return sum(n.op_type == "BatchNormalization" for n in m.graph.node)
 
 
+def data_files(path):
+    """``path``'s external-data files: foldkit names them after their content (NAME.<hash>.data)."""
+    import glob
+
+    return [f for f in [path + ".data"] + glob.glob(glob.escape(path) + ".*.data") if os.path.exists(f)]
+
+
 def file_size(path):
-    size = os.path.getsize(path)
-    data = path + ".data"
-    return size + (os.path.getsize(data) if os.path.exists(data) else 0)
+    return os.path.getsize(path) + sum(os.path.getsize(f) for f in data_files(path))
 
 
 def main():
@@ -131,7 +136,7 @@ def main():
             order = tools[r % len(tools):] + tools[:r % len(tools)]
             for tool in order:
                 dst = os.path.join(args.out, f"{name}.{tool.replace(' --', '-').replace(' ', '-')}.onnx")
-                for f in (dst, dst + ".data"):
+                for f in [dst] + data_files(dst):
                     if os.path.exists(f):
                         os.unlink(f)
                 prepare(src, args.cold)

@@ -51,6 +51,11 @@ def handle_errors(fn):
             raise
         except MemoryError:
             _die("out of memory", EXIT_USAGE)
+        except OSError as e:  # a full disk, a read-only file system, no permission...: the path and the OS's words
+            if debug:
+                raise
+            where = e.filename if e.filename is not None else "foldkit"
+            _die(f"{where}: {e.strerror or e}", EXIT_USAGE)
         except Exception as e:  # a bug in foldkit (or a dependency) — still one line
             if debug:
                 raise
@@ -123,8 +128,8 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_inp
     from .verify import parse_input_shapes
     from .wire import needs_external as wire_needs_external
 
-    if fio.same_file(model, output) and not in_place:
-        raise InputError(f"{output}: output is the input file; refusing to overwrite it (use --in-place)")
+    fio.guard_outputs({"-o": output, "--report": report_path}, fio.model_files(model),
+                      allow_same={"-o": model} if in_place else None)
     shapes = parse_input_shapes(input_shape)
     # models in the external-data regime (over 2 GB, or external data asked for) spill folded
     # tensors to an unlinked temp file beside the output rather than holding them in RAM
@@ -165,6 +170,7 @@ def check(model, fmt, fail_on, output):
     from . import io as fio
     from .check import check as check_api, to_github, to_junit
 
+    fio.guard_outputs({"-o": output}, fio.model_files(model))
     result = check_api(model)
     if fmt == "json":
         d = result.to_dict()
@@ -230,6 +236,15 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
     from .render import print_bench, progress_bar
     from .verify import parse_input_shapes
 
+    fio.guard_outputs({"--json": json_path, "--markdown": md_path, "--plot": plot_path},
+                      [f for m in models for f in fio.model_files(m)])
+    for m in models:  # every model readable before anything runs
+        fio.load_model(m, lazy=True)
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--plot needs matplotlib: pip install 'foldkit-onnx[bench]'") from None
     model_args = {}
     if model_arg:
         from .torch.export import parse_model_args
@@ -246,6 +261,9 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
                       max_input_bytes=int(max_input_mb * 2 ** 20))
     with progress_bar() as make_tick:
         result = run_bench(cfg, progress=make_tick)
+    if not result.rows:
+        why = "; ".join(f"{u['runtime']} (batch {u['batch']}): {u['reason']}" for u in result.unavailable[:3])
+        raise InputError(f"nothing was measured: {why or 'no runtime ran'}")
     if json_path:
         fio.atomic_write(json_path, (json.dumps(result.to_dict(), indent=1, sort_keys=True) + "\n").encode())
     if md_path:
@@ -296,6 +314,9 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
         from .torch.export import parse_model_args
     except ImportError as e:
         raise InputError(f"foldkit export needs PyTorch: pip install 'foldkit-onnx[torch]' ({e})") from None
+    factory_file = model_spec.rpartition(":")[0]
+    fio.guard_outputs({"-o": output, "--report": report_path},
+                      [checkpoint, factory_file if os.path.isfile(factory_file) else None])
     shapes = [_parse_dims(s) for s in input_shapes]
     result = export_api(model_spec, output, shapes, checkpoint=checkpoint, model_args=parse_model_args(model_arg),
                         trust_checkpoint=trust_checkpoint, dynamic_batch=dynamic_batch, opset=opset,

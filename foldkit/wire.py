@@ -305,17 +305,19 @@ def needs_external(model: ModelProto) -> bool:
     return copy_without(model, GRAPH_FIELD).ByteSize() + model.graph.ByteSize() >= TWO_GB
 
 
-def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_location: Optional[str] = None,
+def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_location=None,
                 align: int = 4096, payloads: Optional[dict] = None) -> None:
     """Write ``model`` to the binary file ``out``.
 
     Top-level external initializers (read from ``base_dir``) are embedded, unless ``data_out`` (an
     open binary file whose name, relative to the model, is ``data_location``) is given: then every
     top-level initializer of at least 1 KiB goes there, each at an ``align``-aligned offset.
+    ``data_location`` may be a callable, called once the data file is complete, that returns the
+    name (so the name can depend on the content).
     """
     inits = list(model.graph.initializer)
     head, tail = _split_serialize(model.graph, INITIALIZER_FIELD)
-    parts = []  # (header bytes, payload source or None, trailer bytes)
+    parts = []  # (header bytes or a header TensorProto to name, payload source or None, trailer bytes)
     data_pos = 0
     for t in inits:
         ext = t.data_location == TensorProto.EXTERNAL
@@ -329,12 +331,11 @@ def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_locat
                 src.copy_to(data_out)
                 h = _strip_external(t)
                 h.data_location = TensorProto.EXTERNAL
-                h.external_data.add(key="location", value=data_location)
+                h.external_data.add(key="location", value="")
                 h.external_data.add(key="offset", value=str(data_pos))
                 h.external_data.add(key="length", value=str(src.length))
                 data_pos += src.length
-                body = h.SerializeToString(deterministic=True)
-                parts.append((body, None, b""))
+                parts.append((h, None, b""))
                 continue
             parts.append((t.SerializeToString(deterministic=True), None, b""))
             continue
@@ -346,6 +347,12 @@ def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_locat
         before, after = _split_serialize(h, RAW_DATA_FIELD)
         raw_key = _encode_varint((RAW_DATA_FIELD << 3) | 2) + _encode_varint(src.length)
         parts.append((before + raw_key, src, after))
+    if data_out is not None:
+        location = data_location() if callable(data_location) else data_location
+        for k, (hdr, src, trl) in enumerate(parts):
+            if isinstance(hdr, TensorProto):
+                hdr.external_data[0].value = location
+                parts[k] = (hdr.SerializeToString(deterministic=True), src, trl)
     graph_len = len(head) + len(tail)
     init_key = _encode_varint((INITIALIZER_FIELD << 3) | 2)
     for hdr, src, trl in parts:

@@ -5,6 +5,7 @@ Speed and peak-memory goals are measured by benchmarks/fold_speed.py, not assert
 
 import io
 import os
+import re
 
 import numpy as np
 import onnx
@@ -18,6 +19,13 @@ from foldkit.cli import main
 from foldkit.wire import lazy_load, write_model
 from tests.helpers import ort_run, random_feeds
 from tests.test_fold_into_producer import conv_bn_model
+
+
+def data_name(model_path):
+    """The one external-data file the model at ``model_path`` names."""
+    header = onnx.load(str(model_path), load_external_data=False)
+    (loc,) = {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
+    return loc
 
 
 def _models():
@@ -93,11 +101,11 @@ def test_fold_external_data_output(tmp_path):
     out = tmp_path / "o.onnx"
     r = CliRunner().invoke(main, ["fold", str(p), "-o", str(out), "--external-data", "-q"])
     assert r.exit_code == 0, r.output
-    data = tmp_path / "o.onnx.data"
-    assert data.exists()
     header = onnx.load(str(out), load_external_data=False)
     locs = {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
-    assert locs == {"o.onnx.data"}
+    assert len(locs) == 1 and re.fullmatch(r"o\.onnx\.[0-9a-f]{16}\.data", locs.pop())
+    data = tmp_path / data_name(out)
+    assert data.exists()
     offsets = [int(e.value) for t in header.graph.initializer for e in t.external_data if e.key == "offset"]
     assert all(o % 4096 == 0 for o in offsets)
     folded = onnx.load(str(out))
@@ -107,7 +115,8 @@ def test_fold_external_data_output(tmp_path):
     # the same folded model, externalised twice, gives identical bytes
     out2 = tmp_path / "o2.onnx"
     CliRunner().invoke(main, ["fold", str(p), "-o", str(out2), "--external-data", "-q"])
-    assert data.read_bytes() == (tmp_path / "o2.onnx.data").read_bytes()
+    assert data.read_bytes() == (tmp_path / data_name(out2)).read_bytes()
+    assert data_name(out)[len("o.onnx"):] == data_name(out2)[len("o2.onnx"):]  # named after the content
 
 
 def test_in_place_fold_of_lazy_model(tmp_path):
@@ -363,10 +372,11 @@ def test_deferred_verification_runs_on_the_written_files(tmp_path):
     real = res.verify_before_commit
     res.verify_before_commit = lambda path: (seen.append(sorted(os.listdir(os.path.dirname(path)))), real(path))
     res.save(str(tmp_path / "o.onnx"), external=True)
-    assert seen == [["o.onnx", "o.onnx.data"]]  # the pair, under its final names, before the rename
+    data = data_name(tmp_path / "o.onnx")
+    assert seen == [sorted(["o.onnx", data])]  # the pair, under its final names, before the rename
     v = res.report.verification
     assert v["passed"] and v["backend"] == "onnxruntime-cpu"
-    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx", "o.onnx.data"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.onnx", "o.onnx", data])
     feeds = random_feeds(m)
     for a, b in zip(ort_run(m, feeds), ort_run(onnx.load(str(tmp_path / "o.onnx")), feeds)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
@@ -396,7 +406,7 @@ def test_model_over_the_protobuf_limit_is_verified_from_its_files(tmp_path, monk
     assert res.report.verification is None
     res.save(str(tmp_path / "o.onnx"))
     assert res.report.verification["passed"]
-    assert sorted(os.listdir(tmp_path)) == ["o.onnx", "o.onnx.data"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["o.onnx", data_name(tmp_path / "o.onnx")])
 
 
 def test_deferred_verification_with_the_reference_evaluator(tmp_path):
