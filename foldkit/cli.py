@@ -45,7 +45,11 @@ def handle_errors(fn):
                 raise
             _die(str(e), e.exit_code)
         except KeyboardInterrupt:
-            click.echo("foldkit: interrupted; no output was written", err=True)
+            from .io import COMMITTED
+
+            done = f"; already written: {', '.join(printable(p) for p in COMMITTED)}" if COMMITTED else \
+                "; no output was written"
+            click.echo(f"foldkit: interrupted{done}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise

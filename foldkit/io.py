@@ -368,6 +368,8 @@ def serialize(model: ModelProto) -> bytes:
         raise InputError(f"the model is too large for a single file ({e}); use external data") from None
 
 
+COMMITTED: list = []  # every path this process has committed, so an interrupt can say what was written
+
 # test hook: called with a step name between the steps of a commit (tests stop the process there)
 _after_step: Optional[Callable[[str], None]] = None
 
@@ -426,11 +428,13 @@ class _AtomicFile:
             with open(self.tmp, "rb") as src, open(self.path, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             os.unlink(self.tmp)
+            COMMITTED.append(self.path)
             return
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o666 & ~umask)
         os.replace(self.tmp, self.path)
+        COMMITTED.append(self.path)
 
     def discard(self) -> None:
         if not self.file.closed:
@@ -500,6 +504,7 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
         keep = {_identity(f) for f in model_files(input_path)}
     old_data = [f for f in model_files(path)[1:] if os.path.isfile(f)] if os.path.isfile(path) else []
     files = []
+    orphan = None  # a data file committed for a model that then was not
     # a model and its data file are written under their final names in a private folder, so that
     # ``before_commit`` can load the pair as it will be; a single file needs no folder
     tmp_dir = tempfile.mkdtemp(dir=folder, prefix=".foldkit-") if external and os.path.isdir(folder) else None
@@ -533,9 +538,13 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
             before_commit(out.tmp)
         _step("written")
         if data:
+            data_existed = os.path.exists(data.path)  # then with these very bytes: its name is their hash
             data.commit()  # a new name (or the same bytes under the same name): nothing old changes
+            if not data_existed:
+                orphan = data.path
             _step("data committed")
         out.commit()  # the switch: from here on the new pair is the model
+        orphan = None
         _step("model committed")
         if data:
             for f in old_data:
@@ -551,6 +560,12 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
     except BaseException:
         for f in files:
             f.discard()
+        if orphan is not None:
+            try:
+                os.unlink(orphan)
+                COMMITTED.remove(orphan)
+            except (OSError, ValueError):
+                pass
         raise
     finally:
         if tmp_dir is not None:

@@ -203,3 +203,71 @@ def test_long_but_legal_output_name(tmp_path):
         out = tmp_path / (str(n) * 245 + ".onnx")
         r = run_checked(["fold", model, "-o", str(out), "-q"] + extra, str(tmp_path))
         assert r.exit_code == 0 and out.exists(), r.output
+
+
+# --- an external-data pair commits as a transaction -----------------------------------------------
+
+STEPS = ["written", "data committed", "model committed", "old data removed"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_external_data_pair_survives_a_crash_at_every_step(tmp_path, step):
+    """Fold model A to out.onnx (external data), then model B over it, killed (os._exit, as
+    SIGKILL would) after each step of the commit: out.onnx is always A's pair or B's, never a mix."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import onnx
+
+    from tests.helpers import ort_run
+    from tests.hostile import base_model, save
+
+    a = save(base_model(), str(tmp_path), "a.onnx")
+    mb = base_model()
+    w = next(t for t in mb.graph.initializer if t.name == "W")
+    w.raw_data = (np.frombuffer(w.raw_data, np.float32) * 2).astype(np.float32).tobytes()
+    b = save(mb, str(tmp_path), "b.onnx")
+    out = str(tmp_path / "out.onnx")
+    assert CliRunner().invoke(main, ["fold", a, "-o", out, "--external-data", "-q"]).exit_code == 0
+    feeds = {"X": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32)}
+    ya = ort_run(onnx.load(a), feeds)[0]
+    yb = ort_run(mb, feeds)[0]
+    script = (f"import os, sys; sys.path.insert(0, {os.getcwd()!r})\n"
+              "from foldkit import io as fio\n"
+              f"fio._after_step = lambda s: os._exit(9) if s == {step!r} else None\n"
+              "from foldkit.cli import main\n"
+              f"main([\"fold\", {b!r}, \"-o\", {out!r}, \"--external-data\", \"-q\"])\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 9, p.stderr
+    y = ort_run(onnx.load(out), feeds)[0]  # loads: every file the model names is there
+    is_a, is_b = np.allclose(y, ya, rtol=1e-5, atol=1e-5), np.allclose(y, yb, rtol=1e-5, atol=1e-5)
+    assert is_a != is_b
+    assert is_a == (step in ("written", "data committed"))
+    # only the temp folder or an unreferenced data file may be left; never anything the model needs
+    header = onnx.load(out, load_external_data=False)
+    named = {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
+    assert all((tmp_path / n).exists() for n in named)
+
+
+@pytest.mark.parametrize("step", ["written", "data committed"])
+def test_interrupt_before_the_switch_leaves_the_old_pair_exactly(tmp_path, monkeypatch, step):
+    from foldkit import io as fio
+    from tests.hostile import base_model, save
+
+    a = save(base_model(), str(tmp_path), "a.onnx")
+    out = str(tmp_path / "out.onnx")
+    assert CliRunner().invoke(main, ["fold", a, "-o", out, "--external-data", "-q"]).exit_code == 0
+    mb = base_model()
+    mb.graph.node[1].attribute[0].f = 0.5  # another epsilon: other folded weights, another data file
+    b = save(mb, str(tmp_path), "b.onnx")
+
+    def interrupt(s):
+        if s == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fio, "_after_step", interrupt)
+    monkeypatch.setattr(fio, "COMMITTED", [])
+    r = run_checked(["fold", b, "-o", out, "--external-data", "-q"], str(tmp_path), allowed=(130,))
+    assert "interrupted; no output was written" in r.stderr
+    assert len(os.listdir(tmp_path)) == 4  # a.onnx, b.onnx, out.onnx and its data file: nothing new
