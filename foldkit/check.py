@@ -57,31 +57,67 @@ class CheckResult:
 INVALID_PARAM_MARKERS = ("NaN or Inf", "not positive", "channel count mismatch", "different lengths")
 
 
-def _numeric_risk(model, action, base_dir=None) -> Optional[str]:
+def _tensor_index(model) -> dict:
+    """name -> TensorProto for every initializer and Constant value, built once per check so the
+    check stays linear in the model's size."""
     from .graph import iter_graphs
 
-    arrays = []
-    wanted = set(action.tensors)
+    index = {}
     for g in iter_graphs(model.graph):
         for t in g.initializer:
-            if t.name in wanted:
-                arrays.append((t.data_type, onnx.numpy_helper.to_array(t, base_dir or "")))
+            index.setdefault(t.name, t)
         for n in g.node:
-            if n.op_type == "Constant" and n.output[0] in wanted:
+            if n.op_type == "Constant" and n.output:
                 for a in n.attribute:
                     if a.name == "value":
-                        arrays.append((a.t.data_type, onnx.numpy_helper.to_array(a.t)))
-    for data_type, arr in arrays:
-        a = np.abs(arr.astype(np.float64)).ravel()
-        if data_type == onnx.TensorProto.FLOAT16:
-            nz = a[a > 0]
-            if nz.size and np.mean(nz < FP16_TINY) > 0.01:
-                return (f"{100 * np.mean(nz < FP16_TINY):.1f}% of the folded float16 weights are subnormal and lose "
-                        f"precision; consider folding in float32 and converting afterwards")
-        elif data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
-            if a.size and a.max() > FP16_MAX:
-                return (f"folded weights reach {a.max():.3g}, beyond float16's range: the model will overflow if "
-                        f"deployed in fp16 (e.g. TensorRT --fp16); check this BN's running_var")
+                        index.setdefault(n.output[0], a.t)
+    return index
+
+
+def _tensor_risk(data_type: int, arr: np.ndarray) -> Optional[str]:
+    """Computed without float64 or abs() copies of the tensor: peak memory stays about one tensor."""
+    if not arr.size:
+        return None
+    if data_type == onnx.TensorProto.FLOAT16:
+        nonzero = np.count_nonzero(arr)
+        tiny = nonzero - np.count_nonzero((arr >= FP16_TINY) | (arr <= -FP16_TINY) | ~np.isfinite(arr))
+        if nonzero and tiny / nonzero > 0.01:
+            return (f"{100 * tiny / nonzero:.1f}% of the folded float16 weights are subnormal and lose "
+                    f"precision; consider folding in float32 and converting afterwards")
+    elif data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+        peak = max(float(np.nanmax(arr)), -float(np.nanmin(arr))) if not np.isnan(arr).all() else 0.0
+        if peak > FP16_MAX:
+            return (f"folded weights reach {peak:.3g}, beyond float16's range: the model will overflow if "
+                    f"deployed in fp16 (e.g. TensorRT --fp16); check this BN's running_var")
+    return None
+
+
+def _numeric_risk(index: dict, action, base_dir=None, payloads=None, seen=None) -> Optional[str]:
+    """Risk in the tensors this fold wrote, each read (or computed, for a deferred recipe) once,
+    one at a time: the model's other tensors are never read."""
+    from .wire import is_memory
+
+    seen = {} if seen is None else seen
+    for name in action.tensors:
+        if name not in seen:
+            t = index.get(name)
+            if t is None:
+                seen[name] = None
+                continue
+            if is_memory(t):
+                if payloads is None or name not in payloads:
+                    seen[name] = None
+                    continue
+                arr = payloads[name] if not hasattr(payloads, "pop") else payloads.pop(name)
+            else:
+                arr = onnx.numpy_helper.to_array(t, base_dir or "")
+            seen[name] = _tensor_risk(t.data_type, arr)
+            del arr
+            files = getattr(payloads, "files", None)
+            if files is not None:
+                files.release()  # the source pages read for a recipe leave the resident set
+        if seen[name]:
+            return seen[name]
     return None
 
 
@@ -107,9 +143,13 @@ def check(path: str) -> CheckResult:
         result.findings.append(Finding("FK006", "error", "model", f"onnx.checker (full check) fails: {err}"))
     from .api import fold_loaded
 
-    folded = fold_loaded(model, base_dir, verify=False, check=False)  # ``model`` is this call's own copy
+    # ``model`` is this call's own copy; defer: big folded weights stay recipes, computed one at a
+    # time by the numeric-risk check below, so the check holds about one tensor, not the model
+    folded = fold_loaded(model, base_dir, verify=False, check=False, defer=True)
     report = folded.report
     result.bn_count = report.bn_before
+    index = _tensor_index(folded.model)
+    seen = {}
     for a in report.actions:
         training = any(s.startswith("converted") for s in a.steps) or "training mode" in a.reason
         if training:
@@ -131,7 +171,7 @@ def check(path: str) -> CheckResult:
                 result.findings.append(Finding("FK003", "warning", a.node,
                                                f"BatchNormalization cannot be folded: {a.reason}", a.graph))
         if a.action in ("folded", "merged"):
-            risk = _numeric_risk(folded.model, a, base_dir)
+            risk = _numeric_risk(index, a, base_dir, folded.payloads, seen)
             if risk:
                 result.findings.append(Finding("FK004", "warning", a.node, f"numeric risk after folding: {risk}", a.graph))
     return result
