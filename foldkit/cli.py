@@ -15,7 +15,7 @@ import sys
 import click
 
 from .errors import EXIT_FAILED, EXIT_USAGE, FoldkitError
-from .text import printable
+from .text import printable, to_json
 
 EXIT_INTERNAL = 3
 SPILL_ABOVE = 2 ** 31 - 2 ** 24  # protobuf's limit, less a margin: the external-data regime
@@ -39,15 +39,20 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         debug = bool(click.get_current_context().find_root().params.get("debug"))
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except Exception:
+                # a SIGINT inside a C extension (ORT's import, say) surfaces as another error
+                if _interrupted:
+                    raise KeyboardInterrupt from None
+                raise
         except FoldkitError as e:
             if debug:
                 raise
             _die(str(e), e.exit_code)
         except KeyboardInterrupt:
-            from .io import COMMITTED
-
-            done = f"; already written: {', '.join(printable(p) for p in COMMITTED)}" if COMMITTED else \
+            committed = getattr(sys.modules.get(f"{__package__}.io"), "COMMITTED", None) or []  # never import here
+            done = f"; already written: {', '.join(printable(p) for p in committed)}" if committed else \
                 "; no output was written"
             click.echo(f"foldkit: interrupted{done}", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -90,7 +95,35 @@ def _sigterm(signum, frame):  # turn SIGTERM into SystemExit so temp files are c
     raise SystemExit(128 + signum)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_interrupted = False
+
+
+def _sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+class _Group(click.Group):
+    """Usage errors as one line too (click prints three: usage, a hint, the error)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            cmd = e.ctx.command_path if e.ctx is not None else "foldkit"
+            _die(f"{e.format_message()} (see '{cmd} --help')", EXIT_USAGE)
+        except click.ClickException as e:
+            _die(e.format_message(), e.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("foldkit: interrupted; no output was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="foldkit-onnx")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(debug):
@@ -101,6 +134,8 @@ def main(debug):
         warnings.simplefilter("ignore", RuntimeWarning)
     try:
         signal.signal(signal.SIGTERM, _sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the caller ignores it
+            signal.signal(signal.SIGINT, _sigint)
     except ValueError:  # not the main thread (e.g. embedded): leave signals alone
         pass
 
@@ -169,7 +204,6 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_inp
 @handle_errors
 def check(model, fmt, fail_on, output):
     """The pre-deployment gate: exit 0 only for a deployment-ready MODEL."""
-    import json
 
     from . import io as fio
     from .check import check as check_api, to_github, to_junit
@@ -179,7 +213,7 @@ def check(model, fmt, fail_on, output):
     if fmt == "json":
         d = result.to_dict()
         d["passed"] = not result.failed(fail_on)
-        text = json.dumps(d, indent=2, sort_keys=True) + "\n"
+        text = to_json(d)
     elif fmt == "github":
         text = to_github(result)
     elif fmt == "junit":
@@ -231,7 +265,6 @@ def _csv(value, cast=str):
 def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warmup, iters, threads, fp16, torch_model, model_arg,
           cache_dir, json_path, md_path, plot_path):
     """Latency of MODELS (the first is the baseline), interleaved A/B, on each runtime."""
-    import json
 
     from . import io as fio
     from .bench import BenchConfig, run_bench
@@ -269,7 +302,7 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
         why = "; ".join(f"{u['runtime']} (batch {u['batch']}): {u['reason']}" for u in result.unavailable[:3])
         raise InputError(f"nothing was measured: {why or 'no runtime ran'}")
     if json_path:
-        fio.atomic_write(json_path, (json.dumps(result.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+        fio.atomic_write(json_path, to_json(result.to_dict(), indent=1).encode())
     if md_path:
         fio.atomic_write(md_path, to_markdown(result).encode())
     if plot_path and result.rows:
@@ -327,9 +360,7 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
                         exporter=exporter, fold=not no_fold, atol=atol, rtol=rtol, durable=fsync)
     rep = result.report
     if report_path:
-        import json
-
-        fio.atomic_write(report_path, (json.dumps(rep, indent=2, sort_keys=True) + "\n").encode(), durable=fsync)
+        fio.atomic_write(report_path, to_json(rep).encode(), durable=fsync)
     if not quiet:
         from .render import print_export_report
 

@@ -77,4 +77,6 @@ class Report:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        from .text import to_json
+
+        return to_json(self.to_dict())

@@ -32,3 +32,25 @@ def printable(text) -> str:
 def xml_safe(text) -> str:
     """``text`` with the characters XML 1.0 forbids escaped (tab, CR and LF are allowed)."""
     return _XML_ILLEGAL.sub(lambda m: printable(m.group()), str(text))
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        if obj != obj:
+            return "nan"
+        if obj in (float("inf"), float("-inf")):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj, indent: int = 2) -> str:
+    """Strict JSON (RFC 8259) for every report foldkit writes: a non-finite number (``--atol inf``,
+    a NaN error) is written as the string "inf", "-inf" or "nan", never as bare Infinity/NaN."""
+    import json
+
+    return json.dumps(_finite(obj), indent=indent, sort_keys=True, allow_nan=False) + "\n"

@@ -160,6 +160,7 @@ from foldkit import io as fio
 from foldkit.cli import _sigterm
 import signal
 signal.signal(signal.SIGTERM, _sigterm)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIGINT ignored
 real = os.fsync
 def slow(fd):
     print("writing", flush=True)
@@ -168,9 +169,14 @@ os.fsync = slow
 fio.atomic_write({str(tmp_path / 'o.onnx')!r}, b"x" * 1000, durable=True)
 """
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "writing"
-    p.send_signal(sig)
-    p.wait(timeout=30)
+    try:
+        assert p.stdout.readline().strip() == "writing"
+        p.send_signal(sig)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     assert p.returncode != 0
     assert os.listdir(tmp_path) == []
 

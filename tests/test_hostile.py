@@ -271,3 +271,97 @@ def test_interrupt_before_the_switch_leaves_the_old_pair_exactly(tmp_path, monke
     r = run_checked(["fold", b, "-o", out, "--external-data", "-q"], str(tmp_path), allowed=(130,))
     assert "interrupted; no output was written" in r.stderr
     assert len(os.listdir(tmp_path)) == 4  # a.onnx, b.onnx, out.onnx and its data file: nothing new
+
+
+# --- export: the user's code may do anything ------------------------------------------------------
+
+FACTORIES = {
+    "raises": "def build():\n    raise RuntimeError('boom\\nsecond line')\n",
+    "exits": "import sys\ndef build():\n    sys.exit(0)\n",
+    "exits at import": "import sys\nsys.exit(3)\ndef build():\n    pass\n",
+    "forward fails": "import torch\nclass M(torch.nn.Module):\n    def forward(self, x):\n        raise ValueError('bad shape')\n"
+                     "def build():\n    return M()\n",
+    "returns a dict": "import torch\nclass M(torch.nn.Module):\n    def forward(self, x):\n        return {'y': x}\n"
+                      "def build():\n    return M()\n",
+    "not a module": "def build():\n    return 42\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_export_of_misbehaving_factories_is_one_line_exit_2(tmp_path, name):
+    pytest.importorskip("torch")
+    (tmp_path / "net.py").write_text(FACTORIES[name])
+    r = run_checked(["export", "--model", f"{tmp_path}/net.py:build", "--input-shape", "1,3,8,8",
+                     "-o", str(tmp_path / "o.onnx")], str(tmp_path))
+    assert r.exit_code == 2 and "--model" in r.stderr, r.output
+
+
+def test_export_outputs_onto_its_inputs_are_refused(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    (tmp_path / "net.py").write_text("import torch\ndef build():\n    return torch.nn.Conv2d(3, 4, 3)\n")
+    torch.save(torch.nn.Conv2d(3, 4, 3).state_dict(), tmp_path / "ck.pt")
+    base = ["export", "--model", f"{tmp_path}/net.py:build", "--input-shape", "1,3,8,8"]
+    for extra in (["-o", str(tmp_path / "ck.pt"), "--checkpoint", str(tmp_path / "ck.pt")],
+                  ["-o", str(tmp_path / "net.py")],
+                  ["-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "net.py")]):
+        r = run_checked(base + extra, str(tmp_path))
+        assert r.exit_code == 2, r.output
+
+
+# --- signals ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.45, 0.6, 0.9])
+def test_sigint_at_any_moment_of_start_up_is_one_line(tmp_path, delay):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = CASES["valid"](str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the child restores SIGINT's default: a parent (a background job, CI) may have it ignored
+    p = subprocess.Popen([sys.executable, "-c",
+                          "import signal, runpy, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                          f"sys.argv = ['cli.py', 'fold', {model!r}, '-o', {str(tmp_path / 'o.onnx')!r}]; "
+                          f"runpy.run_path({os.path.join(root, 'cli.py')!r}, run_name='__main__')"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert "Traceback" not in err, err
+    # -SIGINT with nothing said: the signal came before Python's handler was up, or after the
+    # command had finished (interpreter shutdown); either way an output, if any, is complete
+    assert p.returncode in (0, 130, -signal.SIGINT), (p.returncode, err)
+    if p.returncode == 130:
+        assert err.count("\n") == 1 and "interrupted" in err, err
+    elif p.returncode == -signal.SIGINT:
+        assert err == ""
+    if (tmp_path / "o.onnx").exists():
+        import onnx
+
+        onnx.checker.check_model(onnx.load(str(tmp_path / "o.onnx")))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_reports_are_strict_json_even_with_infinite_tolerances(tmp_path):
+    model = CASES["valid"](str(tmp_path))
+    rep = tmp_path / "r.json"
+    r = run_checked(["fold", model, "-o", str(tmp_path / "o.onnx"), "--atol", "inf", "--report", str(rep), "-q"],
+                    str(tmp_path))
+    assert r.exit_code == 0
+    d = json.loads(rep.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert d["verification"]["atol"] == "inf"
+
+
+@pytest.mark.parametrize("args", [["fold"], ["fold", "m.onnx"], ["fold", "m.onnx", "-o", "o.onnx", "--bogus"],
+                                  ["nope"], ["check", "m.onnx", "--format", "xml"], ["bench", "m.onnx", "--iters", "1"]])
+def test_usage_errors_are_one_line(tmp_path, monkeypatch, args):
+    CASES["valid"](str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    r = run_checked(args, str(tmp_path))
+    assert r.exit_code == 2 and "--help" in r.stderr

@@ -22,6 +22,14 @@ STATE_DICT_KEYS = ("state_dict", "model", "ema", "model_ema", "ema_state_dict", 
 PREFIXES = ("module.", "_orig_mod.")
 
 
+def _why(e: BaseException) -> str:
+    """An exception from the user's code as one short phrase."""
+    if isinstance(e, SystemExit):
+        return f"it called sys.exit({e.code!r})"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
 def load_factory(spec: str):
     """``path/to/file.py:fn`` or ``package.module:fn`` -> the callable."""
     target, sep, fn_name = spec.rpartition(":")
@@ -49,13 +57,13 @@ def load_factory(spec: str):
                 module = importlib.util.module_from_spec(loader_spec)
                 sys.modules[name] = module
                 loader_spec.loader.exec_module(module)
-        except Exception as e:
-            raise InputError(f"--model '{spec}': importing '{target}' failed: {type(e).__name__}: {e}") from None
+        except (Exception, SystemExit) as e:
+            raise InputError(f"--model '{spec}': importing '{target}' failed: {_why(e)}") from None
     else:
         try:
             module = importlib.import_module(target)
-        except Exception as e:
-            raise InputError(f"--model '{spec}': cannot import '{target}': {type(e).__name__}: {e}") from None
+        except (Exception, SystemExit) as e:
+            raise InputError(f"--model '{spec}': cannot import '{target}': {_why(e)}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise InputError(f"--model '{spec}': '{target}' has no callable '{fn_name}'")
@@ -200,8 +208,8 @@ def export(model_spec: str, output: str, input_shapes: Sequence[Sequence[int]], 
     factory = load_factory(model_spec) if isinstance(model_spec, str) else model_spec
     try:
         model = factory(**(model_args or {}))
-    except TypeError as e:
-        raise InputError(f"--model '{model_spec}': calling the factory failed: {e}") from None
+    except (Exception, SystemExit) as e:  # the user's code: whatever it raises is their input's problem
+        raise InputError(f"--model '{model_spec}': calling the factory failed: {_why(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"--model '{model_spec}': the factory returned {type(model).__name__}, not a torch.nn.Module")
     if checkpoint:
@@ -210,9 +218,19 @@ def export(model_spec: str, output: str, input_shapes: Sequence[Sequence[int]], 
     gen = torch.Generator().manual_seed(seed)
     args = tuple(torch.randn(*shape, generator=gen) for shape in input_shapes)
     input_names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
-    with torch.no_grad():
-        expected = model(*args)
+    try:
+        with torch.no_grad():
+            expected = model(*args)
+    except (Exception, SystemExit) as e:
+        shapes = ", ".join("x".join(map(str, s)) for s in input_shapes)
+        raise InputError(f"--model '{model_spec}': the model's forward failed on inputs of shape {shapes}: "
+                         f"{_why(e)}") from None
     outs = expected if isinstance(expected, (tuple, list)) else (expected,)
+    bad = [type(o).__name__ for o in outs if not isinstance(o, torch.Tensor)]
+    if bad:
+        raise InputError(f"--model '{model_spec}': the model returned {type(expected).__name__}"
+                         f"{' holding ' + bad[0] if bad[0] != type(expected).__name__ else ''}; foldkit export "
+                         "needs a tensor or a tuple of tensors (wrap the model to return them)")
     output_names = [f"output{i}" if len(outs) > 1 else "output" for i in range(len(outs))]
 
     with tempfile.TemporaryDirectory() as tmp:
