@@ -22,6 +22,7 @@ import mmap
 import os
 from typing import Optional
 
+from google.protobuf.message import DecodeError
 from onnx import ModelProto, TensorProto
 
 CHUNK = 64 << 20
@@ -137,8 +138,8 @@ def lazy_load(path: str, threshold: int = 1024) -> Optional[ModelProto]:
         model.ParseFromString(bytes(mm[0:gstart]) + bytes(mm[gv1:size]))
         model.graph.ParseFromString(b"".join(graph_parts))
         return model
-    except WireError:
-        return None
+    except (WireError, DecodeError, ValueError, RuntimeError):  # not the plain layout, or corrupt:
+        return None  # the caller's ordinary parse says which, as one sentence
     finally:
         mm.close()
 

@@ -365,3 +365,46 @@ def test_usage_errors_are_one_line(tmp_path, monkeypatch, args):
     monkeypatch.chdir(tmp_path)
     r = run_checked(args, str(tmp_path))
     assert r.exit_code == 2 and "--help" in r.stderr
+
+
+# --- fuzz: mutated bytes of a lazily read model and of an external-data pair ------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+FUZZ_EXAMPLES = int(os.environ.get("FOLDKIT_FUZZ_EXAMPLES", "40"))  # CI: fixed seed (derandomized), 40
+
+
+@st.composite
+def _mutation(draw):
+    kind = draw(st.sampled_from(["flip", "truncate", "splice", "data-flip", "data-truncate"]))
+    return kind, draw(st.lists(st.integers(0, 1 << 30), min_size=1, max_size=6)), draw(st.integers(0, 7))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(mutation=_mutation())
+def test_fuzz_mutated_bytes_keep_the_property(tmp_path_factory, mutation):
+    from tests.hostile import _external
+
+    folder = str(tmp_path_factory.mktemp("fuzz"))
+    kind, positions, bit = mutation
+    model = _external(folder) if kind.startswith("data") else CASES["valid"](folder)
+    target = model + ".data" if kind.startswith("data") else model
+    data = bytearray(open(target, "rb").read())
+    if kind.endswith("truncate"):
+        data = data[: positions[0] % max(1, len(data))]
+    elif kind == "splice":
+        i, j = sorted(p % len(data) for p in positions[:2] * (2 if len(positions) < 2 else 1))[:2]
+        data = data[:i] + data[j:] + data[i:j]
+    else:
+        for p in positions:
+            data[p % len(data)] ^= 1 << bit
+    with open(target, "wb") as f:
+        f.write(bytes(data))
+    for command in ("fold", "check-json", "check-junit"):
+        r = run_checked(COMMANDS[command](model, folder), folder)
+        for f in ("out.onnx", "rep.json", "check.json"):
+            p = os.path.join(folder, f)
+            if os.path.exists(p):
+                os.unlink(p)
+        assert r.exit_code in (0, 1, 2)
