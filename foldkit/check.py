@@ -74,45 +74,49 @@ def _tensor_index(model) -> dict:
     return index
 
 
-def _tensor_risk(data_type: int, arr: np.ndarray) -> Optional[str]:
-    """Computed without float64 or abs() copies of the tensor: peak memory stays about one tensor."""
-    if not arr.size:
-        return None
-    if data_type == onnx.TensorProto.FLOAT16:
-        nonzero = np.count_nonzero(arr)
-        tiny = nonzero - np.count_nonzero((arr >= FP16_TINY) | (arr <= -FP16_TINY) | ~np.isfinite(arr))
-        if nonzero and tiny / nonzero > 0.01:
-            return (f"{100 * tiny / nonzero:.1f}% of the folded float16 weights are subnormal and lose "
-                    f"precision; consider folding in float32 and converting afterwards")
-    elif data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
-        peak = max(float(np.nanmax(arr)), -float(np.nanmin(arr))) if not np.isnan(arr).all() else 0.0
-        if peak > FP16_MAX:
-            return (f"folded weights reach {peak:.3g}, beyond float16's range: the model will overflow if "
-                    f"deployed in fp16 (e.g. TensorRT --fp16); check this BN's running_var")
+def _tensor_risk(data_type: int, blocks) -> Optional[str]:
+    """The risk in a tensor given as arrays (blocks of it, or the whole), aggregated without
+    float64 or abs() copies: memory stays about one block."""
+    nonzero = tiny = 0
+    peak = 0.0
+    for arr in blocks:
+        if not arr.size:
+            continue
+        if data_type == onnx.TensorProto.FLOAT16:
+            nz = np.count_nonzero(arr)
+            nonzero += nz
+            tiny += nz - np.count_nonzero((arr >= FP16_TINY) | (arr <= -FP16_TINY) | ~np.isfinite(arr))
+        elif data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE) and not np.isnan(arr).all():
+            peak = max(peak, float(np.nanmax(arr)), -float(np.nanmin(arr)))
+    if nonzero and tiny / nonzero > 0.01:
+        return (f"{100 * tiny / nonzero:.1f}% of the folded float16 weights are subnormal and lose "
+                f"precision; consider folding in float32 and converting afterwards")
+    if peak > FP16_MAX:
+        return (f"folded weights reach {peak:.3g}, beyond float16's range: the model will overflow if "
+                f"deployed in fp16 (e.g. TensorRT --fp16); check this BN's running_var")
     return None
 
 
 def _numeric_risk(index: dict, action, base_dir=None, payloads=None, seen=None) -> Optional[str]:
-    """Risk in the tensors this fold wrote, each read (or computed, for a deferred recipe) once,
-    one at a time: the model's other tensors are never read."""
+    """Risk in the tensors this fold wrote, each read once, one at a time (a deferred recipe
+    block by block, never whole): the model's other tensors are never read."""
+    from .math import ScaledChannels
     from .wire import is_memory
 
     seen = {} if seen is None else seen
     for name in action.tensors:
         if name not in seen:
             t = index.get(name)
-            if t is None:
+            if t is None or (is_memory(t) and (payloads is None or name not in payloads)):
                 seen[name] = None
                 continue
             if is_memory(t):
-                if payloads is None or name not in payloads:
-                    seen[name] = None
-                    continue
-                arr = payloads[name] if not hasattr(payloads, "pop") else payloads.pop(name)
+                raw = dict.get(payloads, name) if isinstance(payloads, dict) else None
+                blocks = raw.blocks() if isinstance(raw, ScaledChannels) else [payloads[name]]
             else:
-                arr = onnx.numpy_helper.to_array(t, base_dir or "")
-            seen[name] = _tensor_risk(t.data_type, arr)
-            del arr
+                blocks = [onnx.numpy_helper.to_array(t, base_dir or "")]
+            seen[name] = _tensor_risk(t.data_type, blocks)
+            del blocks
             files = getattr(payloads, "files", None)
             if files is not None:
                 files.release()  # the source pages read for a recipe leave the resident set

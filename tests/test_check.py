@@ -207,3 +207,23 @@ def test_fuzz_fold_and_check_fail_cleanly(tmp_path, data):
                 assert not out.exists()
     assert p.read_bytes() == data
     assert sorted(os.listdir(tmp_path)) in (["fuzz.onnx"], ["fuzz.onnx", "out.onnx"])
+
+
+@pytest.mark.parametrize("dtype, onnx_type, scale, word", [(np.float32, F32, 1e5, "beyond float16"),
+                                                           (np.float16, TensorProto.FLOAT16, 1e-6, "subnormal")])
+def test_numeric_risk_in_a_big_weight_read_block_by_block(tmp_path, dtype, onnx_type, scale, word):
+    """A weight over 1 MiB is folded as a deferred recipe; the risk check streams its blocks."""
+    from tests.helpers import bn_inits, make_model, rng
+
+    r = rng(3)
+    c = 256
+    w = r.standard_normal((c, c, 3, 3)).astype(dtype)
+    names, bn = bn_inits("bn", c, r, dtype)
+    bn[0] = tensor(names[0], np.full(c, scale, dtype))
+    nodes = [helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c"] + names, ["Y"], name="bn")]
+    m = make_model(nodes, [("X", onnx_type, [1, c, 4, 4])], [("Y", onnx_type, None)], [tensor("W", w)] + bn)
+    assert w.nbytes >= 1 << 20
+    res = invoke("check", save(m, tmp_path), "--format", "json")
+    risks = [f for f in json.loads(res.output)["findings"] if f["code"] == "FK004"]
+    assert risks and word in risks[0]["message"], res.output
