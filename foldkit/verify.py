@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -145,10 +146,23 @@ class _BackendUnavailable(Exception):
     pass
 
 
+def ort_source(path: str, base_dir: Optional[str] = None):
+    """(what to hand ort.InferenceSession, the folder its external data is read from): the path,
+    or for a file name that is not UTF-8 (which ORT cannot take) the file's bytes and its folder."""
+    try:
+        path.encode("utf-8")
+        return path, base_dir
+    except UnicodeEncodeError:
+        with open(path, "rb") as f:
+            return f.read(), os.path.dirname(os.path.abspath(path))
+
+
 def _run_ort(source, feeds: dict, base_dir: Optional[str] = None):
     """``source``: serialized bytes, or a model file's path (its external data beside it)."""
     import onnxruntime as ort
 
+    if isinstance(source, str):
+        source, base_dir = ort_source(source, base_dir)
     so = ort.SessionOptions()
     if base_dir and not isinstance(source, str):  # tensors left on disk are read from the model's folder
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)

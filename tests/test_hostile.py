@@ -71,6 +71,8 @@ def test_every_command_on_every_hostile_case(tmp_path, name, command):
     r = run_checked(COMMANDS[command](model, folder), folder)
     if name in VALID and command.startswith("fold"):
         assert r.exit_code == 0, r.output  # a readable, valid model is never refused
+    if name in VALID:
+        assert r.exit_code == (0 if command == "bench" else r.exit_code) and r.exit_code in (0, 1), r.output
     if name in TOO_BIG_TO_VERIFY and command.startswith("fold"):
         assert r.exit_code == 2 and "--max-input-mb" in r.stderr, r.stderr
     if command == "check-junit" and r.exit_code in (0, 1):
@@ -410,3 +412,42 @@ def test_fuzz_mutated_bytes_keep_the_property(tmp_path_factory, mutation):
             if os.path.exists(p):
                 os.unlink(p)
         assert r.exit_code in (0, 1, 2)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_unsafe_checkpoint_refusal_is_one_line(tmp_path):
+    pytest.importorskip("torch")
+    import pickle
+
+    (tmp_path / "net.py").write_text("import torch\ndef build():\n    return torch.nn.Conv2d(3, 4, 3)\n")
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"state_dict": {}, "x": _Evil()}, f)
+    r = run_checked(["export", "--model", f"{tmp_path}/net.py:build", "--input-shape", "1,3,8,8",
+                     "--checkpoint", str(tmp_path / "evil.pt"), "-o", str(tmp_path / "o.onnx")], str(tmp_path))
+    assert r.exit_code == 2 and "--trust-checkpoint" in r.stderr and "pwned" not in r.output
+
+
+def test_output_named_like_the_inputs_data_file_keeps_it(tmp_path):
+    """The input names its data 'out.onnx.data'; `fold -o out.onnx --external-data` must not touch it."""
+    from tests.hostile import _external
+
+    model = _external(str(tmp_path), location="out.onnx.data")
+    os.rename(tmp_path / "m.onnx.data", tmp_path / "out.onnx.data")
+    r = run_checked(["fold", model, "-o", str(tmp_path / "out.onnx"), "--external-data", "-q"], str(tmp_path))
+    assert r.exit_code == 0, r.output
+    r = run_checked(["fold", model, "-o", str(tmp_path / "out2.onnx"), "--external-data", "-q"], str(tmp_path))
+    assert r.exit_code == 0, r.output
+
+
+def test_non_utf8_output_name_with_external_data(tmp_path):
+    import onnx
+
+    model = CASES["valid"](str(tmp_path))
+    out = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"o\xff.onnx"))
+    r = run_checked(["fold", model, "-o", out, "--external-data", "-q"], str(tmp_path))
+    assert r.exit_code == 0, r.output
+    onnx.checker.check_model(onnx.load(out))  # the data file it names is there, under a UTF-8 name

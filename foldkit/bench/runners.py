@@ -90,8 +90,13 @@ class OrtRunner(Runner):
             options = {"trt_fp16_enable": bool(self.fp16), "trt_engine_cache_enable": bool(self.cache_dir),
                        "trt_engine_cache_path": self.cache_dir or ""}
         providers = [(provider, options)]
+        from ..verify import ort_source
+
+        source, folder = ort_source(self.model_path)
+        if folder:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
         try:
-            self.sess = ort.InferenceSession(self.model_path, so, providers=providers)
+            self.sess = ort.InferenceSession(source, so, providers=providers)
         except Exception as e:
             raise Unavailable(f"{provider}: {str(e).splitlines()[0][:200]}") from None
         if provider not in self.sess.get_providers():
