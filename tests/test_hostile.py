@@ -53,6 +53,7 @@ def run_checked(args, folder, allowed=(0, 1, 2)):
     assert r.exit_code in allowed, where
     assert "Traceback" not in r.output and "internal error" not in r.output, where
     assert "\x1b" not in r.output and "\x00" not in r.output, where + "\ncontrol characters reached the terminal"
+    assert "\U0001f604" not in r.output, where + "\na name's ':smile:' was rendered as an emoji"
     if r.exit_code == 2:
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("foldkit: error:"), where
         assert set(after) == set(before), where + f"\nnew files: {sorted(set(after) - set(before))}"
