@@ -446,17 +446,44 @@ class _AtomicFile:
 
 
 class _HashingWriter:
-    """A binary file that also hashes what is written to it (the data file's content name)."""
+    """A binary file that also hashes what is written to it (the data file's content name).
+
+    The hash of a block runs on a worker thread while the block is written (hashlib and file
+    writes both release the GIL), so naming the file by its content costs little more than the
+    write itself; each write returns only when both are done, so a caller may reuse its buffer."""
+
+    MIN_PARALLEL = 1 << 16
 
     def __init__(self, file):
         import hashlib
 
         self.file = file
         self.hash = hashlib.sha256()
+        self._pool = None
 
     def write(self, data) -> None:
-        self.hash.update(data)
-        self.file.write(data)
+        if len(memoryview(data).cast("B")) < self.MIN_PARALLEL:
+            self.hash.update(data)
+            self.file.write(data)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foldkit-hash")
+        pending = self._pool.submit(self.hash.update, data)
+        try:
+            self.file.write(data)
+        finally:
+            pending.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self.hash.hexdigest()
 
 
 def data_file_name(model_name: str, digest: str) -> str:
@@ -505,6 +532,7 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
     old_data = [f for f in model_files(path)[1:] if os.path.isfile(f)] if os.path.isfile(path) else []
     files = []
     orphan = None  # a data file committed for a model that then was not
+    hashing = None
     # a model and its data file are written under their final names in a private folder, so that
     # ``before_commit`` can load the pair as it will be; a single file needs no folder
     tmp_dir = tempfile.mkdtemp(dir=folder, prefix=".foldkit-") if external and os.path.isdir(folder) else None
@@ -528,7 +556,7 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
 
         def data_name() -> str:  # called once every payload is in the data file
             data.finish()
-            data.rename(data_file_name(os.path.basename(path), hashing.hash.hexdigest()))
+            data.rename(data_file_name(os.path.basename(path), hashing.hexdigest()))
             return os.path.basename(data.path)
 
         wire.write_model(m, out.file, base_dir or ".", hashing, data_name if data else None, payloads=payloads)
@@ -568,5 +596,7 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
                 pass
         raise
     finally:
+        if hashing is not None:
+            hashing.close()
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
