@@ -45,6 +45,8 @@ def handle_errors(fn):
                 # a SIGINT inside a C extension (ORT's import, say) surfaces as another error
                 if _interrupted:
                     raise KeyboardInterrupt from None
+                if _terminated is not None:
+                    raise SystemExit(_terminated) from None
                 raise
         except FoldkitError as e:
             if debug:
@@ -91,11 +93,15 @@ def tolerance_options(fn):
     return fn
 
 
-def _sigterm(signum, frame):  # turn SIGTERM into SystemExit so temp files are cleaned up
-    raise SystemExit(128 + signum)
-
-
 _interrupted = False
+_terminated = None  # the exit code a SIGTERM asked for
+
+
+def _sigterm(signum, frame):  # turn SIGTERM into SystemExit so temp files are cleaned up
+    global _terminated
+    _terminated = 128 + signum
+    raise SystemExit(_terminated)
+
 
 
 def _sigint(signum, frame):
