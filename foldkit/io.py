@@ -185,8 +185,13 @@ def _tensor_problem(t: TensorProto) -> Optional[str]:
     fields = [f for f in _TYPED_FIELDS if len(getattr(t, f))]
     if len(fields) > 1:
         return f"holds data in several fields ({', '.join(fields)})"
-    if fields and (fields[0] == "string_data") != is_string:
-        return f"of type {TensorProto.DataType.Name(t.data_type)} holds its data in {fields[0]}"
+    if fields:
+        try:
+            expected_field = onnx.helper.tensor_dtype_to_field(t.data_type)
+        except (KeyError, ValueError, TypeError):
+            return f"has an unknown data type {t.data_type}"
+        if fields[0] != expected_field:  # the reader would find no data, or misread it
+            return f"of type {TensorProto.DataType.Name(t.data_type)} holds its data in {fields[0]}, not {expected_field}"
     held = len(getattr(t, fields[0])) if fields else 0
     if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
         held //= 2

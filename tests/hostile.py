@@ -95,6 +95,28 @@ def string_data_in_float_tensor(folder):
 
 
 @case
+def int64_data_in_float_tensor(folder):
+    m = base_model()
+    t = _init(m, "bn_B")
+    n = t.dims[0]
+    t.ClearField("raw_data")
+    t.int64_data.extend([1] * n)
+    return save(m, folder)
+
+
+@case
+def float16_tensor_in_float_data(folder):
+    """FLOAT16 values belong in int32_data (as bits); float_data would be misread."""
+    m = base_model()
+    t = _init(m, "bn_mean")
+    n = t.dims[0]
+    t.ClearField("raw_data")
+    t.data_type = TensorProto.FLOAT16
+    t.float_data.extend([0.5] * n)
+    return save(m, folder)
+
+
+@case
 def bn_without_outputs(folder):
     m = base_model()
     bn = m.graph.node[1]
