@@ -32,6 +32,15 @@ def _die(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _interrupted_exit() -> None:
+    """One line saying what an interrupt left: nothing, or the files already committed."""
+    committed = getattr(sys.modules.get(f"{__package__}.io"), "COMMITTED", None) or []  # never import here
+    done = f"; already written: {', '.join(printable(p) for p in committed)}" if committed else \
+        "; no output was written"
+    click.echo(f"foldkit: interrupted{done}", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def handle_errors(fn):
     """One line on stderr and a documented exit code for every failure; a traceback only with --debug."""
 
@@ -53,11 +62,7 @@ def handle_errors(fn):
                 raise
             _die(str(e), e.exit_code)
         except KeyboardInterrupt:
-            committed = getattr(sys.modules.get(f"{__package__}.io"), "COMMITTED", None) or []  # never import here
-            done = f"; already written: {', '.join(printable(p) for p in committed)}" if committed else \
-                "; no output was written"
-            click.echo(f"foldkit: interrupted{done}", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            _interrupted_exit()
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except MemoryError:
@@ -124,8 +129,7 @@ class _Group(click.Group):
         except click.ClickException as e:
             _die(e.format_message(), e.exit_code)
         except (click.Abort, KeyboardInterrupt):
-            click.echo("foldkit: interrupted; no output was written", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            _interrupted_exit()
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -279,10 +283,10 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
     from .render import print_bench, progress_bar
     from .verify import parse_input_shapes
 
-    fio.guard_outputs({"--json": json_path, "--markdown": md_path, "--plot": plot_path},
-                      [f for m in models for f in fio.model_files(m)])
+    inputs = []
     for m in models:  # every model readable before anything runs
-        fio.load_model(m, lazy=True)
+        inputs += fio.model_files(m, fio.load_model(m, lazy=True))
+    fio.guard_outputs({"--json": json_path, "--markdown": md_path, "--plot": plot_path}, inputs)
     if plot_path:
         try:
             import matplotlib  # noqa: F401
