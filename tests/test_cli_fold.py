@@ -192,3 +192,12 @@ def test_fsync_is_opt_in_and_writes_the_same_bytes(conv_bn_path, tmp_path, monke
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert invoke("fold", conv_bn_path, "-o", tmp_path / "c.onnx", "-q", "--no-fsync").exit_code == 0
     assert len(calls) == 2
+
+
+def test_python_dash_m_foldkit(conv_bn_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    p = subprocess.run([sys.executable, "-m", "foldkit", "fold", str(conv_bn_path), "-o", str(out), "-q"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0 and out.exists(), p.stderr
+    p = subprocess.run([sys.executable, "-m", "foldkit", "--version"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.startswith("foldkit, version"), p.stdout + p.stderr
