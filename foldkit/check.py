@@ -100,7 +100,6 @@ def _tensor_risk(data_type: int, blocks) -> Optional[str]:
 def _numeric_risk(index: dict, action, base_dir=None, payloads=None, seen=None) -> Optional[str]:
     """Risk in the tensors this fold wrote, each read once, one at a time (a deferred recipe
     block by block, never whole): the model's other tensors are never read."""
-    from .math import ScaledChannels
     from .wire import is_memory
 
     seen = {} if seen is None else seen
@@ -111,8 +110,7 @@ def _numeric_risk(index: dict, action, base_dir=None, payloads=None, seen=None) 
                 seen[name] = None
                 continue
             if is_memory(t):
-                raw = dict.get(payloads, name) if isinstance(payloads, dict) else None
-                blocks = raw.blocks() if isinstance(raw, ScaledChannels) else [payloads[name]]
+                blocks = payloads.arrays(name)
             else:
                 blocks = [onnx.numpy_helper.to_array(t, base_dir or "")]
             seen[name] = _tensor_risk(t.data_type, blocks)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import stat
@@ -314,10 +315,8 @@ def guard_outputs(outputs: dict, inputs=(), allow_same: dict = None) -> None:
         where = f"{path} ({label})"
         if os.path.isdir(path):
             raise InputError(f"{where}: is a directory; give a file name")
-        if os.path.lexists(path) and os.path.exists(path):
-            mode = os.stat(path).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
-                raise InputError(f"{where}: exists and is not a regular file; refusing to replace it")
+        if os.path.exists(path) and not (os.path.isfile(path) or _write_through(path)):
+            raise InputError(f"{where}: exists and is not a regular file; refusing to replace it")
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise InputError(f"{where}: folder '{folder}' does not exist")
@@ -373,7 +372,9 @@ def serialize(model: ModelProto) -> bytes:
         raise InputError(f"the model is too large for a single file ({e}); use external data") from None
 
 
-COMMITTED: list = []  # every path this process has committed, so an interrupt can say what was written
+# the paths this process committed last (bounded: a long-running caller does not accumulate them),
+# so that an interrupted command can say what it had already written
+COMMITTED: collections.deque = collections.deque(maxlen=64)
 
 # test hook: called with a step name between the steps of a commit (tests stop the process there)
 _after_step: Optional[Callable[[str], None]] = None
@@ -467,7 +468,7 @@ class _HashingWriter:
         self._pool = None
 
     def write(self, data) -> None:
-        if len(memoryview(data).cast("B")) < self.MIN_PARALLEL:
+        if memoryview(data).nbytes < self.MIN_PARALLEL:
             self.hash.update(data)
             self.file.write(data)
             return

@@ -56,6 +56,14 @@ class MemoryPayloads(dict):
     def discard(self, name: str) -> None:
         super().pop(name, None)
 
+    def arrays(self, name: str):
+        """The payload as arrays in order: a recipe block by block (never whole), else the array."""
+        value = super().__getitem__(name)
+        if isinstance(value, ScaledChannels):
+            yield from value.blocks()
+        else:
+            yield value
+
     def source(self, name: str):
         value = super().__getitem__(name)
         if isinstance(value, ScaledChannels):
@@ -111,6 +119,13 @@ class SpillPayloads:
         arr = np.array(self[name])  # a private copy, not a view of the spill file
         self.discard(name)
         return arr
+
+    def arrays(self, name: str):
+        """The payload as arrays in order: a recipe block by block (never whole), else the array."""
+        if name in self.recipes:
+            yield from self.recipes[name].blocks()
+        else:
+            yield self[name]
 
     def discard(self, name: str) -> None:
         self.recipes.pop(name, None)

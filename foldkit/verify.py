@@ -64,7 +64,7 @@ def parse_input_shapes(specs) -> dict:
             shapes[name] = [int(d) for d in dims.split(",") if d.strip()]
         except ValueError:
             raise InputError(f"--input-shape '{spec}': dimensions must be integers") from None
-        if not shapes[name] or any(d <= 0 for d in shapes[name]):
+        if any(d <= 0 for d in shapes[name]):
             raise InputError(f"--input-shape '{spec}': dimensions must be positive integers")
     return shapes
 
