@@ -9,6 +9,7 @@
 | FK005 | error    | invalid BN parameters (NaN, Inf, var + eps <= 0) or channel mismatch |
 | FK006 | error    | onnx.checker (full check) fails |
 | FK007 | error    | external data missing, unreadable or outside the model's folder |
+| FK008 | error    | the file cannot be read as an ONNX model (exit code 2) |
 
 The check never runs the model and never writes: it runs the fold pipeline on an in-memory copy
 without verification and reads its report.
@@ -17,6 +18,7 @@ without verification and reads its report.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -42,16 +44,78 @@ class Finding:
 
 @dataclass
 class CheckResult:
+    """The findings for one model. ``error`` is set (with one FK008 finding) when the file could not
+    be read as a model at all: its exit code is then 2, not 1."""
+
     path: str
     findings: list = field(default_factory=list)
     bn_count: int = 0
+    error: Optional[str] = None
+    time_s: float = 0.0
 
     def failed(self, fail_on: str = "error") -> bool:
         level = SEVERITIES.index(fail_on)
         return any(SEVERITIES.index(f.severity) >= level for f in self.findings)
 
-    def to_dict(self) -> dict:
-        return {"path": self.path, "bn_count": self.bn_count, "findings": [asdict(f) for f in self.findings]}
+    def exit_code(self, fail_on: str = "error") -> int:
+        from .errors import EXIT_FAILED, EXIT_USAGE
+
+        return EXIT_USAGE if self.error is not None else EXIT_FAILED if self.failed(fail_on) else 0
+
+    def counts(self) -> dict:
+        return {s: sum(f.severity == s for f in self.findings) for s in ("error", "warning")}
+
+    def to_dict(self, fail_on: str = "error") -> dict:
+        return {"path": self.path, "passed": not self.failed(fail_on) and self.error is None,
+                "exit_code": self.exit_code(fail_on), "error": self.error, "bn_count": self.bn_count,
+                "time_s": round(self.time_s, 6), "findings": [asdict(f) for f in self.findings]}
+
+
+def expand_models(paths) -> list:
+    """The models to check: each path given, a folder replaced by the ``*.onnx`` files under it (in
+    sorted order, recursively, hidden folders skipped); the same file named twice is checked once."""
+    from .errors import InputError
+
+    out, seen = [], set()
+    for p in paths:
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            found = []
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(".onnx")]
+            if not found:
+                raise InputError(f"{p}: a folder with no .onnx file under it")
+        else:
+            found = [p]
+        for f in found:
+            try:
+                st = os.stat(f)
+                key = (st.st_dev, st.st_ino)
+            except OSError:
+                key = os.path.abspath(f)
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
+    return out
+
+
+def check_many(paths) -> list:
+    """:func:`check` on every model (folders expanded); a model that cannot be read gives a result
+    with ``error`` set and one FK008 finding, and the others are still checked."""
+    from .errors import FoldkitError
+
+    results = []
+    for p in expand_models(paths):
+        start = time.perf_counter()
+        try:
+            r = check(p)
+        except FoldkitError as e:
+            r = CheckResult(path=str(p), error=str(e))
+            r.findings.append(Finding("FK008", "error", "model", str(e)))
+        r.time_s = time.perf_counter() - start
+        results.append(r)
+    return results
 
 
 INVALID_PARAM_MARKERS = ("NaN or Inf", "not positive", "channel count mismatch", "different lengths")
@@ -131,9 +195,9 @@ def check(path: str) -> CheckResult:
     model = wire.lazy_load(path, fio.LAZY_THRESHOLD) or fio.read_model(path)
     result = CheckResult(path=str(path))
     base_dir = os.path.dirname(os.path.abspath(path))
-    ext = fio.external_data_problems(model, base_dir)
-    for name, sentence in ext:
-        result.findings.append(Finding("FK007", "error", name, sentence + "; keep external data files beside the model"))
+    ext = fio.external_data_findings(model, base_dir)
+    for subject, _, sentence in ext:
+        result.findings.append(Finding("FK007", "error", subject, sentence + "; keep external data files beside the model"))
     if ext:
         return result  # nothing below can be trusted without the weights
     fio.validate(model, str(path))
@@ -190,33 +254,114 @@ def _gh_property(s: str) -> str:
     return _gh_data(s).replace(":", "%3A").replace(",", "%2C")
 
 
-def to_github(result: CheckResult) -> str:
+def _summary(r: CheckResult, fail_on: str) -> str:
+    if r.error is not None:
+        return f"cannot be read as an ONNX model: {r.error}"
+    c = r.counts()
+    codes = {}
+    for f in r.findings:
+        codes[f.code] = codes.get(f.code, 0) + 1
+    verdict = "FAILED" if r.failed(fail_on) else "ready to deploy"
+    detail = ", ".join(f"{k} x{v}" for k, v in sorted(codes.items()))
+    return (f"{verdict}: {c['error']} error(s), {c['warning']} warning(s), {r.bn_count} BatchNormalization"
+            + (f" ({detail})" if detail else ""))
+
+
+def to_github(results, fail_on: str = "error") -> str:
+    """GitHub Actions workflow commands. GitHub shows only 10 annotations of a kind per step, so one
+    summary annotation per model comes first (error for a failing model, notice otherwise), then
+    every finding."""
+    results = [results] if isinstance(results, CheckResult) else list(results)
     lines = []
-    for f in result.findings:
-        props = f"file={_gh_property(printable(result.path))},title={_gh_property(printable(f'{f.code} {f.node}'))}"
-        lines.append(f"::{f.severity} {props}::{_gh_data(printable(f.message))}")
+    for r in results:
+        kind = "error" if r.exit_code(fail_on) else "notice"
+        props = f"file={_gh_property(printable(r.path))},title={_gh_property('foldkit check')}"
+        lines.append(f"::{kind} {props}::{_gh_data(printable(_summary(r, fail_on)))}")
+    for r in results:
+        for f in r.findings:
+            if f.code == "FK008":
+                continue  # the summary says it
+            props = f"file={_gh_property(printable(r.path))},title={_gh_property(printable(f'{f.code} {f.node}'))}"
+            lines.append(f"::{f.severity} {props}::{_gh_data(printable(f.message))}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def to_junit(result: CheckResult, fail_on: str = "error") -> str:
-    """JUnit XML; every name and message made XML 1.0-legal (control characters escaped)."""
+def _md_cell(s) -> str:
+    return printable(str(s)).replace("|", "\\|").replace("`", "'")
+
+
+def to_markdown(results, fail_on: str = "error") -> str:
+    """A job summary (``GITHUB_STEP_SUMMARY``): one line per model, then a table of every finding."""
+    results = list(results)
+    failed = sum(bool(r.exit_code(fail_on)) for r in results)
+    out = [f"### foldkit check: {'FAILED' if failed else 'passed'} "
+           f"({len(results) - failed} of {len(results)} model(s) ready to deploy, fail-on {fail_on})", "",
+           "| model | result | errors | warnings | BatchNormalization |", "|---|---|---|---|---|"]
+    for r in results:
+        c = r.counts()
+        verdict = "unreadable" if r.error is not None else "FAILED" if r.failed(fail_on) else "ready"
+        out.append(f"| {_md_cell(r.path)} | {verdict} | {c['error']} | {c['warning']} | {r.bn_count} |")
+    rows = [(r, f) for r in results for f in r.findings]
+    if rows:
+        out += ["", "| model | severity | code | node | finding |", "|---|---|---|---|---|"]
+        out += [f"| {_md_cell(r.path)} | {f.severity} | {f.code} | {_md_cell(f.node)} | {_md_cell(f.message)} |"
+                for r, f in rows]
+    return "\n".join(out) + "\n\n"
+
+
+def to_text(results, fail_on: str = "error", unreadable: bool = True) -> str:
+    """Plain lines, one finding per line, then one verdict line per model (and a total for several).
+    ``unreadable=False`` leaves out the models that could not be read (the command's stderr names them)."""
+    results = [results] if isinstance(results, CheckResult) else list(results)
+    lines = []
+    for r in results:
+        if r.error is not None and not unreadable:
+            continue
+        for f in r.findings:
+            node = f.node if f.graph == "main" else f"{f.node} [{f.graph}]"
+            lines.append(f"{printable(r.path)}: {f.severity} {f.code} {printable(node)}: {printable(f.message)}")
+        lines.append(f"{printable(r.path)}: {_summary(r, fail_on) if r.error is None else 'unreadable'} "
+                     f"(fail-on {fail_on})")
+    if len(results) > 1:
+        bad = sum(bool(r.exit_code(fail_on)) for r in results)
+        lines.append(f"{len(results) - bad} of {len(results)} model(s) ready to deploy")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def to_junit(results, fail_on: str = "error") -> str:
+    """JUnit XML: one testsuite per model (with its time); every name and message made XML
+    1.0-legal (control characters escaped). An unreadable model is a testsuite with one error."""
     import xml.etree.ElementTree as ET
 
+    results = [results] if isinstance(results, CheckResult) else list(results)
     level = SEVERITIES.index(fail_on)
-    failing = [f for f in result.findings if SEVERITIES.index(f.severity) >= level]
-    path = xml_safe(result.path)
-    suite = ET.Element("testsuite", name="foldkit check", tests=str(max(1, len(result.findings))),
-                       failures=str(len(failing)), errors="0", skipped="0")
-    if not result.findings:
-        ET.SubElement(suite, "testcase", classname=path, name="deployment-ready")
-    for f in result.findings:
-        case = ET.SubElement(suite, "testcase", classname=path, name=xml_safe(f"{f.code} {f.node}"))
-        message = xml_safe(f.message)
-        if SEVERITIES.index(f.severity) >= level:
-            el = ET.SubElement(case, "failure", type=f.code, message=message)
-            el.text = f"[{f.severity}] {xml_safe(f.graph)}: {message}"
-        else:
-            ET.SubElement(case, "system-out").text = f"[{f.severity}] {message}"
-    root = ET.Element("testsuites")
-    root.append(suite)
+    root = ET.Element("testsuites", name="foldkit check")
+    totals = {"tests": 0, "failures": 0, "errors": 0}
+    for r in results:
+        path = xml_safe(r.path)
+        failing = [f for f in r.findings if SEVERITIES.index(f.severity) >= level and f.code != "FK008"]
+        tests = max(1, len(r.findings))
+        errors = int(r.error is not None)
+        suite = ET.SubElement(root, "testsuite", name=path, tests=str(tests), failures=str(len(failing)),
+                              errors=str(errors), skipped="0", time=f"{r.time_s:.3f}")
+        totals["tests"] += tests
+        totals["failures"] += len(failing)
+        totals["errors"] += errors
+        if r.error is not None:
+            case = ET.SubElement(suite, "testcase", classname=path, name="readable ONNX model")
+            ET.SubElement(case, "error", type="FK008", message=xml_safe(r.error)).text = xml_safe(r.error)
+            continue
+        if not r.findings:
+            ET.SubElement(suite, "testcase", classname=path, name="deployment-ready")
+        for f in r.findings:
+            case = ET.SubElement(suite, "testcase", classname=path, name=xml_safe(f"{f.code} {f.node}"))
+            message = xml_safe(f.message)
+            if SEVERITIES.index(f.severity) >= level:
+                el = ET.SubElement(case, "failure", type=f.code, message=message)
+                el.text = f"[{f.severity}] {xml_safe(f.graph)}: {message}"
+            else:
+                ET.SubElement(case, "system-out").text = f"[{f.severity}] {message}"
+    for k, v in totals.items():
+        root.set(k, str(v))
+    root.set("time", f"{sum(r.time_s for r in results):.3f}")
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

@@ -92,6 +92,12 @@ def max_input_option(fn):
                         help="Cap on the generated inputs (all inputs together), checked before anything is allocated.")(fn)
 
 
+def verbosity_options(fn):
+    fn = click.option("-v", "--verbose", count=True, help="More detail (the full per-node tables).")(fn)
+    fn = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(fn)
+    return fn
+
+
 def tolerance_options(fn):
     fn = click.option("--rtol", type=float, default=None, help="Relative tolerance (scale-aware; default per dtype).")(fn)
     fn = click.option("--atol", type=float, default=None, help="Absolute tolerance (default per dtype).")(fn)
@@ -206,46 +212,69 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_inp
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "github", "junit"]), default="text", show_default=True)
 @click.option("--fail-on", type=click.Choice(["error", "warning"]), default="error", show_default=True,
               help="Exit 1 when a finding of this severity or worse exists.")
 @click.option("-o", "--output", type=click.Path(), help="Write the formatted result here instead of stdout.")
+@verbosity_options
 @handle_errors
-def check(model, fmt, fail_on, output):
-    """The pre-deployment gate: exit 0 only for a deployment-ready MODEL."""
+def check(models, fmt, fail_on, output, quiet, verbose):
+    """The pre-deployment gate: exit 0 only when every MODEL is deployment-ready.
+
+    MODELS are ONNX files or folders (searched for *.onnx). The exit code is the worst over all
+    models: 2 when one cannot be read, else 1 when one has a finding at or above --fail-on."""
 
     from . import io as fio
-    from .check import check as check_api, to_github, to_junit
+    from .check import check_many, to_github, to_junit, to_markdown, to_text
+    from .report import envelope
 
-    fio.guard_outputs({"-o": output}, fio.model_files(model))
-    result = check_api(model)
+    inputs = [f for m in models if not os.path.isdir(m) for f in fio.model_files(m)]
+    fio.guard_outputs({"-o": output}, inputs)
+    results = check_many(models)
+    worst = max(r.exit_code(fail_on) for r in results)
     if fmt == "json":
-        d = result.to_dict()
-        d["passed"] = not result.failed(fail_on)
-        text = to_json(d)
+        text = to_json({**envelope("check", [r.path for r in results]), "fail_on": fail_on, "passed": worst == 0,
+                        "exit_code": worst, "models": [r.to_dict(fail_on) for r in results]})
     elif fmt == "github":
-        text = to_github(result)
+        text = to_github(results, fail_on)
+        _github_summary(to_markdown(results, fail_on))
     elif fmt == "junit":
-        text = to_junit(result, fail_on)
+        text = to_junit(results, fail_on)
     else:
         text = None
-    if output:
-        fio.atomic_write(output, (text if text is not None else _check_text(result, fail_on)).encode())
+    if output:  # written whatever the outcome: it is the record CI keeps
+        fio.atomic_write(output, (text if text is not None else to_text(results, fail_on)).encode())
+    elif quiet:
+        pass
     elif text is not None:
         click.echo(text, nl=False)
-    else:
+    elif sys.stdout.isatty():
         from .render import print_check
 
-        print_check(result, fail_on)
-    sys.exit(EXIT_FAILED if result.failed(fail_on) else 0)
+        for r in results:
+            if r.error is None:
+                print_check(r, fail_on)
+        if len(results) > 1:
+            click.echo(to_text(results, fail_on).rstrip("\n").rsplit("\n", 1)[-1])
+    else:
+        click.echo(to_text(results, fail_on, unreadable=False), nl=False)
+    for r in results:  # an unreadable model is an error of the command too: one line on stderr each
+        if r.error is not None:
+            click.echo(f"foldkit: error: {one_line(r.error)}", err=True)
+    sys.exit(worst)
 
 
-def _check_text(result, fail_on):
-    lines = [f"{f.severity.upper():7} {f.code} {printable(f.node)}: {printable(f.message)}" for f in result.findings]
-    lines.append(f"{printable(result.path)}: {'FAILED' if result.failed(fail_on) else 'ready to deploy'} "
-                 f"({len(result.findings)} finding(s), fail-on {fail_on})")
-    return "\n".join(lines) + "\n"
+def _github_summary(markdown: str) -> None:
+    """Append to the job summary file GitHub Actions names in GITHUB_STEP_SUMMARY (append is its protocol)."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(markdown)
+    except OSError as e:
+        click.echo(f"foldkit: warning: GITHUB_STEP_SUMMARY {one_line(path)}: {e.strerror or e}", err=True)
 
 
 def _csv(value, cast=str):

@@ -109,13 +109,32 @@ def external_data_problems(model: ModelProto, base_dir: str) -> list:
     """(tensor name, sentence) for every external tensor that is not safely readable: a location
     outside ``base_dir`` (path traversal), an absolute path, a missing or too short file, an
     offset, length or dims that disagree with the file."""
+    return [(name, sentence) for name, _, sentence in external_data_findings(model, base_dir)]
+
+
+def external_data_findings(model: ModelProto, base_dir: str) -> list:
+    """(subject, tensor names, sentence) for the external data that is not safely readable: a
+    problem with the file itself (missing, not a relative path, outside the model's folder) is one
+    entry for the file, naming every tensor that needs it; a problem with a tensor is its own entry."""
     root = os.path.realpath(base_dir)
-    problems = []
+    by_file = {}
+    out = []
     for t in external_tensors(model):
         problem = _ext_problem(t, root)
-        if problem:
-            problems.append((t.name, problem))
-    return problems
+        if not problem:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        full = os.path.realpath(os.path.join(root, loc)) if loc and "\0" not in loc and not os.path.isabs(loc) else None
+        file_level = full is None or os.path.commonpath([root, full]) != root or not os.path.isfile(full)
+        if not file_level:
+            out.append((t.name, [t.name], problem))
+        elif loc in by_file:
+            by_file[loc][1].append(t.name)
+        else:
+            by_file[loc] = (loc, [t.name], problem)
+            out.append(by_file[loc])
+    return [(subject, names, sentence if len(names) == 1 else
+             f"{sentence} (and {len(names) - 1} more tensor(s) in that file)") for subject, names, sentence in out]
 
 
 def check_external_data(model: ModelProto, base_dir: str, source: str) -> None:

@@ -7,6 +7,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 
+SCHEMA_VERSION = 1
+
+
+def envelope(command: str, inputs, **extra) -> dict:
+    """The fields every foldkit JSON output starts with: what wrote it, which version of the
+    layout, and from which inputs (with the shapes and seed used, where the command has them)."""
+    from . import __version__
+
+    return {"schema_version": SCHEMA_VERSION, "tool": "foldkit", "version": __version__, "command": command,
+            "inputs": [str(i) for i in inputs], **extra}
+
+
 @dataclass
 class Action:
     """The outcome for one BatchNormalization node.

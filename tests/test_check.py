@@ -33,8 +33,8 @@ def test_foldable_bn_is_an_error_and_folded_model_passes(tmp_path):
     r = invoke("check", p, "--format", "json")
     assert r.exit_code == 1
     d = json.loads(r.output)
-    assert [f["code"] for f in d["findings"]] == ["FK001"] and d["passed"] is False
-    assert "foldkit fold" in d["findings"][0]["message"]
+    assert [f["code"] for f in d["models"][0]["findings"]] == ["FK001"] and d["passed"] is False
+    assert "foldkit fold" in d["models"][0]["findings"][0]["message"]
     out = tmp_path / "f.onnx"
     assert invoke("fold", p, "-o", out, "-q").exit_code == 0
     r = invoke("check", out)
@@ -45,14 +45,14 @@ def test_training_mode_is_an_error(tmp_path):
     from tests.test_inference_mode import model
     r = invoke("check", save(model(17, training=True), tmp_path), "--format", "json")
     assert r.exit_code == 1
-    assert "FK002" in [f["code"] for f in json.loads(r.output)["findings"]]
+    assert "FK002" in [f["code"] for f in json.loads(r.output)["models"][0]["findings"]]
 
 
 def test_unfoldable_bn_is_a_warning(tmp_path):
     p = save(fill_output_shapes(base(producer="Relu", bn_channels=4)), tmp_path)
     r = invoke("check", p, "--format", "json")
     assert r.exit_code == 0
-    (f,) = json.loads(r.output)["findings"]
+    (f,) = json.loads(r.output)["models"][0]["findings"]
     assert f["code"] == "FK003" and f["severity"] == "warning" and "no weights" in f["message"]
     assert invoke("check", p, "--fail-on", "warning").exit_code == 1
 
@@ -65,7 +65,7 @@ def test_unfoldable_bn_is_a_warning(tmp_path):
 def test_invalid_bn_parameters(tmp_path, kwargs, code):
     r = invoke("check", save(base(**kwargs), tmp_path), "--format", "json")
     assert r.exit_code == 1
-    assert code in [f["code"] for f in json.loads(r.output)["findings"]]
+    assert code in [f["code"] for f in json.loads(r.output)["models"][0]["findings"]]
 
 
 def test_fp16_precision_and_overflow_risks(tmp_path):
@@ -77,14 +77,14 @@ def test_fp16_precision_and_overflow_risks(tmp_path):
         if t.name == "s":
             t.CopyFrom(tensor("s", np.full(6, 100.0, np.float32)))
     r = invoke("check", save(m, tmp_path), "--format", "json")
-    codes = [f["code"] for f in json.loads(r.output)["findings"]]
+    codes = [f["code"] for f in json.loads(r.output)["models"][0]["findings"]]
     assert "FK004" in codes and "FK001" in codes
     m16 = typed_conv_bn(np.float16, TensorProto.FLOAT16, scale=1.0)
     for t in m16.graph.initializer:
         if t.name == "s":
             t.CopyFrom(tensor("s", np.full(6, 1e-4, np.float16)))
     r = invoke("check", save(m16, tmp_path, "h.onnx"), "--format", "json")
-    risks = [f for f in json.loads(r.output)["findings"] if f["code"] == "FK004"]
+    risks = [f for f in json.loads(r.output)["models"][0]["findings"] if f["code"] == "FK004"]
     assert risks and "subnormal" in risks[0]["message"]
 
 
@@ -92,7 +92,7 @@ def test_checker_failure_is_an_error(tmp_path):
     m = conv_bn_model(2)
     m.graph.node[0].op_type = "NoSuchOp"
     r = invoke("check", save(m, tmp_path), "--format", "json")
-    assert r.exit_code == 1 and "FK006" in [f["code"] for f in json.loads(r.output)["findings"]]
+    assert r.exit_code == 1 and "FK006" in [f["code"] for f in json.loads(r.output)["models"][0]["findings"]]
 
 
 def _external_model(tmp_path, location):
@@ -115,7 +115,7 @@ def test_external_data_problems(tmp_path, location, msg):
     p = _external_model(tmp_path, location)
     r = invoke("check", p, "--format", "json")
     assert r.exit_code == 1
-    (f,) = json.loads(r.output)["findings"]
+    (f,) = json.loads(r.output)["models"][0]["findings"]
     assert f["code"] == "FK007" and msg in f["message"]
     r = invoke("fold", p, "-o", tmp_path / "o.onnx")
     assert r.exit_code == 2 and msg in r.output and not (tmp_path / "o.onnx").exists()
@@ -124,7 +124,9 @@ def test_external_data_problems(tmp_path, location, msg):
 def test_github_and_junit_formats(tmp_path):
     p = save(conv_bn_model(2), tmp_path)
     r = invoke("check", p, "--format", "github")
-    assert r.exit_code == 1 and r.output.startswith(f"::error file={p},title=FK001 bn::")
+    summary, detail = r.output.splitlines()
+    assert r.exit_code == 1 and summary.startswith(f"::error file={p},title=foldkit check::FAILED: 1 error(s)")
+    assert detail.startswith(f"::error file={p},title=FK001 bn::")
     junit = tmp_path / "j.xml"
     r = invoke("check", p, "--format", "junit", "-o", junit)
     assert r.exit_code == 1
@@ -225,5 +227,101 @@ def test_numeric_risk_in_a_big_weight_read_block_by_block(tmp_path, dtype, onnx_
     m = make_model(nodes, [("X", onnx_type, [1, c, 4, 4])], [("Y", onnx_type, None)], [tensor("W", w)] + bn)
     assert w.nbytes >= 1 << 20
     res = invoke("check", save(m, tmp_path), "--format", "json")
-    risks = [f for f in json.loads(res.output)["findings"] if f["code"] == "FK004"]
+    risks = [f for f in json.loads(res.output)["models"][0]["findings"] if f["code"] == "FK004"]
     assert risks and word in risks[0]["message"], res.output
+
+
+# --- many models, folders, and the CI formats over all of them -------------------------------------
+
+def _models(tmp_path):
+    """(unfolded, folded) in a folder, plus a nested folded one and a non-ONNX file that is skipped."""
+    d = tmp_path / "models"
+    (d / "sub").mkdir(parents=True)
+    bad = save(conv_bn_model(2), d, "a_unfolded.onnx")
+    good = d / "b_folded.onnx"
+    assert invoke("fold", bad, "-o", good, "-q").exit_code == 0
+    nested = d / "sub" / "c.onnx"
+    nested.write_bytes(good.read_bytes())
+    (d / "notes.txt").write_text("not a model")
+    return d, bad, good, nested
+
+
+def test_check_many_models_worst_exit_code_and_every_model_named(tmp_path):
+    d, bad, good, nested = _models(tmp_path)
+    r = invoke("check", good, nested)
+    assert r.exit_code == 0, r.output
+    r = invoke("check", bad, good)
+    assert r.exit_code == 1 and str(bad) in r.output and str(good) in r.output
+    assert r.output.strip().endswith("1 of 2 model(s) ready to deploy")
+    js = json.loads(invoke("check", d, "--format", "json").output)
+    assert [m["path"] for m in js["models"]] == [str(bad), str(good), str(nested)]  # sorted, recursive, .onnx only
+    assert [m["passed"] for m in js["models"]] == [False, True, True] and js["exit_code"] == 1
+    assert js["schema_version"] == 1 and js["command"] == "check" and js["inputs"] == [str(bad), str(good), str(nested)]
+    # named twice (as a file and through its folder): checked once
+    assert len(json.loads(invoke("check", bad, d, "--format", "json").output)["models"]) == 3
+
+
+def test_check_unreadable_model_is_exit_2_but_the_others_are_still_checked_and_recorded(tmp_path):
+    d, bad, good, _ = _models(tmp_path)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    for fmt in ("json", "junit", "text"):
+        out = tmp_path / f"r.{fmt}"
+        r = invoke("check", broken, bad, good, "--format", fmt, "-o", out)
+        assert r.exit_code == 2 and r.output.startswith("foldkit: error:") and r.output.count("\n") == 1, r.output
+        assert out.exists(), fmt  # the record CI keeps is written whatever the outcome
+    js = json.loads((tmp_path / "r.json").read_text())
+    assert js["exit_code"] == 2 and js["models"][0]["error"] and js["models"][0]["findings"][0]["code"] == "FK008"
+    assert [m["exit_code"] for m in js["models"]] == [2, 1, 0]
+    root = ET.parse(tmp_path / "r.junit").getroot()
+    suites = root.findall("testsuite")
+    assert [s.get("name") for s in suites] == [str(broken), str(bad), str(good)]
+    assert suites[0].get("errors") == "1" and suites[0].find("testcase/error").get("type") == "FK008"
+    assert suites[1].get("failures") == "1" and suites[2].get("failures") == "0"
+    assert all(float(s.get("time")) >= 0 for s in suites) and root.get("tests") == "3"
+    # a single unreadable model, no -o: one stderr line, exit 2, as for every command
+    r = invoke("check", broken)
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+
+
+def test_check_empty_folder_is_a_usage_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = invoke("check", tmp_path / "empty")
+    assert r.exit_code == 2 and "no .onnx file" in r.output
+
+
+def test_github_annotations_escape_like_the_toolkit_and_summaries_come_first(tmp_path, monkeypatch):
+    d = tmp_path / "we%ird,na:me"
+    d.mkdir()
+    many = []
+    for k in range(3):
+        p = save(conv_bn_model(2), d, f"a,b:c{k}.onnx")
+        many.append(p)
+    summary_file = tmp_path / "summary.md"
+    summary_file.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary_file))
+    r = invoke("check", *many, "--format", "github")
+    lines = r.output.splitlines()
+    assert r.exit_code == 1 and len(lines) == 6
+    # GitHub shows 10 annotations of a kind per step: one summary per model first, then the details
+    assert all("title=foldkit check::" in ln for ln in lines[:3]) and all("FK001" in ln for ln in lines[3:])
+    for k, ln in enumerate(lines[:3]):
+        prop = ln.split(" ", 1)[1].split("::", 1)[0]
+        file_prop = prop.split(",title=")[0][len("file="):]
+        unescaped = file_prop.replace("%3A", ":").replace("%2C", ",").replace("%0D", "\r").replace("%0A", "\n").replace("%25", "%")
+        assert unescaped == str(many[k]) and "," not in file_prop and ":" not in file_prop
+    md = summary_file.read_text()
+    assert md.startswith("earlier step\n### foldkit check: FAILED (0 of 3 model(s)")  # appended, per GitHub's protocol
+    assert md.count("| FK001 |") == 3
+
+
+def test_missing_external_data_file_is_one_finding_for_the_file(tmp_path):
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    m = conv_bn_model(2)
+    convert_model_to_external_data(m, all_tensors_to_one_file=True, location="w.data", size_threshold=0)
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    os.remove(tmp_path / "w.data")
+    r = invoke("check", tmp_path / "m.onnx", "--format", "json")
+    (f,) = json.loads(r.output)["models"][0]["findings"]
+    assert r.exit_code == 1 and f["code"] == "FK007" and f["node"] == "w.data" and "more tensor(s)" in f["message"]
