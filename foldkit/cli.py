@@ -82,8 +82,10 @@ def handle_errors(fn):
 
 
 def input_shape_option(fn):
-    return click.option("--input-shape", "input_shape", multiple=True, metavar="NAME=D0,D1,...",
-                        help="Size of an input's symbolic dimensions (default 1). Repeatable.")(fn)
+    return click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...",
+                        help="An input's shape: NAME:1,3,224,224, NAME:1x3x224x224 or NAME=1,3,224,224; "
+                             "plain dims for a single-input model. Symbolic dimensions not given are 1. "
+                             "Repeatable.")(fn)
 
 
 def max_input_option(fn):
@@ -287,7 +289,8 @@ def _csv(value, cast=str):
               help="Comma-separated: ort-cpu, ort-cuda, ort-trt, trt, torch.")
 @click.option("--ort-opt-level", default="disable,all", show_default=True, metavar="LIST",
               help="ONNX Runtime graph optimization levels to measure: disable, basic, extended, all.")
-@click.option("--batch", default="1", show_default=True, metavar="LIST", help="Batch sizes, e.g. 1,8.")
+@click.option("--batch", default=None, metavar="LIST",
+              help="Batch sizes, e.g. 1,8 (default: the batch --input-shape gives, else 1).")
 @input_shape_option
 @max_input_option
 @click.option("--warmup", type=click.IntRange(0), default=10, show_default=True)
@@ -326,10 +329,10 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
         from .torch.export import parse_model_args
         model_args = parse_model_args(model_arg)
     try:
-        batches = _csv(batch, int)
+        batches = [None] if batch is None else _csv(batch, int)
     except ValueError:
         raise InputError(f"--batch '{batch}': expected comma-separated integers") from None
-    if not batches or any(b < 1 for b in batches):
+    if not batches or any(b is not None and b < 1 for b in batches):
         raise InputError("--batch sizes must be positive")
     cfg = BenchConfig(models=list(models), runtimes=_csv(runtime), ort_opt_levels=_csv(ort_opt_level), batches=batches,
                       input_shapes=parse_input_shapes(input_shape), warmup=warmup, iters=iters, threads=threads,
@@ -349,25 +352,13 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
     print_bench(result)
 
 
-def _parse_dims(text: str):
-    from .errors import InputError
-
-    try:
-        dims = [int(d) for d in text.split(",") if d.strip()]
-    except ValueError:
-        raise InputError(f"--input-shape '{text}': expected comma-separated integers such as 1,3,224,224") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise InputError(f"--input-shape '{text}': dimensions must be positive integers")
-    return dims
-
-
 @main.command()
 @click.option("--model", "model_spec", required=True, metavar="FILE.py:FN|MODULE:FN", help="Factory returning an nn.Module.")
 @click.option("--model-arg", multiple=True, metavar="NAME=VALUE", help="Keyword argument for the factory (repeatable).")
 @click.option("--checkpoint", type=click.Path(), help="state_dict checkpoint (bare or under state_dict/model/ema).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow arbitrary unpickling (runs code from the file).")
 @click.option("--input-shape", "input_shapes", multiple=True, required=True, metavar="D0,D1,...",
-              help="Shape of each model input, in order (repeatable).")
+              help="Shape of each model input, in order (repeatable): 1,3,224,224 or 1x3x224x224.")
 @click.option("--dynamic-batch", is_flag=True, help="Export with a symbolic batch dimension.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: 17 legacy, 18 dynamo).")
 @click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True)
@@ -393,7 +384,9 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
     factory_file = model_spec.rpartition(":")[0]
     fio.guard_outputs({"-o": output, "--report": report_path},
                       [checkpoint, factory_file if os.path.isfile(factory_file) else None])
-    shapes = [_parse_dims(s) for s in input_shapes]
+    from .verify import parse_dims
+
+    shapes = [parse_dims(s) for s in input_shapes]
     result = export_api(model_spec, output, shapes, checkpoint=checkpoint, model_args=parse_model_args(model_arg),
                         trust_checkpoint=trust_checkpoint, dynamic_batch=dynamic_batch, opset=opset,
                         exporter=exporter, fold=not no_fold, atol=atol, rtol=rtol, durable=fsync)

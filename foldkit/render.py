@@ -122,7 +122,8 @@ def print_bench(result) -> None:
             ratio = "baseline"
         else:
             ratio = f"{v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
-            ratio = ratio if v["significant"] else ratio + " (noise)"
+            ratio = ratio + " (too few rounds)" if not v.get("enough_rounds", True) else \
+                ratio if v["significant"] else ratio + " (noise)"
         table.add_row(esc(r["runtime"]), str(r["batch"]), esc(r["model"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}",
                       f"{r['p99_ms']:.3f}", f"{r['throughput_per_s']:.1f}", ratio, f"{r['load_s']:.3f}")
     c.print(table)

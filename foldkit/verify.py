@@ -53,19 +53,59 @@ def default_tolerances(model: ModelProto):
     return DEFAULT_TOLERANCES[model_float_type(model)]
 
 
+SHAPE_GRAMMAR = "NAME:1,3,224,224, NAME:1x3x224x224 or NAME=1,3,224,224 (plain dims for a single-input model)"
+
+
+def parse_dims(text: str, what: str = "--input-shape") -> list:
+    """"1,3,224,224" or "1x3x224x224" (trtexec's form) -> [1, 3, 224, 224]; "" is a scalar."""
+    parts = [d.strip() for d in text.replace("x", ",").replace("X", ",").split(",")]
+    if parts == [""]:
+        return []
+    try:
+        dims = [int(d) for d in parts]
+    except ValueError:
+        raise InputError(f"{what} '{text}': dimensions must be integers, as in 1,3,224,224 or 1x3x224x224") from None
+    if any(d <= 0 for d in dims):
+        raise InputError(f"{what} '{text}': dimensions must be positive integers")
+    return dims
+
+
 def parse_input_shapes(specs) -> dict:
-    """["x=1,3,224,224", ...] -> {"x": [1, 3, 224, 224]}"""
+    """One grammar for every command, the conventions users bring from other tools:
+    ``name:1,3,224,224`` (onnxsim, onnxslim), ``name:1x3x224x224`` (trtexec) and ``name=1,3,224,224``.
+    The separator is the last ``:`` or ``=`` (so TensorFlow names such as ``input:0`` work); plain
+    dims name no input (key None) and are only accepted for a model with a single input."""
     shapes = {}
     for spec in specs or ():
-        name, sep, dims = spec.rpartition("=")
-        if not sep or not name:
-            raise InputError(f"--input-shape '{spec}': expected NAME=D0,D1,...")
-        try:
-            shapes[name] = [int(d) for d in dims.split(",") if d.strip()]
-        except ValueError:
-            raise InputError(f"--input-shape '{spec}': dimensions must be integers") from None
-        if any(d <= 0 for d in shapes[name]):
-            raise InputError(f"--input-shape '{spec}': dimensions must be positive integers")
+        cut = max(spec.rfind("="), spec.rfind(":"))
+        name, dims = (spec[:cut], spec[cut + 1:]) if cut >= 0 else (None, spec)
+        if name == "":
+            raise InputError(f"--input-shape '{spec}': expected {SHAPE_GRAMMAR}")
+        if cut < 0 and not spec.strip():
+            raise InputError(f"--input-shape '{spec}': expected {SHAPE_GRAMMAR}")
+        if name in shapes:
+            raise InputError(f"--input-shape given twice for {'the input' if name is None else repr(name)}")
+        shapes[name] = parse_dims(dims)
+    return shapes
+
+
+def resolve_input_shapes(model: ModelProto, input_shapes: Optional[dict]) -> dict:
+    """Name the plain-dims entry (key None) after the model's only input; unknown names refused."""
+    shapes = dict(input_shapes or {})
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    if None in shapes:
+        dims = shapes.pop(None)
+        if len(names) != 1:
+            raise InputError(f"--input-shape without a name only fits a model with one input; this one has "
+                             f"{len(names)} ({', '.join(names[:5])}): use {SHAPE_GRAMMAR.split(' (')[0]}")
+        if names[0] in shapes:
+            raise InputError(f"--input-shape given twice for '{names[0]}'")
+        shapes[names[0]] = dims
+    unknown = set(shapes) - set(names)
+    if unknown:
+        raise InputError(f"--input-shape names {sorted(unknown)}, which are not inputs of the model "
+                         f"(its inputs: {', '.join(names[:10]) or 'none'})")
     return shapes
 
 
@@ -80,13 +120,10 @@ def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: in
     Symbolic or unknown dimensions take the size given in ``input_shapes`` for that input, else
     ``batch`` for the first dimension, else 1.
     """
-    input_shapes = input_shapes or {}
+    input_shapes = resolve_input_shapes(model, input_shapes)
     inits = {t.name for t in model.graph.initializer}
     rng = np.random.default_rng(seed)
     feeds = {}
-    unknown = set(input_shapes) - {i.name for i in model.graph.input}
-    if unknown:
-        raise InputError(f"--input-shape names {sorted(unknown)}, which are not inputs of the model")
     limit = DEFAULT_MAX_INPUT_BYTES if max_bytes is None else int(max_bytes)
     plans = []
     total = 0
@@ -112,10 +149,10 @@ def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: in
                 else:
                     shape.append(batch if (batch and k == 0) else 1)
         else:
-            raise InputError(f"input '{inp.name}' has no declared shape; give one with --input-shape {inp.name}=D0,D1,...")
+            raise InputError(f"input '{inp.name}' has no declared shape; give one with --input-shape {inp.name}:D0,D1,...")
         if any(d <= 0 for d in shape):
             raise InputError(f"input '{inp.name}' of shape {shape}: dimensions must be positive "
-                             f"(give sizes with --input-shape {inp.name}=D0,D1,...)")
+                             f"(give sizes with --input-shape {inp.name}:D0,D1,...)")
         try:
             dtype = np_dtype(tt.elem_type)
         except (KeyError, TypeError, ValueError):

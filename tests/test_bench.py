@@ -140,3 +140,55 @@ def test_gpu_runners_report_unavailable_without_gpu(pair):
     if not _has_trt():
         with pytest.raises(Unavailable):
             TrtRunner(str(a), feeds).__enter__()
+
+
+# --- one input-shape grammar, and --batch reconciled with it -----------------------------------------
+
+@pytest.mark.parametrize("spec", ["X:4,8,16,16", "X:4x8x16x16", "X=4,8,16,16", "4,8,16,16", "4x8x16x16"])
+def test_every_input_shape_convention_gives_the_same_batch_and_the_table_says_it(pair, tmp_path, spec):
+    a, b = pair
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(main, ["bench", str(a), str(b), "--input-shape", spec, "--iters", "3", "--warmup", "0",
+                                  "--ort-opt-level", "disable", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["batch"] for row in rows} == {4}  # what really ran, not the --batch default
+
+
+def test_batch_and_input_shape_that_disagree_are_refused(pair):
+    a, b = pair
+    r = CliRunner().invoke(main, ["bench", str(a), "--input-shape", "X:4,8,16,16", "--batch", "2", "--iters", "2"])
+    assert r.exit_code == 2 and "disagree on the batch size" in r.output and r.output.count("\n") == 1
+    r = CliRunner().invoke(main, ["bench", str(a), "--input-shape", "X:4,8,16,16", "--batch", "4", "--iters", "2",
+                                  "--warmup", "0", "--ort-opt-level", "disable"])
+    assert r.exit_code == 0, r.output
+
+
+def test_input_shape_grammar_errors_are_one_line_and_plain_dims_need_a_single_input(tmp_path):
+    from foldkit.errors import InputError
+    from foldkit.verify import parse_input_shapes, resolve_input_shapes
+    from tests.hostile import base_model
+
+    assert parse_input_shapes(["input:0:1x3x2x2"]) == {"input:0": [1, 3, 2, 2]}  # TensorFlow-style names
+    assert parse_input_shapes(["a=b:1,2"]) == {"a=b": [1, 2]}
+    assert parse_input_shapes(["s:"]) == {"s": []}  # a scalar input
+    for bad in ["x:0,3", "x:-1,3", "x:1,a", ":1,2", "", "x:1,,2"]:
+        with pytest.raises(InputError):
+            parse_input_shapes([bad])
+    with pytest.raises(InputError, match="given twice"):
+        parse_input_shapes(["1,2", "3,4"])
+    two = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 2] a, float[N, 2] b) => (float[N, 2] c) { c = Add(a, b) }""")
+    with pytest.raises(InputError, match="only fits a model with one input"):
+        resolve_input_shapes(two, parse_input_shapes(["1,2"]))
+    with pytest.raises(InputError, match="not inputs of the model"):
+        resolve_input_shapes(two, parse_input_shapes(["zz:1,2"]))
+    assert resolve_input_shapes(two, parse_input_shapes(["a:3,2", "b=3x2"])) == {"a": [3, 2], "b": [3, 2]}
+
+
+def test_too_few_rounds_are_reported_as_such():
+    rng = np.random.default_rng(0)
+    base = rng.normal(10e6, 0.1e6, 5)
+    r = paired_ratio(base * 0.5, base)
+    assert not r["enough_rounds"] and not r["significant"] and "too few" in r["note"]
+    assert paired_ratio(np.tile(base, 5) * 0.5, np.tile(base, 5))["significant"]

@@ -17,7 +17,7 @@ class BenchConfig:
     models: list
     runtimes: list = field(default_factory=lambda: ["ort-cpu"])
     ort_opt_levels: list = field(default_factory=lambda: ["all"])
-    batches: list = field(default_factory=lambda: [1])
+    batches: list = field(default_factory=lambda: [None])  # None: the batch --input-shape gives, else 1
     input_shapes: dict = field(default_factory=dict)
     warmup: int = 10
     iters: int = 100
@@ -59,19 +59,30 @@ def machine_info() -> dict:
     return info
 
 
-def _feeds_for(model_path: str, batch: int, shapes: dict, seed: int, max_bytes: Optional[int] = None) -> dict:
+def _feeds_for(model_path: str, batch: Optional[int], shapes: dict, seed: int, max_bytes: Optional[int] = None):
+    """(feeds, the batch they really have). ``batch`` None: what --input-shape or the model fixes, else 1.
+    A --batch that disagrees with an --input-shape is refused rather than one silently winning."""
     from .. import io as fio
-    from ..verify import make_inputs
+    from ..verify import make_inputs, resolve_input_shapes
 
     model = fio.read_model(model_path)
+    shapes = resolve_input_shapes(model, shapes)
     inits = {t.name for t in model.graph.initializer}
     for inp in model.graph.input:
-        if inp.name in inits or inp.name in shapes or not inp.type.tensor_type.HasField("shape"):
+        if inp.name in inits or not inp.type.tensor_type.HasField("shape"):
+            continue
+        if inp.name in shapes:
+            given = shapes[inp.name]
+            if batch is not None and given and given[0] != batch:
+                raise InputError(f"--batch {batch} and --input-shape {inp.name}:{','.join(map(str, given))} disagree "
+                                 f"on the batch size: give it in one of them")
             continue
         dims = inp.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value != batch:
+        if batch is not None and dims and dims[0].HasField("dim_value") and dims[0].dim_value != batch:
             raise Unavailable(f"input '{inp.name}' has a fixed batch of {dims[0].dim_value} (export with --dynamic-batch)")
-    return make_inputs(model, shapes, seed=seed, batch=batch, max_bytes=max_bytes)
+    feeds = make_inputs(model, shapes, seed=seed, batch=batch, max_bytes=max_bytes)
+    ranked = [a for a in feeds.values() if getattr(a, "ndim", 0) >= 1]
+    return feeds, (int(ranked[0].shape[0]) if ranked else 1)
 
 
 def _measure(runners: list, warmup: int, iters: int, tick: Callable[[], None]) -> list:
@@ -130,14 +141,13 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None) -> BenchRes
             if runtime == "torch":
                 if not cfg.torch_model:
                     raise Unavailable("needs --model FACTORY (as for foldkit export)")
-                shapes = dict(cfg.input_shapes)
-                feeds = _feeds_for(cfg.models[0], batch, shapes, cfg.seed, cfg.max_input_bytes) if cfg.models else None
-                if feeds is None:
+                if not cfg.models:
                     raise Unavailable("needs an ONNX model to take input shapes from")
+                feeds, batch = _feeds_for(cfg.models[0], batch, cfg.input_shapes, cfg.seed, cfg.max_input_bytes)
                 entries = [(label, TorchRunner(None, feeds, module=mod, device="cpu", threads=cfg.threads))
                            for label, mod in _torch_modules(cfg)]
             else:
-                feeds = _feeds_for(cfg.models[0], batch, cfg.input_shapes, cfg.seed, cfg.max_input_bytes)
+                feeds, batch = _feeds_for(cfg.models[0], batch, cfg.input_shapes, cfg.seed, cfg.max_input_bytes)
                 entries = []
                 for path in cfg.models:
                     if runtime == "trt":
@@ -155,7 +165,7 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None) -> BenchRes
                     r.__exit__(None, None, None)
         except (Unavailable, RuntimeError, ValueError) as e:  # a runtime that cannot run this model
             reason = str(e) if isinstance(e, Unavailable) else f"failed: {str(e).strip().splitlines()[0][:200]}"
-            result.unavailable.append({"runtime": group, "batch": batch, "reason": reason})
+            result.unavailable.append({"runtime": group, "batch": batch if batch is not None else "-", "reason": reason})
             for _ in range(cfg.iters):
                 tick()
             continue
@@ -174,7 +184,7 @@ def to_markdown(result: BenchResult) -> str:
     for r in result.rows:
         v = r["vs_first"]
         ratio = "1 (baseline)" if v is None else f"{v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" + \
-            ("" if v["significant"] else " ~")
+            (" (too few rounds)" if not v.get("enough_rounds", True) else "" if v["significant"] else " ~")
         lines.append(f"| {r['runtime']} | {r['batch']} | {r['model']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
                      f"{r['p99_ms']:.3f} | {r['mean_ms']:.3f} | {r['throughput_per_s']:.1f} | {ratio} | {r['load_s']:.3f} |")
     for u in result.unavailable:

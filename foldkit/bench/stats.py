@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+MIN_ROUNDS = 20  # below this a bootstrap interval of a median says little: reported as such
+
 
 def summarize(ns, batch: int) -> dict:
     ms = np.asarray(ns, dtype=np.float64) / 1e6
@@ -32,4 +34,9 @@ def paired_ratio(candidate_ns, baseline_ns, n_boot: int = 2000, seed: int = 0) -
     idx = rng.integers(0, n, size=(n_boot, n))
     boots = np.median(r[idx], axis=1)
     lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"ratio": float(np.median(r)), "ci95": [float(lo), float(hi)], "significant": bool(lo > 1.0 or hi < 1.0)}
+    enough = n >= MIN_ROUNDS
+    out = {"ratio": float(np.median(r)), "ci95": [float(lo), float(hi)], "rounds": int(n),
+           "significant": bool(enough and (lo > 1.0 or hi < 1.0)), "enough_rounds": enough}
+    if not enough:
+        out["note"] = f"{n} rounds: too few for a meaningful interval (use --iters {MIN_ROUNDS} or more)"
+    return out
