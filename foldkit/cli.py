@@ -326,7 +326,7 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
             raise InputError("--plot needs matplotlib: pip install 'foldkit-onnx[bench]'") from None
     model_args = {}
     if model_arg:
-        from .torch.export import parse_model_args
+        from .factory import parse_model_args
         model_args = parse_model_args(model_arg)
     try:
         batches = [None] if batch is None else _csv(batch, int)
@@ -376,9 +376,10 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
     from . import io as fio
     from .errors import InputError
 
+    from .factory import parse_model_args
+
     try:
         from .torch import export as export_api
-        from .torch.export import parse_model_args
     except ImportError as e:
         raise InputError(f"foldkit export needs PyTorch: pip install 'foldkit-onnx[torch]' ({e})") from None
     factory_file = model_spec.rpartition(":")[0]

@@ -192,3 +192,51 @@ def test_too_few_rounds_are_reported_as_such():
     r = paired_ratio(base * 0.5, base)
     assert not r["enough_rounds"] and not r["significant"] and "too few" in r["note"]
     assert paired_ratio(np.tile(base, 5) * 0.5, np.tile(base, 5))["significant"]
+
+
+def _without_torch(args, cwd):
+    """Run the CLI in a fresh interpreter in which `import torch` fails, as on a core-only install."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from foldkit.cli import main\nsys.argv = ['foldkit'] + sys.argv[1:]\nmain()")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_works_without_torch_and_torch_runtime_says_what_to_install(pair, tmp_path):
+    a, b = pair
+    r = _without_torch(["bench", str(a), str(b), "--iters", "2", "--warmup", "0", "--ort-opt-level", "disable",
+                        "--json", str(tmp_path / "b.json")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "torch" not in json.loads((tmp_path / "b.json").read_text())["machine"]
+    r = _without_torch(["bench", str(a), "--runtime", "torch", "--model", "x.py:f", "--model-arg", "k=1",
+                        "--iters", "2"], tmp_path)
+    assert r.returncode == 2 and "foldkit-onnx[torch]" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _without_torch(["export", "--model", "x.py:f", "--input-shape", "1,3", "-o", str(tmp_path / "o.onnx")], tmp_path)
+    assert r.returncode == 2 and "foldkit-onnx[torch]" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_model_arg_values_must_be_python_literals():
+    from foldkit.errors import InputError
+    from foldkit.factory import parse_model_args
+
+    assert parse_model_args(["n=3", "s='a'", "t=(1, 2)", "f=None", "d={'k': 1.5}"]) == \
+        {"n": 3, "s": "a", "t": (1, 2), "f": None, "d": {"k": 1.5}}
+    for bad in ["name=resnet", "x=1+", "x=__import__('os')", "=3", "3=4"]:
+        with pytest.raises(InputError):
+            parse_model_args([bad])
+
+
+def test_module_factory_is_found_in_the_current_folder_as_python_m_does(tmp_path):
+    pkg = tmp_path / "mynets"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "tiny.py").write_text("def build(width=2):\n    return width\n")
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path = [p for p in sys.path if p not in ('', '.')] ; import os\n"
+            "from foldkit.factory import load_factory\nprint(load_factory('mynets.tiny:build')(width=5))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "5", r.stderr

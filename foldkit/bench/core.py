@@ -49,13 +49,16 @@ def machine_info() -> dict:
         info["onnxruntime"] = ort.__version__
     except ImportError:
         pass
-    try:
-        import torch
+    import sys
+
+    torch = sys.modules.get("torch")  # only when a torch runner already imported it: bench never needs torch
+    if torch is not None:
         info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+        try:
+            if torch.cuda.is_available():
+                info["gpu"] = torch.cuda.get_device_name(0)
+        except Exception:  # a CUDA build on a machine without a driver
+            pass
     return info
 
 
@@ -112,8 +115,11 @@ def _groups(cfg: BenchConfig):
 
 
 def _torch_modules(cfg: BenchConfig):
-    from ..torch import fold_bn, load_factory
-    from ..torch.syncbn import revert_sync_batchnorm
+    try:
+        from ..torch import fold_bn, load_factory
+        from ..torch.syncbn import revert_sync_batchnorm
+    except ImportError:
+        raise Unavailable("torch is not installed (pip install 'foldkit-onnx[torch]')") from None
 
     factory = load_factory(cfg.torch_model)
     module = revert_sync_batchnorm(factory(**cfg.torch_model_args)).eval()

@@ -2,85 +2,20 @@
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import hashlib
-import importlib
-import importlib.util
 import io
 import os
 import pickle
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from ..errors import InputError, VerificationError
+from ..factory import _why, load_factory, parse_model_args  # noqa: F401  (torch-free; re-exported here)
 
 STATE_DICT_KEYS = ("state_dict", "model", "ema", "model_ema", "ema_state_dict", "module")
 PREFIXES = ("module.", "_orig_mod.")
-
-
-def _why(e: BaseException) -> str:
-    """An exception from the user's code as one short phrase."""
-    if isinstance(e, SystemExit):
-        return f"it called sys.exit({e.code!r})"
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
-
-
-def load_factory(spec: str):
-    """``path/to/file.py:fn`` or ``package.module:fn`` -> the callable."""
-    target, sep, fn_name = spec.rpartition(":")
-    if not sep or not target or not fn_name:
-        raise InputError(f"--model '{spec}': expected FILE.py:FUNCTION or MODULE:FUNCTION")
-    if target.endswith(".py") or os.sep in target:
-        if not os.path.isfile(target):
-            raise InputError(f"--model '{spec}': no such file '{target}'")
-        path = os.path.abspath(target)
-        folder = os.path.dirname(path)
-        # make the file's package importable (models/resnet.py uses relative imports)
-        pkg_root, parts = folder, [os.path.splitext(os.path.basename(path))[0]]
-        while os.path.isfile(os.path.join(pkg_root, "__init__.py")):
-            parts.insert(0, os.path.basename(pkg_root))
-            pkg_root = os.path.dirname(pkg_root)
-        if pkg_root not in sys.path:
-            sys.path.insert(0, pkg_root)
-        mod_name = ".".join(parts)
-        try:
-            if len(parts) > 1:
-                module = importlib.import_module(mod_name)
-            else:
-                name = "foldkit_user_" + hashlib.sha1(path.encode()).hexdigest()[:12]
-                loader_spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(loader_spec)
-                sys.modules[name] = module
-                loader_spec.loader.exec_module(module)
-        except (Exception, SystemExit) as e:
-            raise InputError(f"--model '{spec}': importing '{target}' failed: {_why(e)}") from None
-    else:
-        try:
-            module = importlib.import_module(target)
-        except (Exception, SystemExit) as e:
-            raise InputError(f"--model '{spec}': cannot import '{target}': {_why(e)}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise InputError(f"--model '{spec}': '{target}' has no callable '{fn_name}'")
-    return fn
-
-
-def parse_model_args(items: Sequence[str]) -> dict:
-    out = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise InputError(f"--model-arg '{item}': expected NAME=VALUE")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def load_checkpoint(path: str, trust: bool = False) -> dict:
