@@ -4,6 +4,7 @@
     result = foldkit.fold("model.onnx")          # FoldResult(model, report)
     result.save("model.folded.onnx")
     print(result.report.to_json())
+    foldkit.check("model.folded.onnx").findings  # the CI gate's findings ([] when deployment-ready)
 
 The names below are imported on first use (PEP 562), so that ``foldkit`` on the command line
 starts without loading onnx and numpy until a command needs them.
@@ -14,7 +15,8 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "fold": ".api", "FoldResult": ".api", "count_bn": ".api",
+    "fold": ".api", "FoldResult": ".api", "count_bn": ".api", "fold_file": ".api", "MemoryPolicy": ".api",
+    "check": None, "check_many": ".check", "CheckResult": ".check", "Finding": ".check",
     "FoldkitError": ".errors", "InputError": ".errors", "VerificationError": ".errors",
     "Report": ".report", "Action": ".report",
 }
@@ -24,7 +26,10 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 def __getattr__(name):
     if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        if _EXPORTS[name] is None:  # a callable submodule (foldkit.check)
+            value = import_module(f".{name}", __name__)
+        else:
+            value = getattr(import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'foldkit' has no attribute {name!r}")

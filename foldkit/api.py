@@ -117,33 +117,109 @@ def _checker(m: ModelProto, original_bytes: Optional[bytes], report: Report) -> 
     report.notes.append(f"the input model already fails onnx.checker (full check): {before}")
 
 
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """How tensors are held while folding (the knobs :func:`fold_file` sets for you).
+
+    ``lazy``: read weights from the file only when a pass needs them (None: for files over 256 MiB).
+    ``defer``: keep folded tensors of 1 MiB or more out of the proto until save (big per-channel
+    scaled weights as recipes the writer computes block by block). ``spill_dir``: keep those arrays
+    in an unlinked temp file there instead of RAM when the model's tensors total ``spill_above``
+    bytes or more."""
+
+    lazy: Optional[bool] = None
+    defer: bool = False
+    spill_dir: Optional[str] = None
+    spill_above: int = 0
+
+
+_LEGACY_MEMORY = ("lazy", "defer", "spill_dir", "spill_above")
+
+
+def _memory(memory: Optional[MemoryPolicy], legacy: dict) -> MemoryPolicy:
+    unknown = set(legacy) - set(_LEGACY_MEMORY)
+    if unknown:
+        raise TypeError(f"fold() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+    if legacy:
+        import warnings
+
+        warnings.warn(f"fold({', '.join(f'{k}=' for k in legacy)}...) is deprecated: pass "
+                      "memory=foldkit.MemoryPolicy(...), or use foldkit.fold_file(), which chooses it",
+                      DeprecationWarning, stacklevel=3)
+        base = memory or MemoryPolicy()
+        memory = MemoryPolicy(**{k: legacy.get(k, getattr(base, k)) for k in _LEGACY_MEMORY})
+    return memory or MemoryPolicy()
+
+
 def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = True, atol: Optional[float] = None,
          rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
          passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
-         check: bool = True, lazy: Optional[bool] = None, defer: bool = False,
-         spill_dir: Optional[str] = None, spill_above: int = 0,
-         max_input_bytes: Optional[int] = None) -> FoldResult:
+         check: bool = True, max_input_bytes: Optional[int] = None, memory: Optional[MemoryPolicy] = None,
+         **legacy) -> FoldResult:
     """Fold every BatchNormalization that can be folded exactly; explain every one left.
 
     ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). A path loads lazily
-    (weights stay on disk until a pass needs them) when ``lazy`` is True, or by default for files
-    over 256 MiB and for models with external data. ``defer`` keeps folded tensors of 1 MiB or more
-    out of the proto until :meth:`FoldResult.save`: big weights scaled per channel as recipes that
-    the writer computes block by block (never held whole), others as arrays (call
-    :meth:`FoldResult.materialize` for a self-contained ``model``); ``spill_dir`` keeps arrays in an
-    unlinked temp file in that folder instead of RAM when the model's tensors total at least
-    ``spill_above`` bytes (for models larger than memory should hold). With ``defer`` (or a folded
-    model over protobuf's 2 GB), verification runs in :meth:`FoldResult.save`, on the files as
-    written, before they take their names: ONNX Runtime loads them from disk, and no second copy
-    of the model is made in memory.
+    (weights stay on disk until a pass needs them) for files over 256 MiB and for models with
+    external data. ``memory`` (a :class:`MemoryPolicy`) changes how tensors are held; with
+    ``defer`` (or a folded model over protobuf's 2 GB), verification runs in
+    :meth:`FoldResult.save`, on the files as written, before they take their names (call
+    :meth:`FoldResult.materialize` for a self-contained ``model``). For file to file, use
+    :func:`fold_file`, which chooses the policy as the CLI does. The keyword arguments ``lazy``,
+    ``defer``, ``spill_dir`` and ``spill_above`` still work, with a DeprecationWarning.
     Raises InputError
     for unusable input and VerificationError (with ``.result`` holding the FoldResult) when the folded
     model does not match the original within (atol, rtol) on ONNX Runtime.
     """
-    m, base_dir = load(model, lazy)
-    return fold_loaded(m, base_dir, verify=verify, atol=atol, rtol=rtol, input_shapes=input_shapes, skip=skip,
-                       passes=passes, seed=seed, lower_standalone=lower_standalone, check=check, defer=defer,
-                       spill_dir=spill_dir, spill_above=spill_above, max_input_bytes=max_input_bytes)
+    mem = _memory(memory, legacy)
+    m, base_dir = load(model, mem.lazy)
+    inputs = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
+    try:
+        result = fold_loaded(m, base_dir, verify=verify, atol=atol, rtol=rtol, input_shapes=input_shapes, skip=skip,
+                             passes=passes, seed=seed, lower_standalone=lower_standalone, check=check,
+                             defer=mem.defer, spill_dir=mem.spill_dir, spill_above=mem.spill_above,
+                             max_input_bytes=max_input_bytes)
+    except VerificationError as e:
+        if e.result is not None:
+            e.result.report.inputs = inputs
+        raise
+    result.report.inputs = inputs
+    return result
+
+
+SPILL_ABOVE = 2 ** 31 - 2 ** 24  # protobuf's limit, less a margin: the external-data regime
+
+
+def fold_file(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *, report: Optional[str] = None,
+              external: Optional[bool] = None, durable: bool = False, in_place: bool = False,
+              **options) -> FoldResult:
+    """Fold the model file ``src`` into ``dst``, as ``foldkit fold`` does: every output checked
+    before any work (never an input, unless ``in_place`` for ``dst``), weights read lazily, big
+    folded tensors streamed (spilled beside ``dst`` for models in the external-data regime),
+    verification on the written files before they take their names, atomic writes (``durable``
+    also fsyncs). ``report``: where to write the JSON report, also when verification fails (the
+    model is then not written). ``external``: tensors to ``dst.<hash>.data`` (None: only over 2 GB).
+    ``options`` are :func:`fold`'s. Returns the FoldResult; raises as :func:`fold` does."""
+    from .wire import needs_external as wire_needs_external
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    fio.guard_outputs({"-o": dst, "--report": report}, fio.model_files(src),
+                      allow_same={"-o": src} if in_place else None)
+    memory = MemoryPolicy(lazy=True, defer=True, spill_dir=os.path.dirname(os.path.abspath(dst)),
+                          spill_above=0 if external else SPILL_ABOVE)
+    try:
+        result = fold(src, memory=memory, **options)
+        if external is False and wire_needs_external(result.model):
+            raise InputError(f"{dst}: the folded model exceeds protobuf's 2 GB limit; it needs --external-data")
+        result.save(dst, input_path=src, in_place=in_place, external=external, durable=durable)
+    except VerificationError as e:
+        if e.result is not None:
+            e.result.report.inputs = [src]
+            if report:  # what the user needs now: which output differed, by how much
+                fio.atomic_write(report, e.result.report.to_json().encode(), durable=durable)
+        raise
+    if report:
+        fio.atomic_write(report, result.report.to_json().encode(), durable=durable)
+    return result
 
 
 def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, atol: Optional[float] = None,
@@ -152,7 +228,8 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
                 check: bool = True, defer: bool = False, spill_dir: Optional[str] = None,
                 spill_above: int = 0, max_input_bytes: Optional[int] = None) -> FoldResult:
     """:func:`fold` on a model this call may change in place; tensors on disk are read from ``base_dir``."""
-    report = Report()
+    report = Report(seed=seed, input_shapes={("" if k is None else k): list(v) for k, v in (input_shapes or {}).items()}
+                    or None)
     report.bn_before = count_bn(m)
     _register_bns(m, report)
     selected = _select(passes, skip)

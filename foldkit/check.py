@@ -365,3 +365,17 @@ def to_junit(results, fail_on: str = "error") -> str:
         root.set(k, str(v))
     root.set("time", f"{sum(r.time_s for r in results):.3f}")
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+class _CallableModule(type(os)):
+    """``foldkit.check(path)`` calls :func:`check`, and ``from foldkit.check import check`` keeps
+    working: once the submodule is imported, Python binds ``foldkit.check`` to the module, so the
+    module itself is made callable (module ``__class__`` assignment, PEP 549's documented idiom)."""
+
+    def __call__(self, path):
+        return check(path)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

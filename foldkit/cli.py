@@ -14,11 +14,10 @@ import sys
 
 import click
 
-from .errors import EXIT_FAILED, EXIT_USAGE, FoldkitError
+from .errors import EXIT_USAGE, FoldkitError
 from .text import printable, to_json
 
 EXIT_INTERNAL = 3
-SPILL_ABOVE = 2 ** 31 - 2 ** 24  # protobuf's limit, less a margin: the external-data regime
 EXIT_INTERRUPTED = 130
 
 
@@ -142,10 +141,15 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="foldkit-onnx")
+@click.version_option(package_name="foldkit-onnx", message="%(prog)s %(version)s (distribution %(package)s)")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(debug):
     """foldkit: remove BatchNorm from inference graphs, exactly, and prove it."""
+    for stream in (sys.stdout, sys.stderr):  # an ASCII-only terminal gets \u escapes, never a UnicodeEncodeError
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     if not debug:  # numeric edge cases are checked explicitly (finite, overflow); keep stderr to one line
         import warnings
 
@@ -174,43 +178,32 @@ def main(debug):
 @click.option("--fsync/--no-fsync", "fsync", default=False, show_default=True,
               help="fsync the output before the atomic rename, so it also survives a power loss "
                    "(costs the disk's write time). Either way it is never a partial file.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@verbosity_options
 @handle_errors
 def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_input_mb, skip, lower_standalone, in_place, external,
-         fsync, quiet):
-    """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT."""
-    from . import io as fio
-    from .api import fold as fold_api
-    from .errors import InputError, VerificationError
-    from .verify import parse_input_shapes
-    from .wire import needs_external as wire_needs_external
+         fsync, quiet, verbose):
+    """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT.
 
-    fio.guard_outputs({"-o": output, "--report": report_path}, fio.model_files(model),
-                      allow_same={"-o": model} if in_place else None)
+    On a verification failure the model is not written, but --report is: it says what differed."""
+    from .api import fold_file
+    from .errors import VerificationError
+    from .verify import parse_input_shapes
+
     shapes = parse_input_shapes(input_shape)
-    # models in the external-data regime (over 2 GB, or external data asked for) spill folded
-    # tensors to an unlinked temp file beside the output rather than holding them in RAM
     try:
-        result = fold_api(model, verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
-                          lower_standalone=lower_standalone, lazy=True, defer=True,
-                          spill_dir=os.path.dirname(os.path.abspath(output)),
-                          spill_above=0 if external else SPILL_ABOVE, max_input_bytes=int(max_input_mb * 2 ** 20))
-        if external is False and wire_needs_external(result.model):
-            raise InputError(f"{output}: the folded model exceeds protobuf's 2 GB limit; it needs --external-data")
-        # defer: verification runs on the written files, before they take their names
-        result.save(output, input_path=model, in_place=in_place, external=external, durable=fsync)
+        result = fold_file(model, output, report=report_path, external=external, durable=fsync, in_place=in_place,
+                           verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
+                           lower_standalone=lower_standalone, max_input_bytes=int(max_input_mb * 2 ** 20))
     except VerificationError as e:
         if e.result is not None and not quiet:
             from .render import print_fold_report
 
-            print_fold_report(e.result.report)
+            print_fold_report(e.result.report, verbose=verbose)
         raise
-    if report_path:
-        fio.atomic_write(report_path, result.report.to_json().encode(), durable=fsync)
     if not quiet:
-        from .render import print_fold_report  # rich: only imported when something is printed
+        from .render import print_fold_report
 
-        print_fold_report(result.report, output)
+        print_fold_report(result.report, output, verbose=verbose, verified=not no_verify)
 
 
 @main.command()
@@ -236,7 +229,7 @@ def check(models, fmt, fail_on, output, quiet, verbose):
     results = check_many(models)
     worst = max(r.exit_code(fail_on) for r in results)
     if fmt == "json":
-        text = to_json({**envelope("check", [r.path for r in results]), "fail_on": fail_on, "passed": worst == 0,
+        text = to_json({**envelope("check", [r.path for r in results], input_shapes=None, seed=None), "fail_on": fail_on, "passed": worst == 0,
                         "exit_code": worst, "models": [r.to_dict(fail_on) for r in results]})
     elif fmt == "github":
         text = to_github(results, fail_on)
@@ -302,10 +295,12 @@ def _csv(value, cast=str):
 @click.option("--cache-dir", type=click.Path(), default=None, help="TensorRT engine cache folder.")
 @click.option("--json", "json_path", type=click.Path())
 @click.option("--markdown", "md_path", type=click.Path())
-@click.option("--plot", "plot_path", type=click.Path(), help="PNG of latency distributions.")
+@click.option("--plot", "plot_path", type=click.Path(),
+              help="PNG: each model's per-round latency ratio to the first, with its 95% interval, per runtime and batch.")
+@verbosity_options
 @handle_errors
 def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warmup, iters, threads, fp16, torch_model, model_arg,
-          cache_dir, json_path, md_path, plot_path):
+          cache_dir, json_path, md_path, plot_path, quiet, verbose):
     """Latency of MODELS (the first is the baseline), interleaved A/B, on each runtime."""
 
     from . import io as fio
@@ -349,7 +344,8 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
         fio.atomic_write(md_path, to_markdown(result).encode())
     if plot_path and result.rows:
         fio.atomic_write(plot_path, plot_png(result))
-    print_bench(result)
+    if not quiet:
+        print_bench(result, verbose=verbose)
 
 
 @main.command()
@@ -368,10 +364,10 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
 @tolerance_options
 @click.option("--fsync/--no-fsync", "fsync", default=False, show_default=True,
               help="fsync the output before the atomic rename (power-loss safe).")
-@click.option("-q", "--quiet", is_flag=True)
+@verbosity_options
 @handle_errors
 def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dynamic_batch, opset, exporter, no_fold,
-           output, report_path, atol, rtol, fsync, quiet):
+           output, report_path, atol, rtol, fsync, quiet, verbose):
     """Export a PyTorch model to ONNX: load, revert SyncBN, eval, export, fold, check parity."""
     from . import io as fio
     from .errors import InputError
@@ -388,16 +384,27 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
     from .verify import parse_dims
 
     shapes = [parse_dims(s) for s in input_shapes]
-    result = export_api(model_spec, output, shapes, checkpoint=checkpoint, model_args=parse_model_args(model_arg),
-                        trust_checkpoint=trust_checkpoint, dynamic_batch=dynamic_batch, opset=opset,
-                        exporter=exporter, fold=not no_fold, atol=atol, rtol=rtol, durable=fsync)
+    from .errors import VerificationError
+
+    try:
+        result = export_api(model_spec, output, shapes, checkpoint=checkpoint, model_args=parse_model_args(model_arg),
+                            trust_checkpoint=trust_checkpoint, dynamic_batch=dynamic_batch, opset=opset,
+                            exporter=exporter, fold=not no_fold, atol=atol, rtol=rtol, durable=fsync)
+    except VerificationError as e:  # no model written; the report says why
+        rep = getattr(e.result, "report", None)
+        if report_path and rep is not None:
+            if not isinstance(rep, dict):  # the fold inside the export failed: its report, as export's
+                rep.command, rep.inputs = "export", [model_spec] + ([checkpoint] if checkpoint else [])
+            fio.atomic_write(report_path, (to_json(rep) if isinstance(rep, dict) else rep.to_json()).encode(),
+                             durable=fsync)
+        raise
     rep = result.report
     if report_path:
         fio.atomic_write(report_path, to_json(rep).encode(), durable=fsync)
     if not quiet:
         from .render import print_export_report
 
-        print_export_report(rep, output)
+        print_export_report(rep, output, verbose=verbose)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,74 +1,119 @@
-"""Human-readable tables (rich) for the terminal."""
+"""What the commands print. On a terminal: a short summary, and rich tables with ``-v``. When stdout
+is not a terminal (a pipe, a CI log, a file): plain lines, one action or finding per line, no markup,
+no box drawing. Either way every user string (node names, paths, reasons) is printed as it is:
+control characters escaped, rich markup and emoji codes never interpreted.
+"""
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+import sys
 
 from .text import printable
 
 
 def esc(text) -> str:
-    """User text (node names, paths, reasons) as literal text: no markup, no control characters."""
+    """User text as literal rich text: no markup, no control characters."""
+    from rich.markup import escape
+
     return escape(printable(text))
 
 
-def console() -> Console:
-    import sys
+def fancy() -> bool:
+    """Rich output only on a terminal."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
 
-    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120, highlight=False, soft_wrap=False,
-                   emoji=False)
+
+def console():
+    from rich.console import Console
+
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False, emoji=False, markup=True)
 
 
-def print_fold_report(report, output=None) -> None:
-    c = console()
-    c.print(f"BatchNormalization nodes: {report.bn_before} before, {report.bn_after} after")
-    table = Table()
-    table.add_column("BN node", overflow="fold")
-    table.add_column("action")
-    table.add_column("into / why", overflow="fold")
-    for a in report.actions:
-        where = a.target if a.action in ("folded", "merged") else a.reason
-        node = a.node if a.graph == "main" else f"{a.node}  [{a.graph}]"
-        style = {"folded": "green", "merged": "green", "lowered": "cyan", "kept": "yellow"}.get(a.action, "")
-        table.add_row(esc(node), f"[{style}]{a.action}[/{style}]" if style else a.action, esc(where or ""))
+def _out(line: str = "") -> None:
+    """One plain line (the stream escapes what its encoding cannot hold: see cli.main)."""
+    print(line, file=sys.stdout)
+
+
+def _counts(actions) -> str:
+    order = ("folded", "merged", "lowered", "converted", "kept")
+    n = {k: sum(a.action == k for a in actions) for k in order}
+    return ", ".join(f"{v} {k}" for k, v in n.items() if v)
+
+
+def _verification_line(v) -> str:
+    status = "passed" if v["passed"] else "FAILED"
+    return (f"verification ({v['backend']}, vs {v['reference']}): {status}  max abs err {v['max_abs_err']:.3g}, "
+            f"max rel err {v['max_rel_err']:.3g} (atol {v['atol']:g}, rtol {v['rtol']:g})")
+
+
+def print_fold_report(report, output=None, verbose: int = 0, verified: bool = True) -> None:
+    """The summary (BN before -> after, what was left and why, verification); every BN with ``verbose``."""
+    head = f"BatchNormalization nodes: {report.bn_before} before, {report.bn_after} after"
     if report.actions:
-        c.print(table)
+        head += f" ({_counts(report.actions)})"
+    if report.affine:
+        head += f"; {len(report.affine)} per-channel Mul/Add folded"
+    shown = report.actions if verbose else [a for a in report.actions if a.action in ("kept", "lowered")]
+    if fancy():
+        from rich.table import Table
+
+        c = console()
+        c.print(esc(head))
+        if shown:
+            table = Table()
+            table.add_column("BN node", overflow="fold")
+            table.add_column("action")
+            table.add_column("into / why", overflow="fold")
+            for a in shown:
+                where = a.target if a.action in ("folded", "merged") else a.reason
+                node = a.node if a.graph == "main" else f"{a.node}  [{a.graph}]"
+                style = {"folded": "green", "merged": "green", "lowered": "cyan", "kept": "yellow"}.get(a.action, "")
+                table.add_row(esc(node), f"[{style}]{a.action}[/{style}]" if style else a.action, esc(where or ""))
+            c.print(table)
+        if not verbose and len(shown) < len(report.actions):
+            c.print(f"({len(report.actions) - len(shown)} folded BN not listed: -v lists every one)")
     else:
-        c.print("No BatchNormalization nodes.")
+        _out(printable(head))
+        for a in shown:
+            where = a.target if a.action in ("folded", "merged") else a.reason
+            node = a.node if a.graph == "main" else f"{a.node} [{a.graph}]"
+            link = "into" if a.action in ("folded", "merged") else "because"
+            _out(f"{a.action}: {printable(node)}" + (f" {link} {printable(where)}" if where else ""))
     for note in report.notes:
-        c.print(f"note: {esc(note)}")
+        _out(f"note: {printable(note)}")
     v = report.verification
     if v:
-        status = "[green]passed[/green]" if v["passed"] else "[red]FAILED[/red]"
-        c.print(f"verification ({v['backend']}, vs {v['reference']}): {status}  max abs err {v['max_abs_err']:.3g}, "
-                f"max rel err {v['max_rel_err']:.3g} (atol {v['atol']:g}, rtol {v['rtol']:g})")
-    elif v is None and output is not None:
-        c.print("verification: skipped (--no-verify)")
+        _out(_verification_line(v))
+    elif v is None and output is not None and not verified:
+        _out("verification: skipped (--no-verify)")
     if output is not None:
-        c.print(f"wrote {esc(str(output))}")
+        _out(f"wrote {printable(str(output))}")
 
 
-def print_export_report(rep: dict, output) -> None:
+def print_export_report(rep: dict, output, verbose: int = 0) -> None:
     from .report import Action, Report
 
-    c = console()
-    c.print(f"exported {esc(str(rep['model']))} with the {rep['exporter']} exporter (opset {rep['opset']}): "
-            f"{rep['bn_exported']} BatchNormalization nodes")
-    if rep.get("fold"):
-        f = rep["fold"]
-        r = Report(bn_before=f["bn_before"], bn_after=f["bn_after"], actions=[Action(**a) for a in f["actions"]],
-                   verification=f["verification"], notes=f["notes"])
-        print_fold_report(r)
+    e = rep["export"]
+    _out(f"exported {printable(str(e['model']))} with the {e['exporter']} exporter (opset {e['opset']}): "
+         f"{e['bn_exported']} BatchNormalization nodes")
+    if e["folded"]:
+        r = Report(bn_before=rep["bn_before"], bn_after=rep["bn_after"], actions=[Action(**a) for a in rep["actions"]],
+                   verification=rep["verification"], notes=rep["notes"],
+                   affine=[Action(**a) for a in rep.get("affine_actions", [])])
+        print_fold_report(r, verbose=verbose)
     p = rep["parity"]
-    status = "[green]passed[/green]" if p["passed"] else "[red]FAILED[/red]"
-    c.print(f"parity PyTorch vs {p['backend']}: {status}  max abs err {p['max_abs_err']:.3g}, "
-            f"max rel err {p['max_rel_err']:.3g} (atol {p['atol']:g}, rtol {p['rtol']:g})")
-    c.print(f"wrote {esc(str(output))}")
+    _out(f"parity PyTorch vs {p['backend']}: {'passed' if p['passed'] else 'FAILED'}  max abs err "
+         f"{p['max_abs_err']:.3g}, max rel err {p['max_rel_err']:.3g} (atol {p['atol']:g}, rtol {p['rtol']:g})")
+    _out(f"wrote {printable(str(output))}")
 
 
 def print_check(result, fail_on: str) -> None:
+    """A rich table (terminal only; plain output is check.to_text)."""
+    from rich.table import Table
+
     c = console()
     if result.findings:
         table = Table()
@@ -88,12 +133,11 @@ class progress_bar:
     """A rich progress bar on stderr (only on a terminal); yields a factory total -> tick()."""
 
     def __enter__(self):
-        import sys
-
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.progress = None
         if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
             self.progress = Progress(TextColumn("benchmarking"), BarColumn(), TimeRemainingColumn(),
                                      console=Console(file=sys.stderr), transient=True)
             self.progress.start()
@@ -111,24 +155,37 @@ class progress_bar:
         return False
 
 
-def print_bench(result) -> None:
-    c = console()
-    table = Table()
-    for col in ("runtime", "batch", "model", "p50 ms", "p90 ms", "p99 ms", "items/s", "vs first (95% CI)", "load s"):
-        table.add_column(col, overflow="fold")
-    for r in result.rows:
-        v = r["vs_first"]
-        if v is None:
-            ratio = "baseline"
-        else:
-            ratio = f"{v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
-            ratio = ratio + " (too few rounds)" if not v.get("enough_rounds", True) else \
-                ratio if v["significant"] else ratio + " (noise)"
-        table.add_row(esc(r["runtime"]), str(r["batch"]), esc(r["model"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}",
-                      f"{r['p99_ms']:.3f}", f"{r['throughput_per_s']:.1f}", ratio, f"{r['load_s']:.3f}")
-    c.print(table)
-    for u in result.unavailable:
-        c.print(f"[yellow]unavailable[/yellow] {esc(u['runtime'])} (batch {u['batch']}): {esc(u['reason'])}")
+def ratio_text(v) -> str:
+    if v is None:
+        return "baseline"
+    text = f"{v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+    if not v.get("enough_rounds", True):
+        return text + " (too few rounds)"
+    return text if v["significant"] else text + " (noise)"
+
+
+def print_bench(result, verbose: int = 0) -> None:
+    cols = ("runtime", "batch", "model", "p50 ms", "p90 ms", "p99 ms", "items/s", "vs first (95% CI)", "load s")
+    rows = [(r["runtime"], str(r["batch"]), r["model"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}",
+             f"{r['p99_ms']:.3f}", f"{r['throughput_per_s']:.1f}", ratio_text(r["vs_first"]), f"{r['load_s']:.3f}")
+            for r in result.rows]
     m = result.machine
-    c.print(f"machine: {esc(str(m.get('processor')))}, {m.get('cpu_count')} cores, onnxruntime {m.get('onnxruntime', '-')}"
-            + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"))
+    machine = (f"machine: {m.get('processor')}, {m.get('cpu_count')} cores, onnxruntime {m.get('onnxruntime', '-')}"
+               + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"))
+    if fancy():
+        from rich.table import Table
+
+        c = console()
+        table = Table()
+        for col in cols:
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*(esc(x) for x in row))
+        c.print(table)
+    else:
+        for rt, b, model, p50, p90, p99, items, ratio, load in rows:
+            _out(f"{printable(rt)} batch {b} {printable(model)}: p50 {p50} ms, p90 {p90} ms, p99 {p99} ms, "
+                 f"{items} items/s, vs first {ratio}, load {load} s")
+    for u in result.unavailable:
+        _out(f"unavailable: {printable(u['runtime'])} (batch {u['batch']}): {printable(u['reason'])}")
+    _out(printable(machine))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -45,6 +44,11 @@ class Report:
     notes: list = field(default_factory=list)
     passes: list = field(default_factory=list)
     affine: list = field(default_factory=list)  # Mul/Add/Sub/Div folds (not BNs)
+    # what the JSON's envelope says: the command, its inputs, and the shapes and seed verification used
+    command: str = "fold"
+    inputs: list = field(default_factory=list)
+    input_shapes: Optional[dict] = None
+    seed: int = 0
 
     # keyed by BN output name while the passes run; flattened into ``actions`` at the end
     _by_key: dict = field(default_factory=dict, repr=False)
@@ -77,7 +81,9 @@ class Report:
                 a.reason = "; ".join(refusals) or "no rewrite applies"
 
     def to_dict(self) -> dict:
+        shapes = (self.verification or {}).get("inputs") or self.input_shapes
         d = {
+            **envelope(self.command, self.inputs, input_shapes=shapes, seed=self.seed),
             "bn_before": self.bn_before,
             "bn_after": self.bn_after,
             "actions": [asdict(a) for a in self.actions],

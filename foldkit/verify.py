@@ -264,6 +264,8 @@ class VerificationResult:
     backend: str
     reference: str
     outputs: list = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)  # the shape of every generated input: {name: [dims]}
+    seed: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -302,6 +304,7 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
     feeds = make_inputs(reference, input_shapes, seed, max_bytes=max_input_bytes)
+    shapes = {k: [int(d) for d in np.shape(v)] for k, v in feeds.items()}
     try:
         ref_out, backend = run(reference, feeds, reference_bytes, base_dir=base_dir)
     except Exception as e:
@@ -313,7 +316,8 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         names = [o.name for o in reference.graph.output]
         return VerificationResult(False, float("inf"), float("inf"), atol, rtol, backend, reference_label,
-                                  [asdict(OutputDiff(n, float("inf"), float("inf"), False, f"does not run: {detail}")) for n in names])
+                                  [asdict(OutputDiff(n, float("inf"), float("inf"), False, f"does not run: {detail}")) for n in names],
+                                  inputs=shapes, seed=seed)
     names = [o.name for o in reference.graph.output]
     diffs = [compare(n, a, b, atol, rtol) for n, a, b in zip(names, ref_out, new_out)]
     return VerificationResult(
@@ -321,5 +325,5 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
         max_abs_err=max((d.max_abs_err for d in diffs), default=0.0),
         max_rel_err=max((d.max_rel_err for d in diffs), default=0.0),
         atol=atol, rtol=rtol, backend=backend, reference=reference_label,
-        outputs=[asdict(d) for d in diffs],
+        outputs=[asdict(d) for d in diffs], inputs=shapes, seed=seed,
     )

@@ -167,7 +167,6 @@ def test_batch_and_input_shape_that_disagree_are_refused(pair):
 def test_input_shape_grammar_errors_are_one_line_and_plain_dims_need_a_single_input(tmp_path):
     from foldkit.errors import InputError
     from foldkit.verify import parse_input_shapes, resolve_input_shapes
-    from tests.hostile import base_model
 
     assert parse_input_shapes(["input:0:1x3x2x2"]) == {"input:0": [1, 3, 2, 2]}  # TensorFlow-style names
     assert parse_input_shapes(["a=b:1,2"]) == {"a=b": [1, 2]}

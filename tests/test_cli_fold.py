@@ -200,4 +200,4 @@ def test_python_dash_m_foldkit(conv_bn_path, tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 0 and out.exists(), p.stderr
     p = subprocess.run([sys.executable, "-m", "foldkit", "--version"], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert p.returncode == 0 and p.stdout.startswith("foldkit, version"), p.stdout + p.stderr
+    assert p.returncode == 0 and p.stdout.startswith("foldkit 0.1.0 (distribution foldkit-onnx)"), p.stdout + p.stderr

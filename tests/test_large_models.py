@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, numpy_helper
 
 import foldkit
+from foldkit.api import MemoryPolicy
 from foldkit import io as fio
 from foldkit.cli import main
 from foldkit.wire import lazy_load, write_model
@@ -60,7 +61,7 @@ def test_cli_fold_lazy_equals_in_memory_fold(tmp_path):
     assert CliRunner().invoke(main, ["fold", str(p), "-o", str(out), "-q"]).exit_code == 0
     in_memory = foldkit.fold(m).model.SerializeToString(deterministic=True)
     assert out.read_bytes() == in_memory
-    lazy = foldkit.fold(str(p), lazy=True)
+    lazy = foldkit.fold(str(p), memory=MemoryPolicy(lazy=True))
     assert lazy.report.verification["passed"]
     # a weight the fold does not touch stays on disk until the model is saved
     m2 = conv_bn_model(2, group=2)
@@ -69,7 +70,7 @@ def test_cli_fold_lazy_equals_in_memory_fold(tmp_path):
     m2.graph.output.append(onnx.helper.make_tensor_value_info("Y2", TensorProto.FLOAT, [2, 32, 3, 3]))
     p2 = tmp_path / "m2.onnx"
     onnx.save(m2, str(p2))
-    lazy2 = foldkit.fold(str(p2), lazy=True)
+    lazy2 = foldkit.fold(str(p2), memory=MemoryPolicy(lazy=True))
     assert [t.name for t in lazy2.model.graph.initializer if t.data_location == TensorProto.EXTERNAL] == ["W2"]
     lazy2.save(str(tmp_path / "o2.onnx"))
     assert (tmp_path / "o2.onnx").read_bytes() == foldkit.fold(m2).model.SerializeToString(deterministic=True)
@@ -167,7 +168,7 @@ def test_deferred_payloads_give_identical_bytes(tmp_path, monkeypatch):
             assert onnx.load(str(out)).graph.initializer[0].raw_data  # loads with its data file
         else:
             assert out.read_bytes() == expected
-    res = foldkit.fold(str(p), lazy=True, defer=True, verify=False)
+    res = foldkit.fold(str(p), verify=False, memory=MemoryPolicy(lazy=True, defer=True))
     from foldkit.wire import is_memory
     assert any(is_memory(t) for t in res.model.graph.initializer)
     res.materialize()
@@ -185,7 +186,7 @@ def test_spilled_payloads_give_identical_bytes_and_leave_nothing(tmp_path, monke
     spill.mkdir()
     p = src / "m.onnx"
     onnx.save(m, str(p))
-    res = foldkit.fold(str(p), lazy=True, spill_dir=str(spill), verify=verify)
+    res = foldkit.fold(str(p), verify=verify, memory=MemoryPolicy(lazy=True, spill_dir=str(spill)))
     assert os.listdir(spill) == []  # the spill file is unlinked at creation
     out = tmp_path / "o.onnx"
     res.save(str(out))
@@ -203,7 +204,7 @@ def test_interrupted_streaming_save_leaves_nothing(tmp_path, monkeypatch, extern
     m = conv_bn_model(2, c_in=16, c_out=32)
     p = tmp_path / "m.onnx"
     onnx.save(m, str(p))
-    res = foldkit.fold(str(p), lazy=True, verify=False, defer=True)
+    res = foldkit.fold(str(p), verify=False, memory=MemoryPolicy(lazy=True, defer=True))
     out = tmp_path / "o.onnx"
     out.write_bytes(b"previous")
     real = wire._Source.copy_to
@@ -324,7 +325,7 @@ def test_streamed_folds_equal_the_plain_formula(tmp_path, monkeypatch, name):
     # spilled (the external-data regime) and external data out: the same tensors
     spill = tmp_path / "spill"
     spill.mkdir()
-    res = foldkit.fold(str(p), lazy=True, spill_dir=str(spill), verify=False)
+    res = foldkit.fold(str(p), verify=False, memory=MemoryPolicy(lazy=True, spill_dir=str(spill)))
     res.save(str(tmp_path / "s.onnx"))
     assert (tmp_path / "s.onnx").read_bytes() == expected
     r = CliRunner().invoke(main, ["fold", str(p), "-o", str(tmp_path / "e.onnx"), "-q", "--external-data"])
@@ -340,7 +341,7 @@ def test_streamed_fold_refuses_overflow_and_changes_nothing(tmp_path, tiny_block
     for t in m.graph.initializer:
         if t.name == "v":
             t.CopyFrom(numpy_helper.from_array(np.full(6, 1e-6, np.float16), "v"))
-    res = foldkit.fold(m, verify=False, defer=True)
+    res = foldkit.fold(m, verify=False, memory=MemoryPolicy(defer=True))
     assert res.report.bn_after == 1 and "overflows float16" in res.report.actions[0].reason
     assert res.model.SerializeToString() == m.SerializeToString()
 
@@ -352,7 +353,7 @@ def test_streamed_fold_keeps_little_memory(tmp_path, tiny_blocks):
     m = conv_bn_model(2, c_in=16, c_out=32)
     p = tmp_path / "m.onnx"
     onnx.save(m, str(p))
-    res = foldkit.fold(str(p), lazy=True, defer=True, verify=False)
+    res = foldkit.fold(str(p), verify=False, memory=MemoryPolicy(lazy=True, defer=True))
     held = [t.name for t in res.model.graph.initializer if is_memory(t)]
     assert "W" in held and isinstance(dict.__getitem__(res.payloads, "W"), ScaledChannels)
     res.save(str(tmp_path / "o.onnx"))
@@ -366,7 +367,7 @@ def test_deferred_verification_runs_on_the_written_files(tmp_path):
     m = conv_bn_model(2, c_in=16, c_out=32)
     p = tmp_path / "m.onnx"
     onnx.save(m, str(p))
-    res = foldkit.fold(str(p), lazy=True, defer=True)
+    res = foldkit.fold(str(p), memory=MemoryPolicy(lazy=True, defer=True))
     assert res.report.verification is None and res.verify_before_commit is not None
     seen = []
     real = res.verify_before_commit

@@ -225,9 +225,9 @@ def test_export_every_architecture(name, tmp_path, monkeypatch):
     rep = res.report
     assert out.exists()
     assert rep["parity"]["passed"] and rep["parity"]["max_rel_err"] < 1e-5
-    assert rep["fold"]["verification"]["passed"]
-    assert rep["bn_exported"] > 0
-    kept = [a for a in rep["fold"]["actions"] if a["action"] == "kept"]
+    assert rep["verification"]["passed"]
+    assert rep["export"]["bn_exported"] > 0
+    kept = [a for a in rep["actions"] if a["action"] == "kept"]
     assert rep["bn_after"] == len(kept) and all(a["reason"] for a in kept)
     if name not in ("preact_resnet18", "mlp_bn"):
         assert rep["bn_after"] == 0, kept
@@ -252,7 +252,7 @@ def test_export_cli_with_checkpoint(tmp_path, monkeypatch):
                                   "--checkpoint", str(ck), "--input-shape", "1,3,32,32", "-o", str(out), "--report", str(rep)])
     assert r.exit_code == 0, r.output
     report = json.loads(rep.read_text())
-    assert report["bn_exported"] == 20 and report["bn_after"] == 0
+    assert report["export"]["bn_exported"] == 20 and report["bn_after"] == 0
     # the exported weights are the checkpoint's, not the factory's seed
     import onnxruntime as ort
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)

@@ -36,9 +36,15 @@ class BenchResult:
     unavailable: list = field(default_factory=list)
     machine: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    inputs: list = field(default_factory=list)
+    input_shapes: dict = field(default_factory=dict)  # per (runtime, batch) group: {name: dims} fed
+    seed: int = 0
 
     def to_dict(self) -> dict:
-        return {"machine": self.machine, "config": self.config, "rows": self.rows, "unavailable": self.unavailable}
+        from ..report import envelope
+
+        return {**envelope("bench", self.inputs, input_shapes=self.input_shapes, seed=self.seed),
+                "machine": self.machine, "config": self.config, "rows": self.rows, "unavailable": self.unavailable}
 
 
 def machine_info() -> dict:
@@ -134,7 +140,7 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None) -> BenchRes
     for m in cfg.models:
         if not os.path.isfile(m):
             raise InputError(f"{m}: no such file")
-    result = BenchResult(machine=machine_info(), config={
+    result = BenchResult(inputs=list(cfg.models), seed=cfg.seed, machine=machine_info(), config={
         "runtimes": cfg.runtimes, "ort_opt_levels": cfg.ort_opt_levels, "batches": cfg.batches,
         "warmup": cfg.warmup, "iters": cfg.iters, "threads": cfg.threads, "fp16": cfg.fp16,
         "models": [os.path.basename(m) for m in cfg.models]})
@@ -150,10 +156,12 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None) -> BenchRes
                 if not cfg.models:
                     raise Unavailable("needs an ONNX model to take input shapes from")
                 feeds, batch = _feeds_for(cfg.models[0], batch, cfg.input_shapes, cfg.seed, cfg.max_input_bytes)
+                result.input_shapes[f"{group} batch {batch}"] = {k: list(v.shape) for k, v in feeds.items()}
                 entries = [(label, TorchRunner(None, feeds, module=mod, device="cpu", threads=cfg.threads))
                            for label, mod in _torch_modules(cfg)]
             else:
                 feeds, batch = _feeds_for(cfg.models[0], batch, cfg.input_shapes, cfg.seed, cfg.max_input_bytes)
+                result.input_shapes[f"{group} batch {batch}"] = {k: list(v.shape) for k, v in feeds.items()}
                 entries = []
                 for path in cfg.models:
                     if runtime == "trt":

@@ -182,7 +182,9 @@ def export(model_spec: str, output: str, input_shapes: Sequence[Sequence[int]], 
     fold_report = None
     if fold:
         try:
-            result = api.fold(onnx_model, verify=True, atol=atol, rtol=rtol, seed=seed)
+            result = api.fold(onnx_model, verify=True, atol=atol, rtol=rtol, seed=seed,
+                              input_shapes={n: list(a.shape) for n, a in zip(input_names, args)
+                                            if n in {i.name for i in onnx_model.graph.input}})
         except InputError as e:
             hint = " (torch's dynamo exporter is known to emit invalid biases for bias-free Conv3d; try --exporter legacy)" \
                 if exporter == "dynamo" else ""
@@ -197,12 +199,22 @@ def export(model_spec: str, output: str, input_shapes: Sequence[Sequence[int]], 
     diffs = [compare(n, o.detach().numpy(), g, p_atol, p_rtol) for n, o, g in zip(output_names, outs, got)]
     parity = {"passed": all(d.passed for d in diffs), "max_abs_err": max(d.max_abs_err for d in diffs),
               "max_rel_err": max(d.max_rel_err for d in diffs), "atol": p_atol, "rtol": p_rtol, "backend": backend}
-    report = {
-        "model": model_spec if isinstance(model_spec, str) else getattr(model_spec, "__name__", "factory"),
-        "exporter": exporter, "opset": next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")), None),
-        "bn_exported": bn_exported, "bn_after": api.count_bn(onnx_model),
-        "fold": fold_report.to_dict() if fold_report else None, "parity": parity,
-    }
+    from ..report import Report
+
+    if fold_report is None:  # --no-fold: the same layout, with nothing folded
+        fold_report = Report(bn_before=bn_exported, bn_after=bn_exported, seed=seed)
+    fold_report.command = "export"
+    spec = model_spec if isinstance(model_spec, str) else getattr(model_spec, "__name__", "factory")
+    fold_report.inputs = [spec] + ([os.fspath(checkpoint)] if checkpoint else [])
+    fold_report.input_shapes = {n: list(a.shape) for n, a in zip(input_names, args)}
+    fold_report.seed = seed
+    report = fold_report.to_dict()
+    report["input_shapes"] = fold_report.input_shapes  # what PyTorch was fed (the fold verified the same)
+    report["export"] = {"model": spec, "checkpoint": os.fspath(checkpoint) if checkpoint else None,
+                        "exporter": exporter, "dynamic_batch": dynamic_batch, "folded": fold,
+                        "opset": next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")), None),
+                        "bn_exported": bn_exported}
+    report["parity"] = parity
     if not parity["passed"]:
         raise VerificationError(f"PyTorch and ONNX Runtime disagree: max abs err {parity['max_abs_err']:.3g} "
                                 f"(relative {parity['max_rel_err']:.3g}; atol {p_atol:g}, rtol {p_rtol:g})",
