@@ -239,3 +239,46 @@ def test_module_factory_is_found_in_the_current_folder_as_python_m_does(tmp_path
             "from foldkit.factory import load_factory\nprint(load_factory('mynets.tiny:build')(width=5))")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "5", r.stderr
+
+
+def test_openvino_runner_joins_the_interleaved_rounds(pair):
+    pytest.importorskip("openvino", reason="openvino is not installed (the bench extra)")
+    a, b = pair
+    res = run_bench(BenchConfig(models=[str(a), str(b)], runtimes=["openvino", "ort-cpu"], ort_opt_levels=["disable"],
+                                batches=[1, 2], warmup=1, iters=4))
+    assert not res.unavailable, res.unavailable
+    ov_rows = [r for r in res.rows if r["runtime"] == "openvino"]
+    assert [(r["model"], r["batch"]) for r in ov_rows] == [("a.onnx", 1), ("b.onnx", 1), ("a.onnx", 2), ("b.onnx", 2)]
+    assert all(r["n"] == 4 and r["p50_ms"] > 0 for r in ov_rows) and ov_rows[1]["vs_first"]["rounds"] == 4
+
+
+def test_openvino_computes_what_onnx_runtime_computes_on_the_folded_model(pair):
+    ov = pytest.importorskip("openvino", reason="openvino is not installed (the bench extra)")
+    import onnxruntime as ort
+
+    a, b = pair
+    x = np.random.default_rng(0).standard_normal((1, 8, 16, 16)).astype(np.float32)
+    core = ov.Core()
+    for path in (a, b):
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        got = compiled({"X": x})[0]
+        want = ort.InferenceSession(str(a)).run(None, {"X": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_plot_answers_is_it_faster_and_is_deterministic(pair, tmp_path):
+    pytest.importorskip("matplotlib")
+    from foldkit.bench.core import plot_png
+
+    a, b = pair
+    res = run_bench(BenchConfig(models=[str(a), str(b)], ort_opt_levels=["disable", "all"], batches=[1], warmup=0,
+                                iters=6))
+    png = plot_png(res)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == plot_png(res)  # same result, same bytes
+    import matplotlib.image as mpimg
+    import io as _io
+
+    h, w = mpimg.imread(_io.BytesIO(png)).shape[:2]
+    assert w > 800 and h > 150  # one row per runtime and batch, labels beside it
+    r = CliRunner().invoke(main, ["bench", str(a), "--plot", str(tmp_path / "p.png"), "--iters", "2"])
+    assert r.exit_code == 2 and "at least two models" in r.output and not (tmp_path / "p.png").exists()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ..errors import InputError
-from .runners import ORT_LEVELS, RUNTIMES, OrtRunner, TorchRunner, TrtRunner, Unavailable
+from .runners import ORT_LEVELS, RUNTIMES, OpenVinoRunner, OrtRunner, TorchRunner, TrtRunner, Unavailable
 from .stats import paired_ratio, summarize
 
 
@@ -166,6 +166,8 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None) -> BenchRes
                 for path in cfg.models:
                     if runtime == "trt":
                         r = TrtRunner(path, feeds, fp16=cfg.fp16, cache_dir=cfg.cache_dir)
+                    elif runtime == "openvino":
+                        r = OpenVinoRunner(path, feeds, threads=cfg.threads)
                     else:
                         r = OrtRunner(path, feeds, runtime, level, cfg.threads, cfg.fp16, cfg.cache_dir)
                     entries.append((os.path.basename(path), r))
@@ -212,6 +214,10 @@ def to_markdown(result: BenchResult) -> str:
 
 
 def plot_png(result: BenchResult) -> bytes:
+    """One figure that answers "is it faster than the first model?": per runtime and batch, every
+    other model's per-round latency ratio to the first (dots), their median (the marker) and its 95%
+    bootstrap interval (the bar), against the line at 1 (no difference). Labels are wrapped, so long
+    model names stay readable; the figure grows with the number of rows."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -219,24 +225,56 @@ def plot_png(result: BenchResult) -> bytes:
     except ImportError:
         raise InputError("--plot needs matplotlib: pip install 'foldkit-onnx[bench]'") from None
     import io
+    import textwrap
 
-    groups = []
+    import numpy as np
+
+    baselines = {}
+    entries = []  # (label, per-round ratios, vs_first)
     for r in result.rows:
         key = (r["runtime"], r["batch"])
-        if key not in groups:
-            groups.append(key)
-    if not groups:
-        raise InputError("--plot: nothing was measured")
-    fig, axes = plt.subplots(1, len(groups), figsize=(max(5, 4.5 * len(groups)), 4.5), squeeze=False)
-    for ax, (rt, b) in zip(axes[0], groups):
-        rows = [r for r in result.rows if (r["runtime"], r["batch"]) == (rt, b)]
-        ax.violinplot([r["samples_ms"] for r in rows], showmedians=True)
-        ax.set_xticks(range(1, len(rows) + 1))
-        ax.set_xticklabels([r["model"] for r in rows], rotation=20, ha="right", fontsize=8)
-        ax.set_title(f"{rt}, batch {b}", fontsize=9)
-        ax.set_ylabel("latency (ms)")
-    fig.tight_layout()
+        if r["vs_first"] is None:
+            baselines[key] = r
+            continue
+        base = baselines.get(key)
+        if base is None:
+            continue
+        n = min(len(r["samples_ms"]), len(base["samples_ms"]))
+        ratios = np.asarray(r["samples_ms"][:n]) / np.asarray(base["samples_ms"][:n])
+        label = f"{r['runtime']}, batch {r['batch']}\n" + "\n".join(textwrap.wrap(f"{r['model']} vs {base['model']}", 44))
+        entries.append((label, ratios, r["vs_first"]))
+    if not entries:
+        raise InputError("--plot needs at least two models measured on the same runtime and batch")
+    height = 1.4 + 0.8 * len(entries)
+    fig, ax = plt.subplots(figsize=(10, height))
+    rng = np.random.default_rng(0)
+    every = np.concatenate([e[1] for e in entries])
+    lo_x = min([1.0, float(np.percentile(every, 2.5))] + [e[2]["ci95"][0] for e in entries])
+    hi_x = max([1.0, float(np.percentile(every, 97.5))] + [e[2]["ci95"][1] for e in entries])
+    pad = 0.08 * (hi_x - lo_x) + 0.01
+    lo_x, hi_x = lo_x - pad, hi_x + pad
+    for y, (label, ratios, v) in enumerate(entries):
+        lo, hi = v["ci95"]
+        faster, slower = hi < 1.0, lo > 1.0
+        color = "#888888" if not v["significant"] else ("#1a7f37" if faster else "#cf222e")
+        shown = np.clip(ratios, lo_x, hi_x)  # outliers drawn at the edge rather than stretching the axis
+        ax.scatter(shown, y + rng.uniform(-0.2, 0.2, ratios.size), s=7, alpha=0.3, color=color, linewidths=0)
+        ax.errorbar([v["ratio"]], [y], xerr=[[v["ratio"] - lo], [hi - v["ratio"]]], fmt="D", color=color,
+                    markersize=7, capsize=6, linewidth=2.2)
+        verdict = ("faster" if faster else "slower") if v["significant"] else \
+            ("too few rounds" if not v.get("enough_rounds", True) else "no significant difference")
+        ax.text(1.01, y, f"{v['ratio']:.3f}x\n[{lo:.3f}, {hi:.3f}]\n{verdict}", transform=ax.get_yaxis_transform(),
+                ha="left", va="center", fontsize=8, color=color)
+    ax.axvline(1.0, color="black", linewidth=1, linestyle="--", label="same latency as the first model")
+    ax.set_xlim(lo_x, hi_x)
+    ax.set_ylim(len(entries) - 0.5, -0.5)
+    ax.set_yticks(range(len(entries)))
+    ax.set_yticklabels([e[0] for e in entries], fontsize=8)
+    ax.set_xlabel("latency ratio to the first model, per interleaved round (< 1 is faster; no unit)")
+    ax.set_title("Is it faster? Per-round latency ratio (dots), median and 95% bootstrap interval (bar)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, frameon=False, bbox_to_anchor=(1.0, 1.0 + 0.25 / height))
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
