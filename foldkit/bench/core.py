@@ -255,7 +255,7 @@ def plot_png(result: BenchResult) -> bytes:
     lo_x, hi_x = lo_x - pad, hi_x + pad
     for y, (label, ratios, v) in enumerate(entries):
         lo, hi = v["ci95"]
-        faster, slower = hi < 1.0, lo > 1.0
+        faster = hi < 1.0
         color = "#888888" if not v["significant"] else ("#1a7f37" if faster else "#cf222e")
         shown = np.clip(ratios, lo_x, hi_x)  # outliers drawn at the edge rather than stretching the axis
         ax.scatter(shown, y + rng.uniform(-0.2, 0.2, ratios.size), s=7, alpha=0.3, color=color, linewidths=0)
