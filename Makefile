@@ -8,11 +8,14 @@ OUT    := out
 
 .PHONY: install demo test bench clean
 
+# The second pip line: real re-parameterizable network definitions for the tests (tests/test_real_reparam.py),
+# installed --no-deps beside our pinned torch (their own requirements would replace it).
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "foldkit needs Python 3.11+ (found %d.%d): run make PYTHON=python3.11 ..." % sys.version_info[:2])'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,test,bench]"
+	$(BIN)/python -m pip install --quiet --no-deps repvgg-pytorch==1.0.1 mobileone-pytorch==0.1.0
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -10,6 +10,7 @@
 | FK006 | error    | onnx.checker (full check) fails |
 | FK007 | error    | external data missing, unreadable or outside the model's folder |
 | FK008 | error    | the file cannot be read as an ONNX model (exit code 2) |
+| FK009 | warning  | parallel branches (RepVGG-style) that `foldkit fold` merges into one op |
 
 The check never runs the model and never writes: it runs the fold pipeline on an in-memory copy
 without verification and reads its report.
@@ -240,6 +241,11 @@ def check(path: str) -> CheckResult:
             risk = _numeric_risk(index, a, base_dir, folded.payloads, seen)
             if risk:
                 result.findings.append(Finding("FK004", "warning", a.node, f"numeric risk after folding: {risk}", a.graph))
+    for b in report.branches:
+        if b.action == "merged":
+            result.findings.append(Finding("FK009", "warning", b.node,
+                                           f"{b.reason.replace(' merged into one', ' can be merged into one')}: run "
+                                           "`foldkit fold` (fewer convolutions, same outputs)", b.graph))
     return result
 
 

@@ -56,6 +56,9 @@ def print_fold_report(report, output=None, verbose: int = 0, verified: bool = Tr
         head += f" ({_counts(report.actions)})"
     if report.affine:
         head += f"; {len(report.affine)} per-channel Mul/Add folded"
+    merged = [b for b in report.branches if b.action == "merged"]
+    if merged:
+        head += f"; {len(merged)} sets of parallel branches merged"
     shown = report.actions if verbose else [a for a in report.actions if a.action in ("kept", "lowered")]
     if fancy():
         from rich.table import Table
@@ -82,6 +85,8 @@ def print_fold_report(report, output=None, verbose: int = 0, verified: bool = Tr
             node = a.node if a.graph == "main" else f"{a.node} [{a.graph}]"
             link = "into" if a.action in ("folded", "merged") else "because"
             _out(f"{a.action}: {printable(node)}" + (f" {link} {printable(where)}" if where else ""))
+    for b in report.branches if verbose else [b for b in report.branches if b.action != "merged"]:
+        _out(f"branches {b.action}: {printable(b.node)}: {printable(b.reason)}")
     for note in report.notes:
         _out(f"note: {printable(note)}")
     v = report.verification
@@ -102,7 +107,8 @@ def print_export_report(rep: dict, output, verbose: int = 0) -> None:
     if e["folded"]:
         r = Report(bn_before=rep["bn_before"], bn_after=rep["bn_after"], actions=[Action(**a) for a in rep["actions"]],
                    verification=rep["verification"], notes=rep["notes"],
-                   affine=[Action(**a) for a in rep.get("affine_actions", [])])
+                   affine=[Action(**a) for a in rep.get("affine_actions", [])],
+                   branches=[Action(**a) for a in rep.get("branch_actions", [])])
         print_fold_report(r, verbose=verbose)
     p = rep["parity"]
     _out(f"parity PyTorch vs {p['backend']}: {'passed' if p['passed'] else 'FAILED'}  max abs err "

@@ -44,6 +44,7 @@ class Report:
     notes: list = field(default_factory=list)
     passes: list = field(default_factory=list)
     affine: list = field(default_factory=list)  # Mul/Add/Sub/Div folds (not BNs)
+    branches: list = field(default_factory=list)  # parallel branches merged (or not, with the reason)
     # what the JSON's envelope says: the command, its inputs, and the shapes and seed verification used
     command: str = "fold"
     inputs: list = field(default_factory=list)
@@ -91,6 +92,7 @@ class Report:
             "notes": list(self.notes),
             "passes": list(self.passes),
             "affine_actions": [asdict(a) for a in self.affine],
+            "branch_actions": [asdict(a) for a in self.branches],
         }
         return d
 

@@ -1,10 +1,12 @@
 """The rewrites, in the order they run. No import-time registration: this tuple is the list.
 
 Stages: ``inference-mode`` runs first and alone (verification compares against the model after it);
-the fold passes (``producer``, ``merge``, ``consumer``) then repeat until nothing changes; ``lower``
+the fold passes (``producer``, ``merge``, ``branches``, ``consumer``) then repeat until nothing
+changes (fold first, then merge parallel branches, then fold what the merge exposed); ``lower``
 (only with lower_standalone) and ``cleanup`` run last.
 """
 
+from .branches import BranchMerge
 from .cleanup import Cleanup
 from .fold_into_consumer import FoldIntoConsumer
 from .fold_into_producer import FoldIntoProducer
@@ -12,10 +14,11 @@ from .inference_mode import InferenceMode
 from .lower import LowerStandalone
 from .merge import MergeAffine
 
-DEFAULT_PASSES = (InferenceMode(), FoldIntoProducer(), MergeAffine(), FoldIntoConsumer(), LowerStandalone(), Cleanup())
+DEFAULT_PASSES = (InferenceMode(), FoldIntoProducer(), MergeAffine(), BranchMerge(), FoldIntoConsumer(),
+                  LowerStandalone(), Cleanup())
 FINAL_PASSES = ("lower", "cleanup")
 
 PASS_NAMES = tuple(p.name for p in DEFAULT_PASSES)
 
 __all__ = ["DEFAULT_PASSES", "FINAL_PASSES", "PASS_NAMES", "InferenceMode", "FoldIntoProducer", "MergeAffine",
-           "FoldIntoConsumer", "LowerStandalone", "Cleanup"]
+           "FoldIntoConsumer", "BranchMerge", "LowerStandalone", "Cleanup"]

@@ -1,0 +1,243 @@
+"""Parallel branches merged into one op (RepVGG, MobileOne, ...): built by hand for each case, run on
+ONNX Runtime before and after, and every refusal leaving the graph unchanged with its reason."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import foldkit
+from tests.helpers import F32, bn_inits, fold_and_compare, make_model, op_count, rng, tensor
+
+
+def repvgg_block(c_in=8, c_out=8, k=3, group=1, stride=1, dilation=1, identity="bn", extra_3x3=0, r=None,
+                 pad_1x1=None, bias=False, h=9, dtype=np.float32, opset=17):
+    """x -> [Conv kxk + BN] + [Conv 1x1 + BN] (+ [Conv kxk + BN] * extra) (+ BN(x) | x) -> Relu."""
+    r = r or rng(0)
+    nodes, inits, branches = [], [], []
+    p = dilation * (k - 1) // 2
+    specs = [(k, p)] + [(1, 0 if pad_1x1 is None else pad_1x1)] + [(k, p)] * extra_3x3
+    for n, (kk, pp) in enumerate(specs):
+        w = tensor(f"w{n}", (r.standard_normal((c_out, c_in // group, kk, kk)) * 0.3).astype(dtype))
+        inits.append(w)
+        conv_in = ["x", f"w{n}"]
+        if bias:
+            inits.append(tensor(f"cb{n}", r.standard_normal(c_out).astype(dtype)))
+            conv_in.append(f"cb{n}")
+        nodes.append(helper.make_node("Conv", conv_in, [f"c{n}"], name=f"conv{n}", group=group,
+                                      strides=[stride, stride], dilations=[dilation, dilation], pads=[pp] * 4))
+        names, t = bn_inits(f"bn{n}", c_out, r, dtype)
+        inits += t
+        nodes.append(helper.make_node("BatchNormalization", [f"c{n}"] + names, [f"b{n}"], name=f"bn{n}"))
+        branches.append(f"b{n}")
+    if identity == "bn":
+        names, t = bn_inits("bnid", c_in, r, dtype)
+        inits += t
+        nodes.append(helper.make_node("BatchNormalization", ["x"] + names, ["bid"], name="bn_identity"))
+        branches.append("bid")
+    elif identity == "x":
+        branches.append("x")
+    acc = branches[0]
+    for n, b in enumerate(branches[1:]):
+        nodes.append(helper.make_node("Add", [acc, b], [f"s{n}"], name=f"add{n}"))
+        acc = f"s{n}"
+    nodes.append(helper.make_node("Relu", [acc], ["y"], name="relu"))
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return make_model(nodes, [("x", et, [2, c_in, h, h])], [("y", et, None)], inits, opset=opset)
+
+
+def _merged(result, convs=1):
+    m = result.model
+    assert op_count(m, "Conv") == convs and op_count(m, "Add") == 0 and op_count(m, "BatchNormalization") == 0
+    (b,) = [a for a in result.report.branches if a.action == "merged"]
+    return b
+
+
+@pytest.mark.parametrize("identity", ["bn", "x", None])
+def test_repvgg_block_3x3_1x1_identity_becomes_one_conv(identity):
+    res = fold_and_compare(repvgg_block(identity=identity), rtol=1e-5, atol=1e-5)
+    b = _merged(res)
+    assert b.target == "Conv 'conv0'" and "[3x3]" in b.reason and "[1x1]" in b.reason
+    if identity == "bn":
+        (e,) = [a for a in res.report.actions if a.node == "bn_identity"]
+        assert e.action == "folded" and e.target == "Conv 'conv0'"
+    assert res.report.bn_after == 0
+
+
+def test_mobileone_several_kxk_branches_with_biases():
+    res = fold_and_compare(repvgg_block(extra_3x3=3, bias=True), rtol=1e-5, atol=1e-5)
+    assert "6 parallel branches" in _merged(res).reason
+
+
+@pytest.mark.parametrize("group", [2, 8])  # grouped, depthwise
+def test_grouped_and_depthwise(group):
+    fold_and_compare(repvgg_block(group=group), rtol=1e-5, atol=1e-5)
+    assert _merged(foldkit.fold(repvgg_block(group=group), verify=False))
+
+
+def test_strided_block_without_identity_and_dilated_with_identity():
+    _merged(fold_and_compare(repvgg_block(stride=2, identity=None), rtol=1e-5, atol=1e-5))
+    _merged(fold_and_compare(repvgg_block(dilation=2), rtol=1e-5, atol=1e-5))
+    _merged(fold_and_compare(repvgg_block(k=5, extra_3x3=0), rtol=1e-5, atol=1e-5))
+
+
+def test_channel_change_without_identity():
+    _merged(fold_and_compare(repvgg_block(c_in=4, c_out=8, identity=None), rtol=1e-5, atol=1e-5))
+
+
+def test_fp16_merges_in_float64_rounded_once():
+    m = repvgg_block(dtype=np.float16)
+    res = fold_and_compare(m, rtol=5e-3, atol=5e-3)
+    _merged(res)
+
+
+def _unchanged_with_reason(m, needle):
+    res = foldkit.fold(m, verify=False, skip=["producer"])  # no folds: the branch structure as built
+    before = foldkit.fold(m, verify=False, skip=["producer", "branches"]).model.SerializeToString()
+    assert res.model.SerializeToString() == before
+    kept = [b for b in res.report.branches if b.action == "kept"]
+    assert kept and needle in kept[0].reason, [b.reason for b in res.report.branches]
+
+
+def _conv_sum(kernels_pads, strides=((1, 1), (1, 1)), groups=(1, 1), read_elsewhere=False, c=4):
+    r = rng(3)
+    nodes, inits = [], []
+    for n, ((k, p), s, g) in enumerate(zip(kernels_pads, strides, groups)):
+        inits.append(tensor(f"w{n}", r.standard_normal((c, c // g, k, k)).astype(np.float32)))
+        nodes.append(helper.make_node("Conv", ["x", f"w{n}"], [f"c{n}"], name=f"conv{n}", pads=[p] * 4,
+                                      strides=list(s), group=g))
+    nodes.append(helper.make_node("Add", ["c0", "c1"], ["y"], name="add"))
+    outputs = [("y", F32, None)]
+    if read_elsewhere:
+        nodes.append(helper.make_node("Relu", ["c1"], ["z"], name="relu"))
+        outputs.append(("z", F32, None))
+    return make_model(nodes, [("x", F32, [1, c, 8, 8])], outputs, inits)
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("strides", "differ in group, strides"),
+    ("groups", "differ in group, strides"),
+    ("not centred", "not centred"),
+    ("odd difference", "odd difference"),
+    ("read elsewhere", "also read by 1 other node"),
+])
+def test_refusals_leave_the_graph_unchanged_with_a_reason(case, needle):
+    m = {
+        "strides": lambda: _conv_sum([(3, 1), (1, 0)], strides=((1, 1), (2, 2))),
+        "groups": lambda: _conv_sum([(3, 1), (1, 0)], groups=(1, 2)),
+        "not centred": lambda: _conv_sum([(3, 1), (1, 1)]),
+        "odd difference": lambda: _conv_sum([(3, 1), (2, 0)]),
+        "read elsewhere": lambda: _conv_sum([(3, 1), (1, 0)], read_elsewhere=True),
+    }[case]()
+    _unchanged_with_reason(m, needle)
+
+
+def test_residual_add_of_two_paths_is_not_touched():
+    r = rng(1)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="c0", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("Conv", ["ra", "w1"], ["b"], name="c1", pads=[1] * 4),
+             helper.make_node("Add", ["b", "x"], ["y"], name="residual")]
+    inits = [tensor("w0", r.standard_normal((4, 4, 3, 3)).astype(np.float32)),
+             tensor("w1", r.standard_normal((4, 4, 3, 3)).astype(np.float32))]
+    m = make_model(nodes, [("x", F32, [1, 4, 6, 6])], [("y", F32, None)], inits)
+    res = foldkit.fold(m, verify=False)
+    assert res.model.SerializeToString() == m.SerializeToString() and not res.report.branches
+
+
+def test_conv_plus_its_own_input_is_merged():  # y = Conv(x) + x: one Conv with the identity added
+    r = rng(2)
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["a"], name="c", pads=[1] * 4),
+                    helper.make_node("Add", ["a", "x"], ["y"], name="add")],
+                   [("x", F32, [1, 4, 6, 6])], [("y", F32, None)],
+                   [tensor("w", r.standard_normal((4, 4, 3, 3)).astype(np.float32))])
+    _merged(fold_and_compare(m, rtol=1e-5, atol=1e-5))
+
+
+def test_sum_node_and_matmul_and_gemm_branches():
+    r = rng(4)
+    m = make_model([helper.make_node("MatMul", ["x", "w0"], ["a"], name="m0"),
+                    helper.make_node("MatMul", ["x", "w1"], ["b"], name="m1"),
+                    helper.make_node("Sum", ["a", "b", "x"], ["y"], name="sum")],
+                   [("x", F32, [3, 6])], [("y", F32, None)],
+                   [tensor("w0", r.standard_normal((6, 6)).astype(np.float32)),
+                    tensor("w1", r.standard_normal((6, 6)).astype(np.float32))])
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert op_count(res.model, "MatMul") == 1 and op_count(res.model, "Sum") == 0
+    names, t = bn_inits("bn", 6, r)
+    g = make_model([helper.make_node("Gemm", ["x", "w0", "c0"], ["a"], name="g0", transB=1, alpha=0.5, beta=2.0),
+                    helper.make_node("Gemm", ["x", "w1"], ["b"], name="g1"),
+                    helper.make_node("BatchNormalization", ["x"] + names, ["n"], name="bn"),
+                    helper.make_node("Add", ["a", "b"], ["ab"]), helper.make_node("Add", ["ab", "n"], ["y"])],
+                   [("x", F32, [3, 6])], [("y", F32, None)],
+                   [tensor("w0", r.standard_normal((6, 6)).astype(np.float32)),
+                    tensor("c0", r.standard_normal(6).astype(np.float32)),
+                    tensor("w1", r.standard_normal((6, 6)).astype(np.float32))] + t)
+    res = fold_and_compare(g, rtol=1e-5, atol=1e-5)
+    assert op_count(res.model, "Gemm") == 1 and op_count(res.model, "Add") == 0
+
+
+def test_conv_transpose_branches():
+    r = rng(5)
+    nodes, inits = [], []
+    for n, (k, p) in enumerate([(3, 1), (1, 0)]):
+        inits.append(tensor(f"w{n}", r.standard_normal((4, 3, k, k)).astype(np.float32)))
+        nodes.append(helper.make_node("ConvTranspose", ["x", f"w{n}"], [f"c{n}"], name=f"ct{n}", pads=[p] * 4))
+    nodes.append(helper.make_node("Add", ["c0", "c1"], ["y"]))
+    m = make_model(nodes, [("x", F32, [1, 4, 5, 5])], [("y", F32, None)], inits)
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert op_count(res.model, "ConvTranspose") == 1
+
+
+def test_skip_branches_and_check_reports_fk009(tmp_path):
+    from click.testing import CliRunner
+
+    from foldkit.cli import main
+
+    m = repvgg_block()
+    res = foldkit.fold(m, verify=False, skip=["branches"])
+    assert op_count(res.model, "Conv") == 2 and res.report.bn_after == 1
+    p = tmp_path / "m.onnx"
+    onnx.save(res.model, str(p))
+    r = CliRunner().invoke(main, ["check", str(p), "--format", "json"])
+    import json
+
+    codes = [f["code"] for f in json.loads(r.output)["models"][0]["findings"]]
+    assert "FK009" in codes and "FK001" in codes  # the identity BN folds only by merging
+
+
+def test_merge_is_deterministic_and_idempotent():
+    m = repvgg_block(extra_3x3=1)
+    a = foldkit.fold(m, verify=False).model
+    b = foldkit.fold(m, verify=False).model
+    assert a.SerializeToString() == b.SerializeToString()
+    again = foldkit.fold(a, verify=False)
+    assert again.model.SerializeToString() == a.SerializeToString()
+
+
+@pytest.mark.parametrize("opset", [11, 17])  # axes as attributes, axes as inputs
+def test_stack_and_sum_as_torch_exports_it(opset):
+    """torch.stack([bn(x), conv1x1(x), conv3x3(x)]).sum(0): Unsqueeze each, Concat, ReduceSum."""
+    r = rng(6)
+    c = 4
+    names, t = bn_inits("bn", c, r)
+    inits = [tensor("w0", r.standard_normal((c, 1, 3, 3)).astype(np.float32)),
+             tensor("w1", r.standard_normal((c, 1, 1, 1)).astype(np.float32))] + t
+    nodes = [helper.make_node("BatchNormalization", ["x"] + names, ["b0"], name="bn"),
+             helper.make_node("Conv", ["x", "w0"], ["b1"], name="dw3", pads=[1] * 4, group=c),
+             helper.make_node("Conv", ["x", "w1"], ["b2"], name="dw1", group=c)]
+    if opset >= 13:
+        inits.append(tensor("zero", np.array([0], dtype=np.int64)))
+    for k in range(3):
+        extra = {"axes": [0]} if opset < 13 else {}
+        nodes.append(helper.make_node("Unsqueeze", [f"b{k}"] + (["zero"] if opset >= 13 else []), [f"u{k}"], **extra))
+    nodes.append(helper.make_node("Concat", ["u0", "u1", "u2"], ["cat"], axis=0))
+    extra = {"axes": [0]} if opset < 13 else {}
+    nodes.append(helper.make_node("ReduceSum", ["cat"] + (["zero"] if opset >= 13 else []), ["y"], keepdims=0, **extra))
+    m = make_model(nodes, [("x", F32, [2, c, 6, 6])], [("y", F32, None)], inits, opset=opset)
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert op_count(res.model, "Conv") == 1 and len(res.model.graph.node) == 1
+    keep = make_model([n for n in nodes[:-1]] + [helper.make_node(
+        "ReduceSum", ["cat"] + (["zero"] if opset >= 13 else []), ["y"], keepdims=1, **extra)],
+        [("x", F32, [2, c, 6, 6])], [("y", F32, None)], inits, opset=opset)
+    assert op_count(foldkit.fold(keep, verify=False).model, "ReduceSum") == 1  # keepdims=1 is not a plain sum

@@ -1,0 +1,86 @@
+"""Re-parameterizable networks from pure-torch packages nobody here wrote (repvgg-pytorch,
+mobileone-pytorch; installed with --no-deps by `make`), exported unfolded as a user would: foldkit's
+merged ONNX must match the package's own deploy-mode (reparameterized) module numerically and have
+the same number of convolutions."""
+
+import contextlib
+import copy
+import io
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import foldkit  # noqa: E402
+from tests.helpers import ort_run  # noqa: E402
+
+
+def _realistic_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.weight.data = 1 + 0.3 * torch.randn(c, generator=g)
+            m.bias.data = 0.3 * torch.randn(c, generator=g)
+            m.running_mean = 0.5 * torch.randn(c, generator=g)
+            m.running_var = 0.5 + torch.rand(c, generator=g)
+    return model.eval()
+
+
+def _export(module, x, path):
+    """Unfolded, as a user exports a training-time model (torch's own constant folding would fuse BN)."""
+    import warnings
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=17, do_constant_folding=False)
+    return onnx.load(str(path))
+
+
+def _check(train, deploy, tmp_path, size=32):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size)
+    m = _export(train, x, tmp_path / "train.onnx")
+    d = _export(deploy, x, tmp_path / "deploy.onnx")
+    res = foldkit.fold(m)  # verified on ONNX Runtime against the unmerged graph, too
+    assert res.report.bn_after == 0, [a.reason for a in res.report.actions if a.action == "kept"]
+    ops = Counter(n.op_type for n in res.model.graph.node)
+    assert ops["Conv"] == Counter(n.op_type for n in d.graph.node)["Conv"]
+    with torch.no_grad():
+        want = deploy(x).numpy()
+    got = ort_run(res.model, {res.model.graph.input[0].name: x.numpy()})[0]
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    assert err < 1e-5, err
+    return res, ops
+
+
+def test_repvgg_a0_merges_to_the_packages_deploy_model(tmp_path):
+    rp = pytest.importorskip("repvgg_pytorch", reason="repvgg-pytorch is not installed (make installs it --no-deps)")
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints every block
+        train = _realistic_bn(rp.get_RepVGG_func_by_name("RepVGG-A0")(deploy=False))
+    deploy = rp.repvgg_model_convert(copy.deepcopy(train), do_copy=False).eval()
+    res, ops = _check(train, deploy, tmp_path)
+    assert ops["Add"] == 0 and res.report.bn_before == 61
+    assert sum(b.action == "merged" for b in res.report.branches) == 22
+
+
+def test_repvgg_grouped_blocks(tmp_path):
+    rp = pytest.importorskip("repvgg_pytorch", reason="repvgg-pytorch is not installed (make installs it --no-deps)")
+    from repvgg_pytorch.repvgg import RepVGG
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        train = _realistic_bn(RepVGG(num_blocks=[1, 2, 2, 1], width_multiplier=[0.25, 0.25, 0.25, 0.5],
+                                     override_groups_map={2: 2, 4: 4}, num_classes=10))
+    deploy = rp.repvgg_model_convert(copy.deepcopy(train), do_copy=False).eval()
+    _check(train, deploy, tmp_path)
+
+
+def test_mobileone_s0_stack_and_sum_branches(tmp_path):
+    mo = pytest.importorskip("mobileone_pytorch", reason="mobileone-pytorch is not installed (make installs it --no-deps)")
+    train = _realistic_bn(mo.mobileone_s0(num_classes=10))
+    deploy = train.reparametrize().eval()
+    res, ops = _check(train, deploy, tmp_path)
+    assert ops["ReduceSum"] == ops["Concat"] == ops["Unsqueeze"] == 0 and res.report.bn_before == 233
