@@ -47,6 +47,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/zoo.py
 	$(BIN)/python benchmarks/fold_speed.py
+	$(BIN)/python benchmarks/reparam.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache .hypothesis
