@@ -241,3 +241,21 @@ def test_stack_and_sum_as_torch_exports_it(opset):
         "ReduceSum", ["cat"] + (["zero"] if opset >= 13 else []), ["y"], keepdims=1, **extra)],
         [("x", F32, [2, c, 6, 6])], [("y", F32, None)], inits, opset=opset)
     assert op_count(foldkit.fold(keep, verify=False).model, "ReduceSum") == 1  # keepdims=1 is not a plain sum
+
+
+def test_refused_when_a_weight_is_not_constant_or_the_merge_overflows():
+    r = rng(7)
+    m = make_model([helper.make_node("Conv", ["x", "w0"], ["a"], name="c0", pads=[1] * 4),
+                    helper.make_node("Conv", ["x", "w1"], ["b"], name="c1"),
+                    helper.make_node("Add", ["a", "b"], ["y"], name="add")],
+                   [("x", F32, [1, 4, 6, 6]), ("w1", F32, [4, 4, 1, 1])], [("y", F32, None)],
+                   [tensor("w0", r.standard_normal((4, 4, 3, 3)).astype(np.float32))])
+    _unchanged_with_reason(m, "'w1' is not a constant initializer")
+    big = np.full((4, 4, 3, 3), 40000, dtype=np.float16)
+    h = make_model([helper.make_node("Conv", ["x", "w0"], ["a"], name="c0", pads=[1] * 4),
+                    helper.make_node("Conv", ["x", "w1"], ["b"], name="c1", pads=[1] * 4),
+                    helper.make_node("Add", ["a", "b"], ["y"], name="add")],
+                   [("x", helper.np_dtype_to_tensor_dtype(np.dtype(np.float16)), [1, 4, 6, 6])],
+                   [("y", helper.np_dtype_to_tensor_dtype(np.dtype(np.float16)), None)],
+                   [tensor("w0", big), tensor("w1", big)])
+    _unchanged_with_reason(h, "overflows float16")
