@@ -38,10 +38,23 @@ class FoldResult:
     def save(self, path, input_path=None, in_place=False, external=None, durable=False):
         """Write atomically (temp file + rename: never a partial file); ``durable`` also fsyncs
         before the rename, so the file survives a power loss. Raises VerificationError, writing
-        nothing, when the verification fold() left to this call fails."""
+        nothing, when the verification fold() left to this call fails. When nothing was rewritten,
+        the output is a byte-for-byte copy of ``input_path`` (a single-file model)."""
+        if (self.report.unchanged and input_path is not None and not external and os.path.isfile(input_path)
+                and self._single_file(input_path)):
+            if in_place and fio.same_file(path, input_path):
+                return None  # nothing to write: the file already is the output
+            fio.copy_atomic(input_path, path, durable=durable)
+            return None
         return fio.save_model(self.model, path, input_path=input_path, in_place=in_place, base_dir=self.base_dir,
                               external=external, payloads=self.payloads, durable=durable,
                               before_commit=self.verify_before_commit)
+
+    def _single_file(self, input_path) -> bool:
+        """The input holds all its tensors (a lazy load's references point into the file itself)."""
+        own = os.path.basename(os.fspath(input_path))
+        return all(next((e.value for e in t.external_data if e.key == "location"), "") == own
+                   for t in fio.external_tensors(self.model))
 
     def materialize(self) -> ModelProto:
         """Put payloads held in memory into ``model`` (a self-contained proto but for lazy tensors)."""
@@ -242,8 +255,9 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
     first, rest = selected[:1], selected[1:]
     if first and first[0].name != "inference-mode":
         first, rest = [], selected
+    rewritten = False
     for p in first:
-        p.run(ctx)
+        rewritten |= bool(p.run(ctx))
         report.passes.append(p.name)
     reference_bytes = fio.serialize(m) if (verify or check) else None
     if ctx.converted_training:
@@ -255,21 +269,29 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
         changed = False
         for p in folds:
             changed |= p.run(ctx)
+        rewritten |= changed
         if not changed:
             break
     report.passes.extend(p.name for p in folds)
     for p in rest:
         if p.name in FINAL_PASSES:
-            if p.run(ctx) or p.name == "cleanup":
+            done = bool(p.run(ctx))
+            rewritten |= done
+            if done or p.name == "cleanup":
                 report.passes.append(p.name)
+    report.unchanged = not rewritten
 
     report.bn_after = count_bn(m)
     report.finish()
     result = FoldResult(m, report, base_dir, ctx.index.payloads)
 
-    if check:
+    if check and rewritten:
         _checker(m, reference_bytes, report)
-    if verify:
+    if verify and not rewritten:  # nothing to compare: the output is the input's bytes
+        report.verification = {"method": "unchanged", "passed": True, "max_abs_err": 0.0, "max_rel_err": 0.0,
+                               "outputs": [], "end_to_end": None, "local": None,
+                               "detail": "nothing was rewritten, so the output is the input's bytes; no run needed"}
+    elif verify:
         options = dict(atol=atol, rtol=rtol, input_shapes=input_shapes, seed=seed, base_dir=base_dir,
                        max_input_bytes=max_input_bytes,
                        reference_label="inference-mode original" if ctx.converted_training else "original")
@@ -286,12 +308,16 @@ def _verify(result: FoldResult, reference_bytes: bytes, options: dict, candidate
     original on ONNX Runtime; record the outcome in the report, raise VerificationError on failure."""
     reference = fio.parse_model(reference_bytes)
     candidate = result.model if candidate_path is None else None
+    rep = result.report
+    written = {t for a in list(rep.actions) + list(rep.affine) + list(rep.branches) for t in a.tensors}
     vr = run_verify(reference, candidate, reference_bytes=reference_bytes, candidate_path=candidate_path,
-                    candidate_bytes=fio.serialize(candidate) if candidate is not None else None, **options)
+                    candidate_bytes=fio.serialize(candidate) if candidate is not None else None, written=written,
+                    **options)
     result.report.verification = vr.to_dict()
     if not vr.passed:
         worst = max(vr.outputs, key=lambda d: d["max_abs_err"])
+        where = "region output" if vr.method == "local" else "output"
         raise VerificationError(
-            f"verification failed: output '{worst['name']}' differs by {worst['max_abs_err']:.3g} "
+            f"verification failed ({vr.method}): {where} '{worst['name']}' differs by {worst['max_abs_err']:.3g} "
             f"(relative {worst['max_rel_err']:.3g}; tolerance atol={vr.atol:g} + rtol={vr.rtol:g} x scale)"
             + (f" [{worst['detail']}]" if worst.get("detail") else ""), result)

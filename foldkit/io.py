@@ -384,6 +384,18 @@ def atomic_write(path: str, data: bytes, durable: bool = False) -> None:
         raise
 
 
+def copy_atomic(src: str, dst: str, durable: bool = False) -> None:
+    """``dst`` becomes a byte-for-byte copy of ``src``, atomically (streamed: any size)."""
+    f = _AtomicFile(dst, durable)
+    try:
+        with open(src, "rb") as fh:
+            shutil.copyfileobj(fh, f.file, 1 << 20)
+        f.commit()
+    except BaseException:
+        f.discard()
+        raise
+
+
 def serialize(model: ModelProto) -> bytes:
     try:
         return model.SerializeToString(deterministic=True)

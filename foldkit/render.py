@@ -44,9 +44,22 @@ def _counts(actions) -> str:
 
 
 def _verification_line(v) -> str:
+    method = v.get("method", "end-to-end")
+    if method == "unchanged":
+        return f"verification: not needed ({v['detail']})"
+    if method == "unverified":
+        return f"verification: NOT POSSIBLE: {v.get('end_to_end')}; {v.get('local')}"
     status = "passed" if v["passed"] else "FAILED"
-    return (f"verification ({v['backend']}, vs {v['reference']}): {status}  max abs err {v['max_abs_err']:.3g}, "
-            f"max rel err {v['max_rel_err']:.3g} (atol {v['atol']:g}, rtol {v['rtol']:g})")
+    line = (f"verification ({method}, {v['backend']}, vs {v['reference']}): {status}  max abs err "
+            f"{v['max_abs_err']:.3g}, max rel err {v['max_rel_err']:.3g} (atol {v['atol']:g}, rtol {v['rtol']:g})")
+    floors = [o["noise_floor"] for o in v.get("outputs", []) if o.get("noise_floor") is not None]
+    if floors:
+        line += f"; noise floor {max(floors):.3g} (the model's own rounding)"
+    if v.get("end_to_end"):
+        line += f"\n  whole model not compared element-wise: {v['end_to_end']}"
+    if method == "local" and v.get("local"):
+        line += f"\n  local: {v['local']}"
+    return line
 
 
 def print_fold_report(report, output=None, verbose: int = 0, verified: bool = True) -> None:

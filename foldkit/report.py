@@ -45,6 +45,7 @@ class Report:
     passes: list = field(default_factory=list)
     affine: list = field(default_factory=list)  # Mul/Add/Sub/Div folds (not BNs)
     branches: list = field(default_factory=list)  # parallel branches merged (or not, with the reason)
+    unchanged: bool = False  # no pass rewrote anything: the output is the input's bytes
     # what the JSON's envelope says: the command, its inputs, and the shapes and seed verification used
     command: str = "fold"
     inputs: list = field(default_factory=list)

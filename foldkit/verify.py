@@ -97,14 +97,14 @@ def resolve_input_shapes(model: ModelProto, input_shapes: Optional[dict]) -> dic
     if None in shapes:
         dims = shapes.pop(None)
         if len(names) != 1:
-            raise InputError(f"--input-shape without a name only fits a model with one input; this one has "
+            raise InputShapeError(f"--input-shape without a name only fits a model with one input; this one has "
                              f"{len(names)} ({', '.join(names[:5])}): use {SHAPE_GRAMMAR.split(' (')[0]}")
         if names[0] in shapes:
-            raise InputError(f"--input-shape given twice for '{names[0]}'")
+            raise InputShapeError(f"--input-shape given twice for '{names[0]}'")
         shapes[names[0]] = dims
     unknown = set(shapes) - set(names)
     if unknown:
-        raise InputError(f"--input-shape names {sorted(unknown)}, which are not inputs of the model "
+        raise InputShapeError(f"--input-shape names {sorted(unknown)}, which are not inputs of the model "
                          f"(its inputs: {', '.join(names[:10]) or 'none'})")
     return shapes
 
@@ -137,10 +137,10 @@ def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: in
             shape = list(input_shapes[inp.name])
             if tt.HasField("shape"):
                 if len(shape) != len(tt.shape.dim):
-                    raise InputError(f"--input-shape for '{inp.name}' has {len(shape)} dimensions, the model declares {len(tt.shape.dim)}")
+                    raise InputShapeError(f"--input-shape for '{inp.name}' has {len(shape)} dimensions, the model declares {len(tt.shape.dim)}")
                 for k, (d, given) in enumerate(zip(tt.shape.dim, shape)):
                     if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != given:
-                        raise InputError(f"--input-shape for '{inp.name}': dimension {k} is fixed to {d.dim_value} in the model, not {given}")
+                        raise InputShapeError(f"--input-shape for '{inp.name}': dimension {k} is fixed to {d.dim_value} in the model, not {given}")
         elif tt.HasField("shape"):
             shape = []
             for k, d in enumerate(tt.shape.dim):
@@ -162,7 +162,7 @@ def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: in
             numel *= int(d)
         total += numel * dtype.itemsize
         if total > limit:
-            raise InputError(f"generated inputs would take {total / 2 ** 20:,.0f} MiB at least (input '{inp.name}' "
+            raise InputsTooLarge(f"generated inputs would take {total / 2 ** 20:,.0f} MiB at least (input '{inp.name}' "
                              f"of shape {shape}), over the {limit / 2 ** 20:,.0f} MiB cap; raise it with "
                              f"--max-input-mb, give smaller sizes with --input-shape, or use --no-verify")
         plans.append((inp, tt, shape, dtype))
@@ -179,8 +179,20 @@ def make_inputs(model: ModelProto, input_shapes: Optional[dict] = None, seed: in
     return feeds
 
 
+class InputsTooLarge(InputError):
+    """The generated inputs would exceed the --max-input-mb cap."""
+
+
+class InputShapeError(InputError):
+    """An --input-shape that does not fit the model (a usage error, never a reason to skip a check)."""
+
+
 class _BackendUnavailable(Exception):
     pass
+
+
+class _ReferenceFailed(Exception):
+    """ONNX's reference evaluator (the fallback backend) could not run the model."""
 
 
 def ort_source(path: str, base_dir: Optional[str] = None):
@@ -242,7 +254,10 @@ def run(model: Optional[ModelProto], feeds: dict, model_bytes: Optional[bytes] =
         except _BackendUnavailable:
             if backend == "onnxruntime":
                 raise
-    return _run_reference(model, feeds, base_dir, path), "onnx-reference"
+    try:
+        return _run_reference(model, feeds, base_dir, path), "onnx-reference"
+    except Exception as e:
+        raise _ReferenceFailed(_first_line(e)) from None
 
 
 @dataclass
@@ -252,6 +267,7 @@ class OutputDiff:
     max_rel_err: float
     passed: bool
     detail: str = ""
+    noise_floor: Optional[float] = None
 
 
 @dataclass
@@ -266,6 +282,9 @@ class VerificationResult:
     outputs: list = field(default_factory=list)
     inputs: dict = field(default_factory=dict)  # the shape of every generated input: {name: [dims]}
     seed: int = 0
+    method: str = "end-to-end"  # or "local" (each rewrite's region), "unverified", "unchanged"
+    end_to_end: Optional[str] = None  # why the whole model was not compared element-wise, if it was not
+    local: Optional[str] = None  # what the local checks ran
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -293,37 +312,217 @@ def compare(name: str, ref, new, atol: float, rtol: float) -> OutputDiff:
     return OutputDiff(name, max_abs, max_rel, passed, "" if same_nonfinite else "NaN/Inf positions differ")
 
 
+RANDOM_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial")
+NOISE_MARGIN = 4.0  # an error within this many times the 1-ulp noise floor is the model's own rounding
+
+
+def _first_line(e: BaseException) -> str:
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
+
+
+def _backend_name(backend: Optional[str]) -> str:
+    return "ONNX's reference evaluator" if backend == "onnx-reference" else "ONNX Runtime"
+
+
+def _same_bits(a: list, b: list) -> bool:
+    for x, y in zip(a, b):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.dtype.kind in "fc" or x.dtype.name == "bfloat16":
+            if not np.array_equal(x.astype(np.float64), y.astype(np.float64), equal_nan=True):
+                return False
+        elif x.dtype == object:
+            if not all(p == q for p, q in zip(x.reshape(-1), y.reshape(-1))):
+                return False
+        elif not np.array_equal(x, y):
+            return False
+    return True
+
+
+def _has_random_ops(model: ModelProto) -> bool:
+    return any(n.op_type in RANDOM_OPS for g in iter_graphs(model.graph) for n in g.node)
+
+
+def _perturbed(model: ModelProto, names: set, base_dir: Optional[str], seed: int) -> ModelProto:
+    """``model`` with every float initializer in ``names`` moved by one ulp (random direction)."""
+    from onnx import numpy_helper
+
+    m = ModelProto()
+    m.CopyFrom(model)
+    rng = np.random.default_rng(seed + 7)
+    for t in m.graph.initializer:
+        if t.name not in names or t.data_type not in FLOAT_TYPES:
+            continue
+        arr = numpy_helper.to_array(t, base_dir or "")
+        a = np.asarray(arr)
+        wide = a.astype(np.float64) if a.dtype.name == "bfloat16" else a
+        if a.dtype.name == "bfloat16":
+            up = np.nextafter(a.astype(np.float32), np.float32(np.inf)).astype(a.dtype)  # coarse, fine for a floor
+            down = np.nextafter(a.astype(np.float32), np.float32(-np.inf)).astype(a.dtype)
+        else:
+            up, down = np.nextafter(wide, np.inf), np.nextafter(wide, -np.inf)
+        new = np.where(rng.random(a.shape) < 0.5, up, down).astype(a.dtype)
+        new = np.where(np.isfinite(a.astype(np.float64)), new, a)
+        t.CopyFrom(numpy_helper.from_array(new, t.name))
+    return m
+
+
 def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None, rtol=None, input_shapes=None,
            seed: int = 0, reference_bytes: Optional[bytes] = None, candidate_bytes: Optional[bytes] = None,
            reference_label: str = "original", base_dir: Optional[str] = None,
-           candidate_path: Optional[str] = None, max_input_bytes: Optional[int] = None) -> VerificationResult:
+           candidate_path: Optional[str] = None, max_input_bytes: Optional[int] = None,
+           written: Optional[set] = None) -> VerificationResult:
     """Run ``reference`` and the candidate (a ModelProto, or the model file at ``candidate_path``)
-    on the same inputs and compare their outputs. ``base_dir``: where tensors the models leave on
-    disk are read from (not used for ``candidate_path``, whose data lies beside it)."""
+    on the same inputs and compare their outputs (``method: end-to-end``). ``base_dir``: where
+    tensors the models leave on disk are read from (not used for ``candidate_path``, whose data
+    lies beside it). ``written``: the constants the rewrites wrote.
+
+    When the whole model cannot run on generated inputs (strings, sequences, ops no backend has,
+    value constraints), or its outputs are random, each rewrite's own region is checked instead
+    (``method: local``, see foldkit.regions), and ``end_to_end`` says why. An end-to-end error over
+    the tolerance but within the model's own rounding noise (the output change when every weight
+    the rewrites read moves by one ulp) passes, with that ``noise_floor`` reported."""
     d_atol, d_rtol = default_tolerances(reference)
+    tolerances_default = atol is None and rtol is None  # the noise floor never overrides tolerances given
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
-    feeds = make_inputs(reference, input_shapes, seed, max_bytes=max_input_bytes)
-    shapes = {k: [int(d) for d in np.shape(v)] for k, v in feeds.items()}
+    why, backend, shapes, nondet, run_failed = None, None, {}, False, False
     try:
-        ref_out, backend = run(reference, feeds, reference_bytes, base_dir=base_dir)
-    except Exception as e:
-        raise InputError(f"the original model does not run on ONNX Runtime: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    try:
-        new_out, _ = run(candidate, feeds, candidate_bytes, backend="onnxruntime" if backend == "onnxruntime-cpu" else "reference",
-                         base_dir=base_dir, path=candidate_path)
-    except Exception as e:  # the original ran, the rewritten model does not: that is a failed verification
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        feeds = make_inputs(reference, input_shapes, seed, max_bytes=max_input_bytes)
+        shapes = {k: [int(d) for d in np.shape(v)] for k, v in feeds.items()}
+    except InputError as e:
+        if isinstance(e, (InputsTooLarge, InputShapeError)):
+            raise  # the user's cap: said as such (exit 2 names --max-input-mb), never silently bypassed
+        why = f"foldkit cannot generate inputs for it: {e}"
+    if why is None:
+        try:
+            ref_out, backend = run(reference, feeds, reference_bytes, base_dir=base_dir)
+        except Exception as e:
+            tried = "onnx-reference" if isinstance(e, _ReferenceFailed) else "onnxruntime-cpu"
+            why = f"the original does not run on {_backend_name(tried)} with generated inputs: {_first_line(e)}"
+            run_failed = True
+    if why is None:
+        nondet = _has_random_ops(reference)
+        if not nondet:
+            try:
+                again, _ = run(reference, feeds, reference_bytes, backend="onnxruntime" if backend == "onnxruntime-cpu"
+                               else "reference", base_dir=base_dir)
+                nondet = not _same_bits(ref_out, again)
+            except Exception:
+                nondet = True
+        try:
+            new_out, _ = run(candidate, feeds, candidate_bytes, backend="onnxruntime" if backend == "onnxruntime-cpu"
+                             else "reference", base_dir=base_dir, path=candidate_path)
+        except Exception as e:  # the original ran, the rewritten model does not: that is a failed verification
+            detail = _first_line(e)
+            names = [o.name for o in reference.graph.output]
+            return VerificationResult(False, float("inf"), float("inf"), atol, rtol, backend, reference_label,
+                                      [asdict(OutputDiff(n, float("inf"), float("inf"), False, f"does not run: {detail}"))
+                                       for n in names], inputs=shapes, seed=seed)
         names = [o.name for o in reference.graph.output]
-        return VerificationResult(False, float("inf"), float("inf"), atol, rtol, backend, reference_label,
-                                  [asdict(OutputDiff(n, float("inf"), float("inf"), False, f"does not run: {detail}")) for n in names],
-                                  inputs=shapes, seed=seed)
-    names = [o.name for o in reference.graph.output]
-    diffs = [compare(n, a, b, atol, rtol) for n, a, b in zip(names, ref_out, new_out)]
+        if nondet:
+            diffs = [OutputDiff(n, 0.0, 0.0, np.shape(a) == np.shape(b) and np.asarray(a).dtype == np.asarray(b).dtype,
+                                "random outputs: compared by shape and type only")
+                     for n, a, b in zip(names, ref_out, new_out)]
+            why = ("its outputs are random (" + ("it has random ops" if _has_random_ops(reference) else
+                                                 "two runs of the original disagree") + "): compared by shape and type only")
+            if not all(d.passed for d in diffs):
+                return VerificationResult(False, float("inf"), float("inf"), atol, rtol, backend, reference_label,
+                                          [asdict(d) for d in diffs], inputs=shapes, seed=seed, end_to_end=why)
+        else:
+            diffs = [compare(n, a, b, atol, rtol) for n, a, b in zip(names, ref_out, new_out)]
+            if not all(d.passed for d in diffs) and written and tolerances_default:
+                diffs = _with_noise_floor(diffs, reference, candidate, candidate_path, reference_bytes, feeds, ref_out,
+                                          written, base_dir, seed, atol, rtol, input_shapes)
+            res = VerificationResult(
+                passed=all(d.passed for d in diffs),
+                max_abs_err=max((d.max_abs_err for d in diffs), default=0.0),
+                max_rel_err=max((d.max_rel_err for d in diffs), default=0.0),
+                atol=atol, rtol=rtol, backend=backend, reference=reference_label,
+                outputs=[asdict(d) for d in diffs], inputs=shapes, seed=seed,
+            )
+            return res
+    # the local checks decide, for a valid model; an invalid one that does not run is the input's problem
+    from .api import checker_error
+
+    invalid = checker_error(reference) if run_failed else None
+    if invalid is not None:
+        raise InputError(f"the original model does not run ({why.split(': ', 1)[-1]}) and fails onnx.checker: "
+                         f"{invalid}")
+    return _verify_local(reference, candidate, candidate_path, written or set(), input_shapes, seed, atol, rtol,
+                         base_dir, reference_label, why, shapes)
+
+
+def _candidate_model(candidate, candidate_path):
+    if candidate is not None:
+        return candidate, None
+    return onnx.load(candidate_path, load_external_data=False), os.path.dirname(os.path.abspath(candidate_path))
+
+
+def _run_regions(regions, seed, base_dir, cand_dir):
+    from .regions import feeds_for
+
+    feeds = feeds_for(regions, seed)
+    ref_out, backend = run(regions.reference, feeds, base_dir=base_dir)
+    new_out, _ = run(regions.candidate, feeds, backend="onnxruntime" if backend == "onnxruntime-cpu" else "reference",
+                     base_dir=cand_dir if cand_dir is not None else base_dir)
+    return feeds, ref_out, new_out, backend
+
+
+def _with_noise_floor(diffs, reference, candidate, candidate_path, reference_bytes, feeds, ref_out, written, base_dir,
+                      seed, atol, rtol, input_shapes):
+    """Outputs over the tolerance are judged against the model's own rounding noise: the output
+    change when every weight the rewrites read moves by one ulp."""
+    from .regions import cut
+
+    try:
+        cand, _ = _candidate_model(candidate, candidate_path)
+        regions = cut(reference, cand, written, input_shapes)
+        names = {t.name for t in regions.reference.graph.initializer} if regions.reference is not None else set()
+        if not names:
+            return diffs
+        shaken = _perturbed(reference, names, base_dir, seed)
+        shaken_out, _ = run(shaken, feeds, base_dir=base_dir)
+    except Exception:  # no floor could be measured: the plain tolerance stands
+        return diffs
+    out = []
+    for d, a, b in zip(diffs, ref_out, shaken_out):
+        if d.passed or not np.issubdtype(np.asarray(a).dtype, np.floating):
+            out.append(d)
+            continue
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        fin = np.isfinite(a64) & np.isfinite(b64)
+        floor = float(np.max(np.abs(a64[fin] - b64[fin]))) if fin.any() else 0.0
+        ok = d.detail == "" and floor > 0 and d.max_abs_err <= NOISE_MARGIN * floor
+        out.append(OutputDiff(d.name, d.max_abs_err, d.max_rel_err, ok,
+                              f"noise floor {floor:.3g} (1 ulp on the rewritten weights); "
+                              f"{'within' if ok else 'over'} {NOISE_MARGIN:g}x of it", noise_floor=floor))
+    return out
+
+
+def _verify_local(reference, candidate, candidate_path, written, input_shapes, seed, atol, rtol, base_dir,
+                  reference_label, why, shapes):
+    from .regions import cut
+
+    cand, cand_dir = _candidate_model(candidate, candidate_path)
+    regions = cut(reference, cand, written, input_shapes)
+    note = "; ".join(regions.skipped)
+    if not regions.count:
+        return VerificationResult(True, 0.0, 0.0, atol, rtol, "none", reference_label, [], inputs=shapes, seed=seed,
+                                  method="unverified", end_to_end=why,
+                                  local=f"no rewritten region could be run on its own{': ' + note if note else ''}")
+    try:
+        feeds, ref_out, new_out, backend = _run_regions(regions, seed, base_dir, cand_dir)
+    except Exception as e:
+        return VerificationResult(True, 0.0, 0.0, atol, rtol, "none", reference_label, [], inputs=shapes, seed=seed,
+                                  method="unverified", end_to_end=why,
+                                  local=f"the rewritten regions do not run on their own: {_first_line(e)}")
+    diffs = [compare(n, a, b, atol, rtol) for n, a, b in zip(regions.outputs, ref_out, new_out)]
     return VerificationResult(
-        passed=all(d.passed for d in diffs),
-        max_abs_err=max((d.max_abs_err for d in diffs), default=0.0),
-        max_rel_err=max((d.max_rel_err for d in diffs), default=0.0),
-        atol=atol, rtol=rtol, backend=backend, reference=reference_label,
-        outputs=[asdict(d) for d in diffs], inputs=shapes, seed=seed,
-    )
+        passed=all(d.passed for d in diffs), max_abs_err=max((d.max_abs_err for d in diffs), default=0.0),
+        max_rel_err=max((d.max_rel_err for d in diffs), default=0.0), atol=atol, rtol=rtol, backend=backend,
+        reference=reference_label, outputs=[asdict(d) for d in diffs], inputs=shapes, seed=seed, method="local",
+        end_to_end=why, local=(f"{regions.count} rewritten region(s) run on their own, inputs "
+                               + ", ".join(f"{k}{list(np.shape(v))}" for k, v in list(feeds.items())[:6])
+                               + (" ..." if len(feeds) > 6 else "") + (f"; {note}" if note else "")))

@@ -204,7 +204,7 @@ def test_fuzz_fold_and_check_fail_cleanly(tmp_path, data):
             assert r.output.startswith("foldkit: error:") and r.output.count("\n") == 1, r.output
         if args[0] == "fold":
             if r.exit_code == 0:
-                assert out.exists() and "passed" in r.output
+                assert out.exists() and ("passed" in r.output or "not needed" in r.output or "NOT POSSIBLE" in r.output)
             else:
                 assert not out.exists()
     assert p.read_bytes() == data

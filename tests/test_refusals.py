@@ -97,6 +97,7 @@ def test_bn_on_graph_input_reason():
     res = foldkit.fold(m)
     assert "is not computed by a node in this graph" in res.report.actions[0].reason
     assert res.report.verification["passed"] and res.report.verification["max_abs_err"] == 0
+    assert res.report.verification["method"] == "unchanged" and res.report.unchanged
 
 
 def test_training_mode_with_used_statistics_is_refused():
