@@ -222,6 +222,7 @@ class GraphView:
         self.outputs = {o.name for o in graph.output}
         self.inits = {t.name: t for t in graph.initializer}
         self._consumers = None
+        self._evaluated: dict = {}  # values of CONST_OPS nodes on constants, computed once
 
     # -- structure ---------------------------------------------------------------------------
     def consumers(self, name: str) -> list:
@@ -265,6 +266,10 @@ class GraphView:
                     return _constant_node_value(node, view)
                 if node.op_type in PURE_OPS and len(node.output) == 1:
                     return _computed_value(node, view, depth)
+                if node.op_type in CONST_OPS and len(node.output) == 1:
+                    if name not in view._evaluated:
+                        view._evaluated[name] = _evaluated_value(node, view, depth)
+                    return view._evaluated[name]
                 return None
             if name in view.inits:
                 if name in view.inputs and (view.index.model.ir_version >= 4 or view.parent is not None):
@@ -476,6 +481,13 @@ def _to_array(t: TensorProto, index: "ModelIndex") -> np.ndarray:
 
 
 PURE_OPS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast")
+# deterministic ops whose results IEEE arithmetic fixes exactly (no transcendental functions), which
+# exporters and pruning/quantization tools put between a weight and its Conv: evaluated on constant
+# inputs with ONNX's reference evaluator, in the tensors' own dtype, as any runtime computes them
+CONST_OPS = ("Mul", "Add", "Sub", "Div", "Neg", "Abs", "Sign", "Sqrt", "Reciprocal", "Slice", "ConstantOfShape",
+             "Concat", "Expand", "Where", "Tile", "Shape", "Size", "Gather", "Equal", "Greater", "Less",
+             "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Clip", "Min", "Max", "Flatten", "Range")
+EVAL_MAX_BYTES = 256 << 20  # a computed constant larger than this is left to the runtime
 
 
 def _computed_value(node: NodeProto, view: GraphView, depth: int) -> Optional[Const]:
@@ -521,6 +533,56 @@ def _computed_value(node: NodeProto, view: GraphView, depth: int) -> Optional[Co
     except (ValueError, TypeError, IndexError):
         return None
     return Const(node.output[0], np.asarray(out), dt, view, "computed")
+
+
+def _evaluated_value(node: NodeProto, view: GraphView, depth: int) -> Optional[Const]:
+    """A CONST_OPS node whose inputs are all constant, evaluated once (ONNX's reference evaluator),
+    or None. Outputs over EVAL_MAX_BYTES, checked before anything is computed where the op can
+    grow its input (ConstantOfShape, Expand, Tile, Range), are not evaluated."""
+    if depth > 8 or not node.input:
+        return None
+    ins = [view.constant(n, depth + 1) if n else None for n in node.input]
+    if any(c is None for c, n in zip(ins, node.input) if n):
+        return None
+    try:
+        op = node.op_type
+        if op in ("ConstantOfShape", "Expand", "Tile"):
+            dims = np.asarray(ins[0 if op == "ConstantOfShape" else 1].array).reshape(-1).astype(np.int64)
+            n = int(np.prod(np.maximum(dims, 1), dtype=np.float64)) * (1 if op == "ConstantOfShape" else max(1, ins[0].array.size))
+            if n * 8 > EVAL_MAX_BYTES:
+                return None
+        if op == "Range":
+            start, limit, delta = (float(np.asarray(c.array).reshape(-1)[0]) for c in ins[:3])
+            if delta == 0 or abs((limit - start) / delta) * 8 > EVAL_MAX_BYTES:
+                return None
+        from onnx.reference import ReferenceEvaluator
+
+        names = [f"i{k}" if n else "" for k, n in enumerate(node.input)]
+        evaluated = onnx.NodeProto()
+        evaluated.CopyFrom(node)
+        del evaluated.input[:]
+        evaluated.input.extend(names)
+        del evaluated.output[:]
+        evaluated.output.append("o")
+        inputs = [onnx.helper.make_tensor_value_info(nm, c.data_type, list(np.shape(c.array)))
+                  for nm, c in zip(names, ins) if nm]
+        g = onnx.helper.make_graph([evaluated], "foldkit_eval", inputs,
+                                   [onnx.helper.make_tensor_value_info("o", 0, None)])
+        m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", view.index.opset)])
+        m.ir_version = max(view.index.model.ir_version, 3)
+        feeds = {nm: np.asarray(c.array) for nm, c in zip(names, ins) if nm}
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (out,) = ReferenceEvaluator(m).run(None, feeds)
+        out = np.asarray(out)
+        if out.nbytes > EVAL_MAX_BYTES or out.dtype == object:
+            return None
+        dt = onnx.helper.np_dtype_to_tensor_dtype(out.dtype)
+    except Exception:  # anything the evaluator cannot do: the value is simply not known to be constant
+        return None
+    return Const(node.output[0], out, dt, view, "computed")
 
 
 def _constant_node_value(node: NodeProto, view: GraphView) -> Optional[Const]:

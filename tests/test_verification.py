@@ -193,3 +193,75 @@ def test_onnx_backend_node_models_are_never_refused(tmp_path_factory):
         elif foldkit.fold(m, verify=False).report.unchanged and out.read_bytes() != open(m, "rb").read():
             bad[m.split(os.sep)[-2]] = ("changed", "")
     assert not bad, dict(list(bad.items())[:10])
+
+
+# --- weights and BN parameters computed from constants ------------------------------------------
+
+def _with_weight_subgraph(weight_nodes, weight_inits, w_name, bn_nodes=(), bn_names=None, bn_inits_=(), c=4, seed=9):
+    from tests.helpers import fold_and_compare, op_count
+
+    r = rng(seed)
+    names, bn = bn_inits("bn", c, r)
+    names = bn_names or names
+    nodes = list(weight_nodes) + list(bn_nodes) + [
+        helper.make_node("Conv", ["x", w_name], ["cv"], name="conv", pads=[1] * 4),
+        helper.make_node("BatchNormalization", ["cv"] + names, ["y"], name="bn")]
+    m = make_model(nodes, [("x", F32, [1, c, 6, 6])], [("y", F32, None)],
+                   list(weight_inits) + (list(bn_inits_) if bn_names else bn))
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert op_count(res.model, "Conv") == 1 and len(res.model.graph.node) == 1, \
+        [n.op_type for n in res.model.graph.node]  # the constant subgraph is gone
+    return res
+
+
+def test_pruning_mask_and_sign_and_slice_weights_fold():
+    r = rng(10)
+    w = r.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    mask = (r.random((4, 4, 3, 3)) < 0.6).astype(np.float32)
+    _with_weight_subgraph([helper.make_node("Mul", ["w", "mask"], ["wm"])], [tensor("w", w), tensor("mask", mask)], "wm")
+    _with_weight_subgraph([helper.make_node("Sign", ["w"], ["sg"]), helper.make_node("Mul", ["sg", "alpha"], ["wb"])],
+                          [tensor("w", w), tensor("alpha", np.array(0.37, np.float32))], "wb")  # binarized weights
+    big = r.standard_normal((8, 6, 5, 5)).astype(np.float32)
+    i64 = lambda v: tensor(v[0], np.array(v[1], np.int64))  # noqa: E731
+    _with_weight_subgraph([helper.make_node("Slice", ["big", "s0", "e0", "a0"], ["half"]),
+                           helper.make_node("Slice", ["half", "s1", "e1", "a1"], ["wsl"])],
+                          [tensor("big", big), i64(("s0", [0, 1])), i64(("e0", [4, 5])), i64(("a0", [0, 1])),
+                           i64(("s1", [1, 1])), i64(("e1", [4, 4])), i64(("a1", [2, 3]))], "wsl")
+    _with_weight_subgraph([helper.make_node("Cast", ["w64"], ["wc"], to=F32)],
+                          [tensor("w64", w.astype(np.float64))], "wc")
+    parts = [tensor("wa", w[:2]), tensor("wb_", w[2:])]
+    _with_weight_subgraph([helper.make_node("Concat", ["wa", "wb_"], ["wcat"], axis=0)], parts, "wcat")
+    _with_weight_subgraph([helper.make_node("Where", ["keep", "w", "zero"], ["ww"])],
+                          [tensor("keep", mask.astype(bool)), tensor("w", w), tensor("zero", np.float32(0))], "ww")
+    _with_weight_subgraph([helper.make_node("Expand", ["row", "shape"], ["we"])],
+                          [tensor("row", w[:1]), tensor("shape", np.array([4, 4, 3, 3], np.int64))], "we")
+
+
+def test_bn_parameters_from_constant_of_shape_fold():
+    """Old model-zoo conversions: gamma = ConstantOfShape(1), beta = ConstantOfShape(0)."""
+    r = rng(11)
+    one = helper.make_tensor("one", F32, [1], [1.0])
+    zero = helper.make_tensor("zero", F32, [1], [0.0])
+    nodes = [helper.make_node("ConstantOfShape", ["cshape"], ["gamma"], value=one),
+             helper.make_node("ConstantOfShape", ["cshape"], ["beta"], value=zero)]
+    inits = [tensor("cshape", np.array([4], np.int64)), tensor("mean", r.normal(0, 1, 4).astype(np.float32)),
+             tensor("var", r.uniform(0.5, 2, 4).astype(np.float32)),
+             tensor("w", r.standard_normal((4, 4, 3, 3)).astype(np.float32))]
+    res = _with_weight_subgraph([], inits, "w", bn_nodes=nodes, bn_names=["gamma", "beta", "mean", "var"])
+    assert res.report.bn_after == 0
+
+
+def test_a_computed_weight_read_elsewhere_is_kept_for_its_other_reader():
+    from tests.helpers import fold_and_compare, op_count
+
+    r = rng(12)
+    names, bn = bn_inits("bn", 4, r)
+    nodes = [helper.make_node("Mul", ["w", "mask"], ["wm"]),
+             helper.make_node("Conv", ["x", "wm"], ["cv"], name="conv", pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["cv"] + names, ["y"], name="bn"),
+             helper.make_node("Conv", ["x", "wm"], ["z"], name="other", pads=[1] * 4)]
+    m = make_model(nodes, [("x", F32, [1, 4, 6, 6])], [("y", F32, None), ("z", F32, None)],
+                   [tensor("w", r.standard_normal((4, 4, 3, 3)).astype(np.float32)),
+                    tensor("mask", (r.random((4, 4, 3, 3)) < 0.5).astype(np.float32))] + bn)
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert op_count(res.model, "Mul") == 1 and op_count(res.model, "BatchNormalization") == 0

@@ -1,7 +1,7 @@
 """Remove what the rewrites made dead, and nothing else.
 
-- initializers, Constant nodes and the small pure ops that computed a weight (Transpose of an
-  initializer, say) whose last use a pass removed (``ModelIndex.released``), transitively, unless
+- initializers, Constant nodes and the ops that computed a weight from constants (Transpose of an
+  initializer, Mul(W, mask), ConstantOfShape, ...) whose last use a pass removed (``ModelIndex.released``), transitively, unless
   they are graph inputs or outputs; constants the input model already left unused stay;
 - ``value_info`` entries for values that no longer exist (renamed producer outputs, dropped
   running-statistics outputs).
@@ -12,7 +12,7 @@ never touched.
 
 from __future__ import annotations
 
-from ..graph import PURE_OPS, count_uses, iter_graphs
+from ..graph import CONST_OPS, PURE_OPS, count_uses, iter_graphs
 from .base import Pass, is_op
 
 
@@ -31,7 +31,7 @@ class Cleanup(Pass):
             while True:
                 gone = set(dead_nodes)
                 more = [k for k, n in enumerate(g.node) if k not in gone and len(n.output) == 1
-                        and (is_op(n, "Constant") or (n.domain in ("", "ai.onnx") and n.op_type in PURE_OPS))
+                        and (is_op(n, "Constant") or (n.domain in ("", "ai.onnx") and n.op_type in PURE_OPS + CONST_OPS))
                         and n.output[0] in released and uses[n.output[0]] == 0 and n.output[0] not in keep_io]
                 if not more:
                     break
