@@ -168,7 +168,7 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
          rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
          passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
          check: bool = True, max_input_bytes: Optional[int] = None, memory: Optional[MemoryPolicy] = None,
-         **legacy) -> FoldResult:
+         freeze_initializer_inputs: bool = False, **legacy) -> FoldResult:
     """Fold every BatchNormalization that can be folded exactly; explain every one left.
 
     ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). A path loads lazily
@@ -190,7 +190,7 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
         result = fold_loaded(m, base_dir, verify=verify, atol=atol, rtol=rtol, input_shapes=input_shapes, skip=skip,
                              passes=passes, seed=seed, lower_standalone=lower_standalone, check=check,
                              defer=mem.defer, spill_dir=mem.spill_dir, spill_above=mem.spill_above,
-                             max_input_bytes=max_input_bytes)
+                             max_input_bytes=max_input_bytes, freeze_initializer_inputs=freeze_initializer_inputs)
     except VerificationError as e:
         if e.result is not None:
             e.result.report.inputs = inputs
@@ -239,7 +239,8 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
                 rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
                 passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
                 check: bool = True, defer: bool = False, spill_dir: Optional[str] = None,
-                spill_above: int = 0, max_input_bytes: Optional[int] = None) -> FoldResult:
+                spill_above: int = 0, max_input_bytes: Optional[int] = None,
+                freeze_initializer_inputs: bool = False) -> FoldResult:
     """:func:`fold` on a model this call may change in place; tensors on disk are read from ``base_dir``."""
     report = Report(seed=seed, input_shapes={("" if k is None else k): list(v) for k, v in (input_shapes or {}).items()}
                     or None)
@@ -256,6 +257,8 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
     if first and first[0].name != "inference-mode":
         first, rest = [], selected
     rewritten = False
+    if freeze_initializer_inputs:
+        rewritten |= _freeze_initializer_inputs(m, report)
     for p in first:
         rewritten |= bool(p.run(ctx))
         report.passes.append(p.name)
@@ -301,6 +304,26 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
             result.materialize()  # ORT needs the payloads in the proto
             _verify(result, reference_bytes, options)
     return result
+
+
+def _freeze_initializer_inputs(m: ModelProto, report: Report) -> bool:
+    """Remove the main graph's inputs that are initializers (so that they count as constants and
+    fold). It changes the model's interface: those values can no longer be fed at run time."""
+    if m.ir_version < 4:  # every initializer must be an input there; they already count as constants
+        report.notes.append("--freeze-initializer-inputs: IR version < 4, where initializers are constants already")
+        return False
+    inits = {t.name for t in m.graph.initializer}
+    frozen = [i.name for i in m.graph.input if i.name in inits]
+    if not frozen:
+        return False
+    keep = [i for i in m.graph.input if i.name not in inits]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    report.notes.append(f"--freeze-initializer-inputs removed {len(frozen)} initializer(s) from the graph inputs "
+                        f"({', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}): the model's interface "
+                        "changed, they can no longer be fed at run time")
+    report.frozen_inputs = frozen
+    return True
 
 
 def _verify(result: FoldResult, reference_bytes: bytes, options: dict, candidate_path: Optional[str] = None) -> None:

@@ -173,6 +173,9 @@ def main(debug):
 @click.option("--skip", multiple=True, metavar="PASS", help="Skip a pass by name (repeatable).")
 @click.option("--lower-standalone", is_flag=True, help="Turn BNs nothing can absorb into Mul + Add.")
 @click.option("--in-place", is_flag=True, help="Allow the output path to be the input path.")
+@click.option("--freeze-initializer-inputs", "freeze", is_flag=True,
+              help="Remove graph inputs that are initializers (older exporters list every weight as an input), so "
+                   "that they fold. Changes the model's interface: reported.")
 @click.option("--external-data/--no-external-data", "external", default=None,
               help="Write tensors to OUTPUT.data (default: only when the model exceeds 2 GB).")
 @click.option("--fsync/--no-fsync", "fsync", default=False, show_default=True,
@@ -180,8 +183,8 @@ def main(debug):
                    "(costs the disk's write time). Either way it is never a partial file.")
 @verbosity_options
 @handle_errors
-def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_input_mb, skip, lower_standalone, in_place, external,
-         fsync, quiet, verbose):
+def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_input_mb, skip, lower_standalone, in_place, freeze,
+         external, fsync, quiet, verbose):
     """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT.
 
     On a verification failure the model is not written, but --report is: it says what differed."""
@@ -193,7 +196,8 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_inp
     try:
         result = fold_file(model, output, report=report_path, external=external, durable=fsync, in_place=in_place,
                            verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
-                           lower_standalone=lower_standalone, max_input_bytes=int(max_input_mb * 2 ** 20))
+                           lower_standalone=lower_standalone, max_input_bytes=int(max_input_mb * 2 ** 20),
+                           freeze_initializer_inputs=freeze)
     except VerificationError as e:
         if e.result is not None and not quiet:
             from .render import print_fold_report

@@ -285,7 +285,8 @@ class GraphView:
         view: Optional[GraphView] = self
         while view is not None:
             if name in view.inits and name in view.inputs:
-                return f"'{name}' is also a graph input, so it can be overridden at run time"
+                return (f"'{name}' is also a graph input, so it can be overridden at run time "
+                        "(--freeze-initializer-inputs removes such inputs so that they fold)")
             if name in view.producer or name in view.inputs or name in view.inits:
                 break
             view = view.parent

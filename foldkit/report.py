@@ -46,6 +46,7 @@ class Report:
     affine: list = field(default_factory=list)  # Mul/Add/Sub/Div folds (not BNs)
     branches: list = field(default_factory=list)  # parallel branches merged (or not, with the reason)
     unchanged: bool = False  # no pass rewrote anything: the output is the input's bytes
+    frozen_inputs: list = field(default_factory=list)  # graph inputs removed by --freeze-initializer-inputs
     # what the JSON's envelope says: the command, its inputs, and the shapes and seed verification used
     command: str = "fold"
     inputs: list = field(default_factory=list)
@@ -94,6 +95,7 @@ class Report:
             "passes": list(self.passes),
             "affine_actions": [asdict(a) for a in self.affine],
             "branch_actions": [asdict(a) for a in self.branches],
+            "frozen_inputs": list(self.frozen_inputs),
         }
         return d
 

@@ -265,3 +265,67 @@ def test_a_computed_weight_read_elsewhere_is_kept_for_its_other_reader():
                     tensor("mask", (r.random((4, 4, 3, 3)) < 0.5).astype(np.float32))] + bn)
     res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
     assert op_count(res.model, "Mul") == 1 and op_count(res.model, "BatchNormalization") == 0
+
+
+# --- a BN after a Concat of convolutions is split per branch -------------------------------------
+
+def _mixconv(third="Conv", c_in=4):
+    r = rng(13)
+    names, bn = bn_inits("bn", 3 + 5 + 2, r)
+    nodes = [helper.make_node("Conv", ["x", "w3"], ["a"], name="k3", pads=[1] * 4),
+             helper.make_node("Conv", ["x", "w5", "b5"], ["b"], name="k5", pads=[2] * 4)]
+    inits = [tensor("w3", r.standard_normal((3, c_in, 3, 3)).astype(np.float32)),
+             tensor("w5", r.standard_normal((5, c_in, 5, 5)).astype(np.float32)),
+             tensor("b5", r.standard_normal(5).astype(np.float32))]
+    if third == "Conv":
+        nodes.append(helper.make_node("Conv", ["x", "w1"], ["c"], name="k1", group=2))
+        inits.append(tensor("w1", r.standard_normal((2, c_in // 2, 1, 1)).astype(np.float32)))
+    elif third == "ConvTranspose":
+        nodes.append(helper.make_node("ConvTranspose", ["x", "wt"], ["c"], name="kt", pads=[1] * 4, group=2))
+        inits.append(tensor("wt", r.standard_normal((c_in, 1, 3, 3)).astype(np.float32)))
+    else:
+        nodes.append(helper.make_node("MaxPool", ["x"], ["c0"], kernel_shape=[1, 1]))
+        nodes.append(helper.make_node("Slice", ["c0", "st", "en", "ax"], ["c"]))
+        inits += [tensor("st", np.array([0], np.int64)), tensor("en", np.array([2], np.int64)),
+                  tensor("ax", np.array([1], np.int64))]
+    nodes += [helper.make_node("Concat", ["a", "b", "c"], ["cat"], axis=1, name="cat"),
+              helper.make_node("BatchNormalization", ["cat"] + names, ["n"], name="bn"),
+              helper.make_node("Relu", ["n"], ["y"])]
+    return make_model(nodes, [("x", F32, [2, c_in, 7, 7])], [("y", F32, None)], inits + bn)
+
+
+@pytest.mark.parametrize("third", ["Conv", "ConvTranspose"])
+def test_mixconv_bn_after_concat_is_split_into_each_branch(third):
+    from tests.helpers import fold_and_compare, op_count
+
+    res = fold_and_compare(_mixconv(third), rtol=1e-5, atol=1e-5)
+    (a,) = res.report.actions
+    assert a.action == "folded" and a.target.startswith("Concat 'cat' split into Conv 'k3', Conv 'k5'")
+    assert op_count(res.model, "Concat") == 1
+
+
+def test_concat_with_a_branch_without_weights_is_refused_unchanged():
+    m = _mixconv("MaxPool")
+    res = foldkit.fold(m, verify=False)
+    (a,) = res.report.actions
+    assert a.action == "kept" and "not a Conv, ConvTranspose or Gemm" in a.reason
+    assert res.model.SerializeToString() == m.SerializeToString()
+
+
+def test_freeze_initializer_inputs_makes_listed_weights_fold_and_says_so(tmp_path):
+    from foldkit.report import Report  # noqa: F401
+
+    r = rng(14)
+    names, bn = bn_inits("bn", 4, r)
+    w = tensor("w", r.standard_normal((4, 4, 3, 3)).astype(np.float32))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["c"] + names, ["y"], name="bn")]
+    listed = [("x", F32, [1, 4, 5, 5]), ("w", F32, [4, 4, 3, 3])] + [(n, F32, [4]) for n in names]
+    m = make_model(nodes, listed, [("y", F32, None)], [w] + bn, opset=11, ir_version=6)
+    r1, p, out, rep = fold_cli(tmp_path, m)
+    assert r1.exit_code == 0 and rep["bn_after"] == 1 and "--freeze-initializer-inputs" in rep["actions"][0]["reason"]
+    r2, p, out, rep = fold_cli(tmp_path, m, "--freeze-initializer-inputs")
+    assert r2.exit_code == 0 and rep["bn_after"] == 0, r2.output
+    assert sorted(rep["frozen_inputs"]) == sorted(["w"] + names) and "interface" in " ".join(rep["notes"])
+    folded = onnx.load(str(out))
+    assert [i.name for i in folded.graph.input] == ["x"] and rep["verification"]["passed"]

@@ -35,7 +35,22 @@ from .affine import ARITH, ArithAffine, affine_of
 from .base import Pass, is_op
 from .common import Refusal, float_attr, int_attr, rounded, scaled_weight, weight
 
-FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Concat")
+SPLITTABLE = ("Conv", "ConvTranspose", "Gemm")  # producers a BN after a Concat is split into
+
+
+class _Slice:
+    """Channels [lo, hi) of a per-channel map whose full (s, t) is already known."""
+
+    def __init__(self, aff, s, t, lo, hi):
+        self.node, self.x, self.is_bn = aff.node, aff.x, getattr(aff, "is_bn", False)
+        self.s, self.t, self.lo, self.hi = s, t, lo, hi
+
+    def st(self, c, neg, rank, op):
+        if c != self.hi - self.lo:
+            raise Refusal(f"channel count mismatch: the {op} produces {c} channels, its part of the Concat is "
+                          f"{self.hi - self.lo}")
+        return self.s[self.lo:self.hi], self.t[self.lo:self.hi]
 
 
 class FoldIntoProducer(Pass):
@@ -88,6 +103,8 @@ class FoldIntoProducer(Pass):
             raise Refusal(f"the {p.op_type} output '{x}' is also a graph output")
         if view.uses(x) != 1:
             raise Refusal(f"the {p.op_type} output '{x}' is also read by {view.uses(x) - 1} other node(s)")
+        if p.op_type == "Concat":
+            return self._split(view, i, node, pi, p, aff)
         apply = getattr(self, "_plan_" + p.op_type)(view, pi, p, aff, i)
         # every check has passed: apply the plan (constants, attributes), then splice the node out
         # unless the plan rewrote the node itself (MatMul without a bias Add)
@@ -96,6 +113,48 @@ class FoldIntoProducer(Pass):
             view.remove(i)
             view.rename_output(pi, 0, node.output[0])
         return target
+
+    def _split(self, view, i, node, ci, cat, aff) -> str:
+        """A per-channel map after a Concat (MixConv, Inception-style branches): each branch's
+        channel range folds into its own producer, a Conv, ConvTranspose or Gemm read only by the
+        Concat; all branches or none. Exact: the map is per channel, so it commutes with Concat."""
+        rank = view.index.rank(cat.output[0])
+        axis = int_attr(cat, "axis", 0)
+        if rank is None:
+            raise Refusal("the rank of the Concat output is unknown")
+        if axis % rank != 1:
+            raise Refusal(f"the Concat joins axis {axis}, not the channel axis 1")
+        branches, sizes = [], []
+        for name in cat.input:
+            bi = view.producer_of(name)
+            if bi is None or view.nodes[bi].domain not in ("", "ai.onnx") or view.nodes[bi].op_type not in SPLITTABLE:
+                what = "a graph input or constant" if bi is None else f"{view.nodes[bi].op_type} '{node_label(view.nodes[bi])}'"
+                raise Refusal(f"its input comes from a Concat whose input '{name}' is {what}, not a Conv, "
+                              "ConvTranspose or Gemm")
+            if view.uses(name) != 1 or view.is_graph_output(name):
+                raise Refusal(f"the Concat input '{name}' is also read elsewhere")
+            b = view.nodes[bi]
+            w = weight(view, b, 1, f"{b.op_type} weight")
+            if w is None:
+                raise Refusal(f"the {b.op_type} '{node_label(b)}' has no weight")
+            kind = {"Conv": "conv", "ConvTranspose": "conv_transpose"}.get(b.op_type) or (
+                "rows" if int_attr(b, "transB", 0) else "cols")
+            sizes.append(output_channels(w.array.shape, kind, int_attr(b, "group", 1)))
+            branches.append((bi, b))
+        if len({bi for bi, _ in branches}) != len(branches):
+            raise Refusal("the Concat reads one producer twice")
+        s, t = aff.st(sum(sizes), 1 - rank, rank, "Concat")
+        plans, lo = [], 0
+        for (bi, b), c in zip(branches, sizes):
+            part = _Slice(aff, s, t, lo, lo + c)
+            plans.append(getattr(self, "_plan_" + b.op_type)(view, bi, b, part, i))
+            lo += c
+        targets = []
+        for apply in plans:  # every branch passed its checks: apply all
+            targets.append(apply()[0])
+        view.remove(i)
+        view.rename_output(ci, 0, node.output[0])
+        return f"Concat '{node_label(cat)}' split into {', '.join(targets)}"
 
     def _conv_like(self, view, pi, p, aff, kind):
         group = int_attr(p, "group", 1)
