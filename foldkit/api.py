@@ -168,7 +168,7 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
          rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
          passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
          check: bool = True, max_input_bytes: Optional[int] = None, memory: Optional[MemoryPolicy] = None,
-         freeze_initializer_inputs: bool = False, **legacy) -> FoldResult:
+         freeze_initializer_inputs: bool = False, data=None, **legacy) -> FoldResult:
     """Fold every BatchNormalization that can be folded exactly; explain every one left.
 
     ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). A path loads lazily
@@ -190,7 +190,8 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
         result = fold_loaded(m, base_dir, verify=verify, atol=atol, rtol=rtol, input_shapes=input_shapes, skip=skip,
                              passes=passes, seed=seed, lower_standalone=lower_standalone, check=check,
                              defer=mem.defer, spill_dir=mem.spill_dir, spill_above=mem.spill_above,
-                             max_input_bytes=max_input_bytes, freeze_initializer_inputs=freeze_initializer_inputs)
+                             max_input_bytes=max_input_bytes, freeze_initializer_inputs=freeze_initializer_inputs,
+                             data=data)
     except VerificationError as e:
         if e.result is not None:
             e.result.report.inputs = inputs
@@ -215,7 +216,7 @@ def fold_file(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *, rep
     from .wire import needs_external as wire_needs_external
 
     src, dst = os.fspath(src), os.fspath(dst)
-    fio.guard_outputs({"-o": dst, "--report": report}, fio.model_files(src),
+    fio.guard_outputs({"-o": dst, "--report": report}, fio.model_files(src) + _data_files(options.get("data")),
                       allow_same={"-o": src} if in_place else None)
     memory = MemoryPolicy(lazy=True, defer=True, spill_dir=os.path.dirname(os.path.abspath(dst)),
                           spill_above=0 if external else SPILL_ABOVE)
@@ -240,7 +241,7 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
                 passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
                 check: bool = True, defer: bool = False, spill_dir: Optional[str] = None,
                 spill_above: int = 0, max_input_bytes: Optional[int] = None,
-                freeze_initializer_inputs: bool = False) -> FoldResult:
+                freeze_initializer_inputs: bool = False, data=None) -> FoldResult:
     """:func:`fold` on a model this call may change in place; tensors on disk are read from ``base_dir``."""
     report = Report(seed=seed, input_shapes={("" if k is None else k): list(v) for k, v in (input_shapes or {}).items()}
                     or None)
@@ -296,7 +297,7 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
                                "detail": "nothing was rewritten, so the output is the input's bytes; no run needed"}
     elif verify:
         options = dict(atol=atol, rtol=rtol, input_shapes=input_shapes, seed=seed, base_dir=base_dir,
-                       max_input_bytes=max_input_bytes,
+                       max_input_bytes=max_input_bytes, data=_data_source(data, m),
                        reference_label="inference-mode original" if ctx.converted_training else "original")
         if defer or needs_external(m):  # payloads stay out of the proto, or it cannot be one buffer
             result.verify_before_commit = functools.partial(_verify, result, reference_bytes, options)
@@ -304,6 +305,32 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
             result.materialize()  # ORT needs the payloads in the proto
             _verify(result, reference_bytes, options)
     return result
+
+
+def _data_files(data) -> list:
+    """The files a --data spec reads (so that no output can be one of them)."""
+    if data is None or callable(data):
+        return []
+    spec = os.fspath(data if isinstance(data, (str, os.PathLike)) else data[0])
+    if os.path.isdir(spec):
+        return [os.path.join(spec, f) for f in sorted(os.listdir(spec)) if f.endswith(".npz")]
+    if os.path.isfile(spec):
+        return [spec]
+    target = spec.rpartition(":")[0]
+    return [target] if os.path.isfile(target) else []
+
+
+def _data_source(data, model):
+    """``data`` (a --data spec string, with ``batch_size``/``max_samples`` as a tuple, or a callable
+    returning batches) as a callable that streams the batches anew each time; None stays None."""
+    if data is None or callable(data):
+        return data
+    from .data import batches, fixed_batch, model_inputs
+
+    spec, batch_size, max_samples = (data, None, None) if isinstance(data, (str, os.PathLike)) else data
+    inputs = model_inputs(model)
+    size = fixed_batch(model) or batch_size
+    return lambda: batches(os.fspath(spec), inputs, size, max_samples)
 
 
 def _freeze_initializer_inputs(m: ModelProto, report: Report) -> bool:

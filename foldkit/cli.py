@@ -173,6 +173,12 @@ def main(debug):
 @click.option("--skip", multiple=True, metavar="PASS", help="Skip a pass by name (repeatable).")
 @click.option("--lower-standalone", is_flag=True, help="Turn BNs nothing can absorb into Mul + Add.")
 @click.option("--in-place", is_flag=True, help="Allow the output path to be the input path.")
+@click.option("--data", "data", metavar="DATA",
+              help="Real inputs for the end-to-end check: a .npz (arrays named after the inputs, samples on axis 0), "
+                   "a folder of them, or FILE.py:FN returning {input: array} batches.")
+@click.option("--max-samples", type=click.IntRange(1), default=256, show_default=True, help="With --data.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="With --data (a model with a fixed batch uses its own).")
 @click.option("--freeze-initializer-inputs", "freeze", is_flag=True,
               help="Remove graph inputs that are initializers (older exporters list every weight as an input), so "
                    "that they fold. Changes the model's interface: reported.")
@@ -183,8 +189,8 @@ def main(debug):
                    "(costs the disk's write time). Either way it is never a partial file.")
 @verbosity_options
 @handle_errors
-def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_input_mb, skip, lower_standalone, in_place, freeze,
-         external, fsync, quiet, verbose):
+def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_input_mb, skip, lower_standalone, in_place, data,
+         max_samples, batch_size, freeze, external, fsync, quiet, verbose):
     """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT.
 
     On a verification failure the model is not written, but --report is: it says what differed."""
@@ -197,7 +203,8 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_inp
         result = fold_file(model, output, report=report_path, external=external, durable=fsync, in_place=in_place,
                            verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
                            lower_standalone=lower_standalone, max_input_bytes=int(max_input_mb * 2 ** 20),
-                           freeze_initializer_inputs=freeze)
+                           freeze_initializer_inputs=freeze,
+                           data=(data, batch_size, max_samples) if data else None)
     except VerificationError as e:
         if e.result is not None and not quiet:
             from .render import print_fold_report

@@ -55,6 +55,10 @@ def _verification_line(v) -> str:
     floors = [o["noise_floor"] for o in v.get("outputs", []) if o.get("noise_floor") is not None]
     if floors:
         line += f"; noise floor {max(floors):.3g} (the model's own rounding)"
+    if v.get("data"):
+        d = v["data"]
+        top1 = ", ".join(f"{k} {100 * a:.2f}%" for k, a in d["top1_agreement"].items())
+        line += f"\n  on {d['samples']} real samples ({d['batches']} batches)" + (f"; top-1 agreement {top1}" if top1 else "")
     if v.get("end_to_end"):
         line += f"\n  whole model not compared element-wise: {v['end_to_end']}"
     if method == "local" and v.get("local"):

@@ -206,7 +206,7 @@ def ort_source(path: str, base_dir: Optional[str] = None):
             return f.read(), os.path.dirname(os.path.abspath(path))
 
 
-def _run_ort(source, feeds: dict, base_dir: Optional[str] = None):
+def _ort_session(source, base_dir: Optional[str] = None):
     """``source``: serialized bytes, or a model file's path (its external data beside it)."""
     import onnxruntime as ort
 
@@ -228,7 +228,11 @@ def _run_ort(source, feeds: dict, base_dir: Optional[str] = None):
         raise
     ro = ort.RunOptions()
     ro.log_severity_level = 4
-    return sess.run(None, feeds, ro)
+    return lambda feeds: sess.run(None, feeds, ro)
+
+
+def _run_ort(source, feeds: dict, base_dir: Optional[str] = None):
+    return _ort_session(source, base_dir)(feeds)
 
 
 def _run_reference(model: ModelProto, feeds: dict, base_dir: Optional[str] = None, path: Optional[str] = None):
@@ -242,6 +246,38 @@ def _run_reference(model: ModelProto, feeds: dict, base_dir: Optional[str] = Non
         onnx.external_data_helper.load_external_data_for_model(full, base_dir)
         model = full
     return ReferenceEvaluator(model).run(None, feeds)
+
+
+def runner(model: Optional[ModelProto], model_bytes: Optional[bytes] = None, backend: Optional[str] = None,
+           base_dir: Optional[str] = None, path: Optional[str] = None):
+    """(feeds -> outputs, backend_name), the session made once: for running many batches."""
+    if backend in (None, "onnxruntime"):
+        try:
+            data = path if path is not None else model_bytes if model_bytes is not None else model.SerializeToString()
+            return _ort_session(data, base_dir), "onnxruntime-cpu"
+        except _BackendUnavailable:
+            if backend == "onnxruntime":
+                raise
+    if path is not None:
+        from onnx.reference import ReferenceEvaluator
+
+        ev = ReferenceEvaluator(onnx.load(path))
+    else:
+        from onnx.reference import ReferenceEvaluator
+
+        full = model
+        if base_dir and any(t.data_location == TensorProto.EXTERNAL for g in iter_graphs(model.graph) for t in g.initializer):
+            full = ModelProto()
+            full.CopyFrom(model)
+            onnx.external_data_helper.load_external_data_for_model(full, base_dir)
+        ev = ReferenceEvaluator(full)
+
+    def go(feeds):
+        try:
+            return ev.run(None, feeds)
+        except Exception as e:
+            raise _ReferenceFailed(_first_line(e)) from None
+    return go, "onnx-reference"
 
 
 def run(model: Optional[ModelProto], feeds: dict, model_bytes: Optional[bytes] = None, backend: Optional[str] = None,
@@ -283,6 +319,7 @@ class VerificationResult:
     inputs: dict = field(default_factory=dict)  # the shape of every generated input: {name: [dims]}
     seed: int = 0
     method: str = "end-to-end"  # or "local" (each rewrite's region), "unverified", "unchanged"
+    data: Optional[dict] = None  # with --data: the source, samples and batches run, top-1 agreement
     end_to_end: Optional[str] = None  # why the whole model was not compared element-wise, if it was not
     local: Optional[str] = None  # what the local checks ran
 
@@ -372,7 +409,7 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
            seed: int = 0, reference_bytes: Optional[bytes] = None, candidate_bytes: Optional[bytes] = None,
            reference_label: str = "original", base_dir: Optional[str] = None,
            candidate_path: Optional[str] = None, max_input_bytes: Optional[int] = None,
-           written: Optional[set] = None) -> VerificationResult:
+           written: Optional[set] = None, data=None) -> VerificationResult:
     """Run ``reference`` and the candidate (a ModelProto, or the model file at ``candidate_path``)
     on the same inputs and compare their outputs (``method: end-to-end``). ``base_dir``: where
     tensors the models leave on disk are read from (not used for ``candidate_path``, whose data
@@ -387,6 +424,9 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
     tolerances_default = atol is None and rtol is None  # the noise floor never overrides tolerances given
     atol = d_atol if atol is None else float(atol)
     rtol = d_rtol if rtol is None else float(rtol)
+    if data is not None:
+        return _verify_data(reference, candidate, reference_bytes, candidate_bytes, candidate_path, base_dir, data,
+                            atol, rtol, reference_label, seed, written if tolerances_default else None, input_shapes)
     why, backend, shapes, nondet, run_failed = None, None, {}, False, False
     try:
         feeds = make_inputs(reference, input_shapes, seed, max_bytes=max_input_bytes)
@@ -452,6 +492,83 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
                          f"{invalid}")
     return _verify_local(reference, candidate, candidate_path, written or set(), input_shapes, seed, atol, rtol,
                          base_dir, reference_label, why, shapes)
+
+
+def _verify_data(reference, candidate, reference_bytes, candidate_bytes, candidate_path, base_dir, data, atol, rtol,
+                 reference_label, seed, written, input_shapes):
+    """End to end on real samples: every batch of ``data`` (a callable giving the batches, see
+    foldkit.data) through both models; per output the worst error over all batches, and for
+    classifier-like outputs ([N, K] floats, K >= 2) the share of samples whose top-1 class agrees."""
+    from .data import LABEL
+
+    try:
+        ref_run, backend = runner(reference, reference_bytes, base_dir=base_dir)
+    except Exception as e:
+        raise InputError(f"--data: the original model cannot be loaded: {_first_line(e)}") from None
+    cand_run, _ = runner(candidate, candidate_bytes, backend="onnxruntime" if backend == "onnxruntime-cpu" else "reference",
+                         base_dir=base_dir, path=candidate_path)
+    names = [o.name for o in reference.graph.output]
+    worst = {n: [0.0, 0.0, True, ""] for n in names}  # max abs, scale, same non-finite, detail
+    agree = {n: [0, 0] for n in names}
+    samples = nbatches = 0
+    first = None
+    random = _has_random_ops(reference)
+    shapes = {}
+    for batch in data():
+        feeds = {k: v for k, v in batch.items() if k != LABEL}
+        shapes = {k: [int(d) for d in np.shape(v)] for k, v in feeds.items()}
+        try:
+            a = ref_run(feeds)
+        except Exception as e:
+            raise InputError(f"--data: the original model does not run on the data (batch {nbatches}, "
+                             f"shapes {shapes}): {_first_line(e)}") from None
+        try:
+            b = cand_run(feeds)
+        except Exception as e:
+            return VerificationResult(False, float("inf"), float("inf"), atol, rtol, backend, reference_label,
+                                      [asdict(OutputDiff(n, float("inf"), float("inf"), False,
+                                                         f"does not run: {_first_line(e)}")) for n in names],
+                                      inputs=shapes, seed=seed)
+        if first is None:
+            first = (feeds, a)
+        nbatches += 1
+        samples += next(iter(feeds.values())).shape[0] if feeds and np.ndim(next(iter(feeds.values()))) else 1
+        for n, x, y in zip(names, a, b):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.shape != y.shape or x.dtype != y.dtype:
+                worst[n] = [float("inf"), 0.0, False, f"shape/dtype {list(y.shape)} {y.dtype} != {list(x.shape)} {x.dtype}"]
+                continue
+            if random:
+                continue
+            d = compare(n, x, y, atol, rtol)
+            if x.dtype.kind == "f" or x.dtype.name == "bfloat16":
+                x64 = x.astype(np.float64)
+                fin = np.isfinite(x64)
+                worst[n][1] = max(worst[n][1], float(np.abs(x64[fin]).max()) if fin.any() else 0.0)
+                if x.ndim == 2 and x.shape[1] >= 2:
+                    agree[n][0] += int(np.sum(np.argmax(x, 1) == np.argmax(y, 1)))
+                    agree[n][1] += x.shape[0]
+            elif not d.passed:
+                worst[n][3] = "integer outputs differ"
+            worst[n][0] = max(worst[n][0], d.max_abs_err)
+            if d.detail:
+                worst[n][2], worst[n][3] = False, d.detail
+    diffs = []
+    for n in names:
+        m_abs, scale, same, detail = worst[n]
+        rel = m_abs / scale if scale > 0 else (0.0 if m_abs == 0 else float("inf"))
+        ok = same and not detail.startswith(("shape", "integer")) and m_abs <= atol + rtol * scale
+        diffs.append(OutputDiff(n, m_abs, rel, ok, "random outputs: compared by shape and type only" if random else detail))
+    if written and first is not None and not all(d.passed for d in diffs):
+        diffs = _with_noise_floor(diffs, reference, candidate, candidate_path, reference_bytes, first[0], first[1],
+                                  written, base_dir, seed, atol, rtol, input_shapes)
+    top1 = {n: round(c / t, 6) for n, (c, t) in agree.items() if t}
+    return VerificationResult(
+        passed=all(d.passed for d in diffs), max_abs_err=max((d.max_abs_err for d in diffs), default=0.0),
+        max_rel_err=max((d.max_rel_err for d in diffs), default=0.0), atol=atol, rtol=rtol, backend=backend,
+        reference=reference_label, outputs=[asdict(d) for d in diffs], inputs=shapes, seed=seed,
+        data={"samples": samples, "batches": nbatches, "top1_agreement": top1},
+        end_to_end="its outputs are random: compared by shape and type only" if random else None)
 
 
 def _candidate_model(candidate, candidate_path):

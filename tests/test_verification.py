@@ -329,3 +329,62 @@ def test_freeze_initializer_inputs_makes_listed_weights_fold_and_says_so(tmp_pat
     assert sorted(rep["frozen_inputs"]) == sorted(["w"] + names) and "interface" in " ".join(rep["notes"])
     folded = onnx.load(str(out))
     assert [i.name for i in folded.graph.input] == ["x"] and rep["verification"]["passed"]
+
+
+# --- --data: real samples for the end-to-end check -----------------------------------------------
+
+def _classifier(c=4, k=10, seed=15):
+    r = rng(seed)
+    names, bn = bn_inits("bn", c, r)
+    nodes = [helper.make_node("Conv", ["img", "w"], ["cv"], name="conv", pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["cv"] + names, ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], transB=1)]
+    inits = [tensor("w", r.standard_normal((c, 1, 3, 3)).astype(np.float32)),
+             tensor("fc", r.standard_normal((k, c)).astype(np.float32)), tensor("fcb", r.standard_normal(k).astype(np.float32))]
+    m = make_model(nodes, [("img", F32, ["N", 1, 8, 8])], [("logits", F32, ["N", k])], inits + bn)
+    return m
+
+
+def test_fold_with_real_data_npz_folder_and_function(tmp_path):
+    r = rng(16)
+    x = r.standard_normal((70, 1, 8, 8))  # float64 data: cast to the model's float32
+    np.savez(tmp_path / "d.npz", img=x, label=r.integers(0, 10, 70))
+    res, p, out, rep = fold_cli(tmp_path, _classifier(), "--data", tmp_path / "d.npz", "--batch-size", "32")
+    v = rep["verification"]
+    assert res.exit_code == 0, res.output
+    assert v["data"] == {"samples": 70, "batches": 3, "top1_agreement": {"logits": 1.0}}
+    assert v["inputs"] == {"img": [6, 1, 8, 8]} and "top-1 agreement logits 100.00%" in res.output
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    np.savez(folder / "b.npz", anything=x[40:])  # a single-input model may use any one array name
+    np.savez(folder / "a.npz", anything=x[:40])
+    res, *_, rep = fold_cli(tmp_path, _classifier(), "--data", folder, "--max-samples", "50")
+    assert res.exit_code == 0 and rep["verification"]["data"]["samples"] == 50
+    (tmp_path / "feed.py").write_text("import numpy as np\n"
+                                      "def batches():\n"
+                                      "    r = np.random.default_rng(0)\n"
+                                      "    for _ in range(3):\n"
+                                      "        yield {'img': r.standard_normal((5, 1, 8, 8)).astype(np.float32)}\n")
+    res, *_, rep = fold_cli(tmp_path, _classifier(), "--data", f"{tmp_path / 'feed.py'}:batches", "--batch-size", "4")
+    assert res.exit_code == 0 and rep["verification"]["data"] == {"samples": 15, "batches": 4,
+                                                                    "top1_agreement": {"logits": 1.0}}
+
+
+def test_data_errors_are_one_line_exit_2(tmp_path):
+    np.savez(tmp_path / "bad.npz", a=np.zeros((3, 1, 8, 8)), b=np.zeros((3, 1, 8, 8)))
+    np.savez(tmp_path / "ints.npz", img=np.zeros((3, 1, 8, 8), dtype=np.int32))
+    for spec, needle in ((tmp_path / "bad.npz", "no array named 'img'"), (tmp_path / "missing.npz", "no such file"),
+                         (tmp_path / "ints.npz", "holds int32")):
+        res, p, out, rep = fold_cli(tmp_path, _classifier(), "--data", spec)
+        assert res.exit_code == 2 and needle in res.output and res.output.count("\n") == 1, res.output
+        assert not out.exists()
+
+
+def test_a_wrong_fold_fails_on_real_data(tmp_path, monkeypatch):
+    import foldkit.passes.fold_into_producer as fip
+
+    monkeypatch.setattr(fip, "fold_bias", lambda b, s, t: np.zeros_like(s))
+    np.savez(tmp_path / "d.npz", img=rng(17).standard_normal((8, 1, 8, 8)).astype(np.float32))
+    res, p, out, rep = fold_cli(tmp_path, _classifier(), "--data", tmp_path / "d.npz")
+    assert res.exit_code == 1 and not out.exists() and not rep["verification"]["passed"]

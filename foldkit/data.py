@@ -1,0 +1,180 @@
+"""Real input data: ``--data DATA`` for every command that takes it.
+
+DATA is one of:
+
+- a ``.npz`` file whose arrays are named after the model's inputs, samples along axis 0 (a model
+  with a single input may use any one array; an array named ``label`` is never fed: it holds the
+  labels of classifier data);
+- a folder of such files, read in sorted file-name order, one file at a time (memory does not grow
+  with the data set);
+- ``FILE.py:FN`` (or ``MODULE:FN``): a function returning an iterable of {input name: array}
+  dicts, samples along axis 0.
+
+Batches are consecutive slices of ``batch_size`` samples in data order (across file boundaries);
+the last one may be smaller. ``max_samples`` stops after that many samples. Arrays are cast to the
+model input's dtype when that is lossless for floats (float64 data into a float32 model); any other
+mismatch is an error naming the input.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .errors import InputError
+
+LABEL = "label"
+DEFAULT_BATCH = 32
+
+
+def _sources(spec: str) -> Iterator[tuple]:
+    """(where, {name: array}) chunks in data order."""
+    if os.path.isdir(spec):
+        files = sorted(f for f in os.listdir(spec) if f.endswith(".npz"))
+        if not files:
+            raise InputError(f"--data {spec}: a folder with no .npz file")
+        for f in files:
+            yield from _npz(os.path.join(spec, f))
+    elif spec.endswith(".npz") or os.path.isfile(spec):
+        if not os.path.isfile(spec):
+            raise InputError(f"--data {spec}: no such file")
+        yield from _npz(spec)
+    elif ":" in spec:
+        from .factory import _why, load_factory
+
+        fn = load_factory(spec)
+        try:
+            for k, chunk in enumerate(fn()):
+                if not isinstance(chunk, dict):
+                    raise InputError(f"--data {spec}: item {k} is a {type(chunk).__name__}, not a dict of arrays")
+                yield f"{spec} item {k}", {str(n): np.asarray(a) for n, a in chunk.items()}
+        except InputError:
+            raise
+        except (Exception, SystemExit) as e:  # the user's code
+            raise InputError(f"--data {spec}: the function failed: {_why(e)}") from None
+    else:
+        raise InputError(f"--data {spec}: expected a .npz file, a folder of them, or FILE.py:FUNCTION")
+
+
+def _npz(path: str) -> Iterator[tuple]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {n: z[n] for n in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(f"--data {path}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else e})") from None
+    yield path, arrays
+
+
+def _pick(where: str, arrays: dict, inputs: dict) -> dict:
+    """The arrays to feed, by model input name, cast to the input's dtype; labels kept apart."""
+    names = list(inputs)
+    fed = {n: a for n, a in arrays.items() if n != LABEL}
+    if len(names) == 1 and names[0] not in fed:
+        if len(fed) != 1:
+            raise InputError(f"--data {where}: no array named '{names[0]}' (the model's input), and "
+                             f"{len(fed)} arrays to choose from ({', '.join(sorted(fed)[:5])})")
+        fed = {names[0]: next(iter(fed.values()))}
+    missing = [n for n in names if n not in fed]
+    if missing:
+        raise InputError(f"--data {where}: no array for the model input(s) {', '.join(missing)} "
+                         f"(arrays: {', '.join(sorted(arrays)[:8])})")
+    out = {}
+    for n in names:
+        a, want = np.asarray(fed[n]), inputs[n]
+        if a.ndim == 0:
+            raise InputError(f"--data {where}: '{n}' is a scalar; samples go along axis 0")
+        if a.dtype != want:
+            lossless_float = a.dtype.kind == "f" and np.dtype(want).kind == "f"
+            same_kind_int = a.dtype.kind in "iu" and np.dtype(want).kind in "iu" and np.can_cast(a.dtype, want, "same_kind")
+            if not (lossless_float or same_kind_int or a.dtype == np.bool_ and want == np.bool_):
+                raise InputError(f"--data {where}: '{n}' holds {a.dtype}, the model input takes {np.dtype(want)}")
+            a = a.astype(want)
+        out[n] = a
+    counts = {n: a.shape[0] for n, a in out.items()}
+    if LABEL in arrays:
+        counts[LABEL] = np.asarray(arrays[LABEL]).shape[0] if np.ndim(arrays[LABEL]) else -1
+    if len(set(counts.values())) != 1:
+        raise InputError(f"--data {where}: the arrays hold different numbers of samples ({counts})")
+    if LABEL in arrays:
+        out[LABEL] = np.asarray(arrays[LABEL])
+    return out
+
+
+def batches(spec: str, inputs: dict, batch_size: Optional[int] = None, max_samples: Optional[int] = None
+            ) -> Iterator[dict]:
+    """{input name: array} batches (plus ``label`` when the data has labels). ``inputs``: {name:
+    numpy dtype} of the model's inputs, in order."""
+    size = int(batch_size or DEFAULT_BATCH)
+    if size < 1:
+        raise InputError("--batch-size must be positive")
+    if max_samples is not None and max_samples < 1:
+        raise InputError("--max-samples must be positive")
+    pending, held, seen, any_data = [], 0, 0, False
+    for where, arrays in _sources(spec):
+        chunk = _pick(where, arrays, inputs)
+        n = next(iter(chunk.values())).shape[0]
+        if n == 0:
+            continue
+        any_data = True
+        if max_samples is not None:
+            n = min(n, max_samples - seen)
+            chunk = {k: v[:n] for k, v in chunk.items()}
+        pending.append(chunk)
+        held += n
+        seen += n
+        while held >= size:
+            out, pending, held = _take(pending, size, held)
+            yield out
+        if max_samples is not None and seen >= max_samples:
+            break
+    if held:
+        yield _take(pending, held, held)[0]
+    if not any_data:
+        raise InputError(f"--data {spec}: no samples")
+
+
+def _take(pending: list, size: int, held: int):
+    parts, need, rest = [], size, []
+    for k, chunk in enumerate(pending):
+        n = next(iter(chunk.values())).shape[0]
+        if need == 0:
+            rest.append(chunk)
+        elif n <= need:
+            parts.append(chunk)
+            need -= n
+        else:
+            parts.append({a: v[:need] for a, v in chunk.items()})
+            rest.append({a: v[need:] for a, v in chunk.items()})
+            need = 0
+    out = {a: np.concatenate([p[a] for p in parts]) if len(parts) > 1 else parts[0][a] for a in parts[0]}
+    return out, rest, held - size
+
+
+def model_inputs(model) -> dict:
+    """{name: numpy dtype} of the graph inputs that are not initializers."""
+    from .graph import np_dtype
+
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        if not i.type.HasField("tensor_type"):
+            raise InputError(f"--data: input '{i.name}' is not a tensor")
+        out[i.name] = np.dtype(np_dtype(i.type.tensor_type.elem_type))
+    return out
+
+
+def fixed_batch(model) -> Optional[int]:
+    """The batch size the model fixes on its first input's first dimension, if any."""
+    inits = {t.name for t in model.graph.initializer}
+    for i in model.graph.input:
+        if i.name in inits or not i.type.tensor_type.HasField("shape"):
+            continue
+        dims = i.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+        return None
+    return None
