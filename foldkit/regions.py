@@ -35,6 +35,7 @@ class Regions:
     reference: Optional[ModelProto] = None  # the original's slices, one model
     candidate: Optional[ModelProto] = None  # the rewritten slices, one model
     inputs: dict = field(default_factory=dict)  # name -> (elem_type, shape)
+    defaulted: list = field(default_factory=list)  # inputs whose shape was (partly) a default, not inferred
     outputs: list = field(default_factory=list)
     count: int = 0
     skipped: list = field(default_factory=list)  # sentences: what could not be cut out, and why
@@ -170,6 +171,8 @@ def cut(reference: ModelProto, candidate: ModelProto, written: set, input_shapes
         cand_nodes += nodes
         for i, (et, dims) in typed:
             ins[i] = (et, [d if d is not None else (1 if k == 0 else UNKNOWN_DIM) for k, d in enumerate(dims)])
+            if any(d is None for d in dims):
+                res.defaulted.append(i)
         outs += region_out
         for src, dst, used in ((ref_consts, ref_inits, slice_nodes), (cand_consts, cand_inits, nodes)):
             for n in used:

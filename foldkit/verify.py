@@ -642,4 +642,7 @@ def _verify_local(reference, candidate, candidate_path, written, input_shapes, s
         reference=reference_label, outputs=[asdict(d) for d in diffs], inputs=shapes, seed=seed, method="local",
         end_to_end=why, local=(f"{regions.count} rewritten region(s) run on their own, inputs "
                                + ", ".join(f"{k}{list(np.shape(v))}" for k, v in list(feeds.items())[:6])
-                               + (" ..." if len(feeds) > 6 else "") + (f"; {note}" if note else "")))
+                               + (" ..." if len(feeds) > 6 else "")
+                               + (f" (sizes not known from shape inference, defaults used: {', '.join(regions.defaulted)}; "
+                                  "give them with --input-shape)" if regions.defaulted else "")
+                               + (f"; {note}" if note else "")))
