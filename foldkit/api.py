@@ -168,7 +168,7 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
          rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
          passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
          check: bool = True, max_input_bytes: Optional[int] = None, memory: Optional[MemoryPolicy] = None,
-         freeze_initializer_inputs: bool = False, data=None, **legacy) -> FoldResult:
+         freeze_initializer_inputs: bool = False, data=None, qdq_reflect: bool = False, **legacy) -> FoldResult:
     """Fold every BatchNormalization that can be folded exactly; explain every one left.
 
     ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). A path loads lazily
@@ -191,7 +191,7 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
                              passes=passes, seed=seed, lower_standalone=lower_standalone, check=check,
                              defer=mem.defer, spill_dir=mem.spill_dir, spill_above=mem.spill_above,
                              max_input_bytes=max_input_bytes, freeze_initializer_inputs=freeze_initializer_inputs,
-                             data=data)
+                             data=data, qdq_reflect=qdq_reflect)
     except VerificationError as e:
         if e.result is not None:
             e.result.report.inputs = inputs
@@ -241,7 +241,7 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
                 passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
                 check: bool = True, defer: bool = False, spill_dir: Optional[str] = None,
                 spill_above: int = 0, max_input_bytes: Optional[int] = None,
-                freeze_initializer_inputs: bool = False, data=None) -> FoldResult:
+                freeze_initializer_inputs: bool = False, data=None, qdq_reflect: bool = False) -> FoldResult:
     """:func:`fold` on a model this call may change in place; tensors on disk are read from ``base_dir``."""
     report = Report(seed=seed, input_shapes={("" if k is None else k): list(v) for k, v in (input_shapes or {}).items()}
                     or None)
@@ -251,7 +251,8 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
     if spill_dir is not None and spill_above > 0:  # sizes from the tensor headers: nothing is read
         if sum(payload_nbytes(t) for t in m.graph.initializer) < spill_above:
             spill_dir = None
-    ctx = FoldContext(m, report, base_dir, defer=defer, spill_dir=spill_dir, lower_standalone=lower_standalone)
+    ctx = FoldContext(m, report, base_dir, defer=defer, spill_dir=spill_dir, lower_standalone=lower_standalone,
+                      qdq_reflect=qdq_reflect)
     ctx.converted_training = False
 
     first, rest = selected[:1], selected[1:]

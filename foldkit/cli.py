@@ -179,6 +179,10 @@ def main(debug):
 @click.option("--max-samples", type=click.IntRange(1), default=256, show_default=True, help="With --data.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="With --data (a model with a fixed batch uses its own).")
+@click.option("--qdq-reflect", is_flag=True,
+              help="Quantized weights: negate codes with the exact reflected encoding (q' = qmin + qmax - q, "
+                   "zp' = qmin + qmax - zp) where plain negation cannot (int8 code -128, zero point != 0). "
+                   "TensorRT does not accept the non-zero zero points this makes.")
 @click.option("--freeze-initializer-inputs", "freeze", is_flag=True,
               help="Remove graph inputs that are initializers (older exporters list every weight as an input), so "
                    "that they fold. Changes the model's interface: reported.")
@@ -190,7 +194,7 @@ def main(debug):
 @verbosity_options
 @handle_errors
 def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_input_mb, skip, lower_standalone, in_place, data,
-         max_samples, batch_size, freeze, external, fsync, quiet, verbose):
+         max_samples, batch_size, qdq_reflect, freeze, external, fsync, quiet, verbose):
     """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT.
 
     On a verification failure the model is not written, but --report is: it says what differed."""
@@ -203,7 +207,7 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_inp
         result = fold_file(model, output, report=report_path, external=external, durable=fsync, in_place=in_place,
                            verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
                            lower_standalone=lower_standalone, max_input_bytes=int(max_input_mb * 2 ** 20),
-                           freeze_initializer_inputs=freeze,
+                           freeze_initializer_inputs=freeze, qdq_reflect=qdq_reflect,
                            data=(data, batch_size, max_samples) if data else None)
     except VerificationError as e:
         if e.result is not None and not quiet:

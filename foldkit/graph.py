@@ -487,7 +487,8 @@ PURE_OPS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast")
 # inputs with ONNX's reference evaluator, in the tensors' own dtype, as any runtime computes them
 CONST_OPS = ("Mul", "Add", "Sub", "Div", "Neg", "Abs", "Sign", "Sqrt", "Reciprocal", "Slice", "ConstantOfShape",
              "Concat", "Expand", "Where", "Tile", "Shape", "Size", "Gather", "Equal", "Greater", "Less",
-             "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Clip", "Min", "Max", "Flatten", "Range")
+             "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Clip", "Min", "Max", "Flatten", "Range",
+             "DequantizeLinear")  # BN parameters given as DequantizeLinear of constants (never a weight: see common.weight)
 EVAL_MAX_BYTES = 256 << 20  # a computed constant larger than this is left to the runtime
 
 
@@ -556,6 +557,8 @@ def _evaluated_value(node: NodeProto, view: GraphView, depth: int) -> Optional[C
             start, limit, delta = (float(np.asarray(c.array).reshape(-1)[0]) for c in ins[:3])
             if delta == 0 or abs((limit - start) / delta) * 8 > EVAL_MAX_BYTES:
                 return None
+        if op == "DequantizeLinear":
+            return _dequantized(node, ins, view)
         from onnx.reference import ReferenceEvaluator
 
         names = [f"i{k}" if n else "" for k, n in enumerate(node.input)]
@@ -584,6 +587,25 @@ def _evaluated_value(node: NodeProto, view: GraphView, depth: int) -> Optional[C
     except Exception:  # anything the evaluator cannot do: the value is simply not known to be constant
         return None
     return Const(node.output[0], out, dt, view, "computed")
+
+
+def _dequantized(node: NodeProto, ins: list, view: GraphView) -> Optional[Const]:
+    """DequantizeLinear of constants, y = (x - zero_point) * scale in the scale's float type, as
+    runtimes compute it (the integer difference is exact in float; one rounding in the product).
+    Numpy rather than the reference evaluator, which only implements opset 19 and later."""
+    x = np.asarray(ins[0].array)
+    scale = np.asarray(ins[1].array)
+    if x.dtype.kind not in "iu" or scale.dtype.kind != "f" or get_attr(node, "block_size", 0):
+        return None
+    zp = np.asarray(ins[2].array).astype(np.int64) if len(ins) > 2 and ins[2] is not None else np.int64(0)
+    if scale.size > 1:
+        axis = int(get_attr(node, "axis", 1)) % max(x.ndim, 1)
+        shape = [1] * x.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+        zp = zp.reshape(shape) if np.size(zp) > 1 else zp
+    y = (x.astype(np.int64) - zp).astype(scale.dtype) * scale
+    return Const(node.output[0], np.asarray(y), ins[1].data_type, view, "computed")
 
 
 def _constant_node_value(node: NodeProto, view: GraphView) -> Optional[Const]:

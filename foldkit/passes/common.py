@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import FLOAT_TYPES, BadAttribute, GraphView, attr_float, attr_int, np_dtype
+from ..graph import FLOAT_TYPES, BadAttribute, GraphView, attr_float, attr_int, node_label, np_dtype
 from ..math import FoldArithmeticError, bn_scale_shift, round_to, scale_output_channels_rounded
 
 
@@ -74,6 +74,11 @@ def weight(view: GraphView, node, pos: int, what: str, ndim=None):
     name = node.input[pos] if pos < len(node.input) else ""
     if not name:
         return None
+    pi = view.producer_of(name)
+    if pi is not None and view.nodes[pi].op_type == "DequantizeLinear" and pos == 1:
+        # a quantized weight is never evaluated into a float one: that would dequantize the model
+        raise Refusal(f"the {what} is quantized (DequantizeLinear '{node_label(view.nodes[pi])}'), which only a "
+                      "BN after the op folds into")
     c = view.constant(name)
     if c is None:
         raise Refusal(f"the {what} {view.why_not_constant(name)}")

@@ -33,6 +33,7 @@ from ..math import fold_bias, output_channels
 from ..report import Action
 from .affine import ARITH, ArithAffine, affine_of
 from .base import Pass, is_op
+from . import qdq
 from .common import Refusal, float_attr, int_attr, rounded, scaled_weight, weight
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Concat")
@@ -66,6 +67,8 @@ class FoldIntoProducer(Pass):
                 continue
             label = node_label(node)
             self.written = []
+            self.options = ctx.options
+            self.notes = ctx.report.notes
             try:
                 target = self._fold(view, i, node)
             except Refusal as r:
@@ -97,6 +100,15 @@ class FoldIntoProducer(Pass):
         if pi is None:
             raise Refusal(f"its input '{x}' is not computed by a node in this graph")
         p = view.nodes[pi]
+        if p.op_type == "DequantizeLinear" and p.domain in ("", "ai.onnx"):
+            qi = view.producer_of(p.input[0])
+            before = view.nodes[qi] if qi is not None else None
+            if before is not None and before.op_type == "QuantizeLinear":
+                src = view.producer_of(before.input[0])
+                what = f"{view.nodes[src].op_type} '{node_label(view.nodes[src])}'" if src is not None else "its input"
+                raise Refusal(f"its input is re-quantized (QuantizeLinear -> DequantizeLinear) after {what}: folding "
+                              "would remove a rounding step; fold before quantizing (`foldkit fold` on the float "
+                              "model, or onnxruntime's quant_pre_process)")
         if p.domain not in ("", "ai.onnx") or p.op_type not in FOLDABLE:
             raise Refusal(f"its input comes from {p.op_type} '{node_label(p)}', which has no weights to fold into")
         if view.is_graph_output(x):
@@ -156,8 +168,42 @@ class FoldIntoProducer(Pass):
         view.rename_output(ci, 0, node.output[0])
         return f"Concat '{node_label(cat)}' split into {', '.join(targets)}"
 
+    def _qdq(self, view, pi, p, aff, qw, out_axis, rank, bias_pos, what):
+        """Fold into a quantized weight (see foldkit.passes.qdq): codes, scale and zero point of its
+        DequantizeLinear, and a float bias."""
+        c = qw.shape[out_axis]
+        a, t = aff.st(c, 1 - rank if what != "Gemm" else -1, rank if what != "Gemm" else 2, what)
+        planned = qdq.plan(view, qw, a, out_axis, bool(self.options.get("qdq_reflect")), what)
+        b = weight(view, p, bias_pos, f"{what} bias", ndim=(0, 1, 2) if what == "Gemm" else 1)
+        beta = float_attr(p, "beta", 1.0) if what == "Gemm" else 1.0
+        if b is not None:
+            b_arr = b.array.astype(np.float64)
+            if b_arr.ndim >= 1 and b_arr.shape[-1] not in (1, c):
+                raise Refusal(f"the {what} bias of shape {list(b_arr.shape)} does not broadcast over {c} channels")
+            b_new = beta * b_arr * a + t
+        else:
+            b_new = t
+        b_type = b.data_type if b is not None else qw.scale_type
+        b_new = rounded(b_new, b_type, "folded bias")
+        skip_b = b is None and not np.any(t)
+        notes = self.notes
+
+        def apply():
+            qdq.apply(view, pi, qw, planned, node_label(p), self.written, notes)
+            if not skip_b:
+                self.written.append(view.set_constant(pi, bias_pos, b_new, b_type, f"{node_label(p)}_bias_folded"))
+                if what == "Gemm" and beta != 1.0:
+                    set_attr(p, "beta", 1.0)
+            return f"{what} '{node_label(p)}' (quantized weight: codes, scales and a float bias)", True
+        return apply
+
     def _conv_like(self, view, pi, p, aff, kind):
         group = int_attr(p, "group", 1)
+        qw = qdq.quantized_weight(view, p, 1)
+        if qw is not None:
+            if kind == "conv_transpose" and group != 1:
+                raise Refusal("a grouped ConvTranspose's output channels cannot take per-channel weight scales")
+            return self._qdq(view, pi, p, aff, qw, 0 if kind == "conv" else 1, qw.codes.ndim, 2, p.op_type)
         w = weight(view, p, 1, f"{p.op_type} weight")
         if w is None or w.array.ndim < 3:
             raise Refusal(f"the {p.op_type} weight is missing or has rank < 3")
@@ -187,6 +233,11 @@ class FoldIntoProducer(Pass):
         return self._conv_like(view, pi, p, aff, "conv_transpose")
 
     def _plan_Gemm(self, view, pi, p, aff, i):
+        qw = qdq.quantized_weight(view, p, 1)
+        if qw is not None:
+            if qw.codes.ndim != 2:
+                raise Refusal("the quantized Gemm B is not 2-D")
+            return self._qdq(view, pi, p, aff, qw, 0 if int_attr(p, "transB", 0) else 1, 2, 2, "Gemm")
         w = weight(view, p, 1, "Gemm B", ndim=2)
         if w is None:
             raise Refusal("the Gemm has no B input")

@@ -1,0 +1,307 @@
+"""BatchNorm folded into quantized (QDQ) weights, exactly, with the graph kept quantized; and the
+QDQ patterns that must be refused, with a reason that names the quantization."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import foldkit
+from tests.helpers import F32, bn_arrays, make_model, ort_run, rng, tensor
+
+I8, U8 = TensorProto.INT8, TensorProto.UINT8
+
+
+def _bn(c, r, prefix="bn", negative=()):
+    gamma, beta, mean, var = bn_arrays(c, r)
+    for ch in negative:
+        gamma[ch] = -abs(gamma[ch]) - 0.2
+    names = [f"{prefix}_{k}" for k in ("scale", "B", "mean", "var")]
+    return names, [tensor(n, a) for n, a in zip(names, (gamma, beta, mean, var))], (gamma, beta, mean, var)
+
+
+def _a(params, eps=1e-5):
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    return gamma / np.sqrt(var + eps)
+
+
+def qconv(codes=None, per_channel=True, zp=None, code_type=I8, float_weight=None, axis=0, axis_attr=True,
+          negative=(), c_out=6, c_in=4, act_qdq=True, bias=True, seed=0, op="Conv", extra_affine=()):
+    """[x -> Q -> DQ] -> op(DQ(weight)) -> [affine ops] -> BN -> Relu, as ModelOpt / NNCF / QAT export it."""
+    r = rng(seed)
+    wshape = (c_out, c_in, 3, 3) if op == "Conv" else (c_in, c_out, 3, 3)
+    nodes, inits = [], []
+    x = "x"
+    if act_qdq:
+        inits += [tensor("xs", np.float32(0.05)), tensor("xz", np.int8(0))]
+        nodes += [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
+        x = "xd"
+    nch = wshape[axis]
+    scale = (r.uniform(0.01, 0.03, nch) if per_channel else np.array(0.02)).astype(np.float32)
+    inits.append(tensor("ws", scale))
+    dq_in = ["wq", "ws"]
+    if zp is not None:
+        inits.append(tensor("wz", np.asarray(zp, dtype=np.int8 if code_type == I8 else np.uint8)))
+        dq_in.append("wz")
+    attrs = {"axis": axis} if (per_channel and axis_attr) else {}
+    if float_weight is not None:
+        inits.append(tensor("wf", float_weight.astype(np.float32)))
+        nodes.append(helper.make_node("QuantizeLinear", ["wf"] + dq_in[1:], ["wq"], **attrs))
+    else:
+        if codes is None:
+            codes = r.integers(-100, 100, wshape).astype(np.int8 if code_type == I8 else np.uint8)
+        inits.append(numpy_helper.from_array(codes, "wq"))
+    nodes.append(helper.make_node("DequantizeLinear", dq_in, ["w"], name="dqw", **attrs))
+    conv_in = [x, "w"] + (["b"] if bias else [])
+    if bias:
+        inits.append(tensor("b", r.standard_normal(c_out).astype(np.float32)))
+    nodes.append(helper.make_node(op, conv_in, ["c"], name="conv", pads=[1] * 4))
+    prev = "c"
+    for k, (kind, arr) in enumerate(extra_affine):
+        inits.append(tensor(f"aff{k}", arr.astype(np.float32).reshape(1, -1, 1, 1)))
+        nodes.append(helper.make_node(kind, [prev, f"aff{k}"], [f"af{k}"], name=f"{kind.lower()}{k}"))
+        prev = f"af{k}"
+    names, bn, params = _bn(c_out, r, negative=negative)
+    inits += bn
+    nodes += [helper.make_node("BatchNormalization", [prev] + names, ["n"], name="bn"),
+              helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    m = make_model(nodes, [("x", F32, [2, c_in, 7, 7])], [("y", F32, None)], inits, opset=19 if not per_channel else 13)
+    return m, params
+
+
+def _qdq_counts(m):
+    c = Counter(n.op_type for n in m.graph.node)
+    return c["QuantizeLinear"], c["DequantizeLinear"]
+
+
+def _init(m, name):
+    return next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == name)
+
+
+def _dq_inputs(m):
+    dq = next(n for n in m.graph.node if n.name == "dqw")
+    return dq, [_init(m, i) if i else None for i in dq.input]
+
+
+def fold_qdq(m, ulps=4, bias_dq_removed=0, **kw):
+    """Fold, check the BN is gone, the graph still quantized, outputs within a few ulp on ORT."""
+    res = foldkit.fold(m, verify=False, **kw)
+    onnx.checker.check_model(res.model, full_check=True)
+    assert res.report.bn_after == 0, res.report.to_json()
+    q_before, dq_before = _qdq_counts(m)
+    q_after, dq_after = _qdq_counts(res.model)
+    # only a weight's QuantizeLinear may go, and a bias's DequantizeLinear (the bias becomes float)
+    assert dq_after == dq_before - bias_dq_removed and q_after <= q_before
+    dq = next(n for n in res.model.graph.node if n.name == "dqw")
+    codes = next(t for t in res.model.graph.initializer if t.name == dq.input[0])
+    assert codes.data_type in (I8, U8)  # the weight is still integer codes, never a float tensor
+    feeds = {"x": rng(5).standard_normal((2, 4, 7, 7)).astype(np.float32)}
+    a, b = ort_run(m, feeds)[0], ort_run(res.model, feeds)[0]
+    scale = float(np.abs(a).max())
+    err = float(np.abs(a - b).max())
+    assert err <= ulps * np.spacing(np.float32(scale)), (err, scale)
+    return res
+
+
+@pytest.mark.parametrize("act_qdq", [True, False])
+def test_int8_codes_per_channel_fold_to_sign_a_times_q(act_qdq):
+    m, params = qconv(act_qdq=act_qdq, negative=(1, 4))
+    res = fold_qdq(m)
+    q = _init(m, "wq").astype(np.int64)
+    dq, (codes, scale, *_) = _dq_inputs(res.model)
+    a = _a(params)
+    assert np.array_equal(codes.astype(np.int64), np.sign(a)[:, None, None, None].astype(np.int64) * q)
+    assert np.array_equal(scale, (np.abs(a) * _init(m, "ws").astype(np.float64)).astype(np.float32))
+    (act,) = res.report.actions
+    assert act.action == "folded" and "quantized weight" in act.target
+
+
+def test_float_weight_q_dq_with_ties_is_quantized_with_onnx_semantics():
+    r = rng(2)
+    s = r.uniform(0.01, 0.03, 6).astype(np.float32)
+    k = r.integers(-60, 60, (6, 4, 3, 3)).astype(np.float32)
+    w = ((k + 0.5) * s[:, None, None, None]).astype(np.float32)  # many exact ties at x.5 steps
+    m, params = qconv(float_weight=w, negative=(0,), zp=np.zeros(6, np.int8))
+    for t in m.graph.initializer:
+        if t.name == "ws":
+            t.CopyFrom(tensor("ws", s))
+    res = fold_qdq(m)
+    assert _qdq_counts(res.model)[0] == _qdq_counts(m)[0] - 1  # the weight's QuantizeLinear is gone
+    want = np.clip(np.rint(w / s[:, None, None, None]), -128, 127).astype(np.int64)  # half to even
+    _, (codes, *_rest) = _dq_inputs(res.model)
+    assert np.array_equal(codes.astype(np.int64), np.sign(_a(params))[:, None, None, None].astype(np.int64) * want)
+
+
+def test_code_minus_128_with_a_negative_scale_is_refused_naming_the_channel_unless_reflected():
+    codes = rng(3).integers(-100, 100, (6, 4, 3, 3)).astype(np.int8)
+    codes[2, 0, 0, 0] = -128
+    m, params = qconv(codes=codes, negative=(2,))
+    res = foldkit.fold(m, verify=False)
+    (act,) = res.report.actions
+    assert act.action == "kept" and "channel 2" in act.reason and "-128" in act.reason and "--qdq-reflect" in act.reason
+    assert res.model.SerializeToString() == m.SerializeToString()
+    res = fold_qdq(m, qdq_reflect=True)
+    dq, (new, scale, zp) = _dq_inputs(res.model)
+    assert zp[2] == -1 and new[2, 0, 0, 0] == 127 and np.all(zp[[0, 1, 3, 4, 5]] == 0)
+
+
+def test_per_tensor_scale_is_promoted_to_per_channel_and_said():
+    m, _ = qconv(per_channel=False)
+    res = fold_qdq(m)
+    dq, (codes, scale, *_) = _dq_inputs(res.model)
+    assert scale.shape == (6,) and any(a.name == "axis" and a.i == 0 for a in dq.attribute)
+    assert any("became per-channel" in n for n in res.report.notes)
+
+
+def test_uint8_zero_point_128_positive_scales_keep_codes_negative_needs_reflection():
+    codes = rng(4).integers(20, 230, (6, 4, 3, 3)).astype(np.uint8)
+    m, _ = qconv(codes=codes, zp=np.full(6, 128, np.uint8), code_type=U8)
+    res = fold_qdq(m)
+    assert np.array_equal(_dq_inputs(res.model)[1][0], codes)  # a > 0: only the scales change
+    m, _ = qconv(codes=codes, zp=np.full(6, 128, np.uint8), code_type=U8, negative=(3,))
+    (act,) = foldkit.fold(m, verify=False).report.actions
+    assert act.action == "kept" and "zero point 128" in act.reason
+    res = fold_qdq(m, qdq_reflect=True)
+    _, (new, _, zp) = _dq_inputs(res.model)
+    assert zp[3] == 255 - 128 and np.array_equal(new[3].astype(int), 255 - codes[3].astype(int))
+
+
+def test_conv_transpose_scales_on_the_output_axis_fold_and_on_the_input_axis_are_refused():
+    m, _ = qconv(op="ConvTranspose", axis=1)
+    fold_qdq(m)
+    m, _ = qconv(op="ConvTranspose", axis=0, c_in=6, c_out=6)
+    (act,) = foldkit.fold(m, verify=False).report.actions
+    assert act.action == "kept" and "scales axis 0, not the ConvTranspose's output-channel axis 1" in act.reason
+
+
+def test_missing_axis_means_one_the_onnx_default():
+    m, _ = qconv(axis=1, axis_attr=False, c_in=4, c_out=4)  # scales on axis 1 = input channels of a Conv
+    (act,) = foldkit.fold(m, verify=False).report.actions
+    assert act.action == "kept" and "axis 1" in act.reason
+
+
+def test_gemm_with_quantized_b():
+    r = rng(6)
+    codes = r.integers(-100, 100, (5, 3)).astype(np.int8)  # transB=1: [N, K]
+    names, bn, params = _bn(5, r, negative=(0,))
+    m = make_model([helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], name="dqw", axis=0),
+                    helper.make_node("Gemm", ["x", "w", "c"], ["g"], name="gemm", transB=1, beta=0.5),
+                    helper.make_node("BatchNormalization", ["g"] + names, ["y"], name="bn")],
+                   [("x", F32, [4, 3])], [("y", F32, None)],
+                   [numpy_helper.from_array(codes, "wq"), tensor("ws", r.uniform(0.01, 0.03, 5).astype(np.float32)),
+                    tensor("c", r.standard_normal(5).astype(np.float32))] + bn, opset=13)
+    res = foldkit.fold(m, verify=False)
+    assert res.report.bn_after == 0 and _qdq_counts(res.model) == (0, 1)
+    feeds = {"x": r.standard_normal((4, 3)).astype(np.float32)}
+    a, b = ort_run(m, feeds)[0], ort_run(res.model, feeds)[0]
+    assert float(np.abs(a - b).max()) <= 4 * np.spacing(np.float32(np.abs(a).max()))
+
+
+def test_torch_ao_qat_conv_div_add_bn_chain_folds_completely():
+    r = rng(7)
+    w = r.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.1
+    m, _ = qconv(float_weight=w, zp=np.zeros(6, np.int8), bias=False,
+                 extra_affine=[("Div", r.uniform(0.5, 2, 6)), ("Add", r.standard_normal(6))])
+    res = fold_qdq(m, ulps=16)  # three maps folded one after another: the scale is rounded once per map
+    assert Counter(n.op_type for n in res.model.graph.node)["Div"] == 0
+
+
+def test_bn_parameters_given_as_dequantize_linear_are_constants():
+    r = rng(8)
+    gamma, beta, mean, var = bn_arrays(6, r)
+    gq = np.clip(np.rint(gamma / 0.01), -128, 127).astype(np.int8)
+    m = make_model([helper.make_node("DequantizeLinear", ["gq", "gs"], ["gamma"]),
+                    helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+                    helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn")],
+                   [("x", F32, [1, 4, 5, 5])], [("y", F32, None)],
+                   [numpy_helper.from_array(gq, "gq"), tensor("gs", np.float32(0.01)), tensor("beta", beta),
+                    tensor("mean", mean), tensor("var", var), tensor("w", r.standard_normal((6, 4, 3, 3)).astype(np.float32))],
+                   opset=13)
+    res = foldkit.fold(m)
+    assert res.report.bn_after == 0 and res.report.verification["passed"]
+
+
+def test_onnxruntime_quantize_static_graph_is_refused_with_the_fix_named(tmp_path):
+    """ORT's quantize_static without quant_pre_process puts an activation Q/DQ between Conv and BN."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    r = rng(9)
+    names, bn, _ = _bn(8, r)
+    f = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1] * 4),
+                    helper.make_node("BatchNormalization", ["c"] + names, ["n"], name="bn"),
+                    helper.make_node("Relu", ["n"], ["y"], name="relu"),
+                    helper.make_node("Conv", ["y", "w2"], ["z"], name="conv2", pads=[1] * 4)],
+                   [("x", F32, [1, 4, 8, 8])], [("z", F32, None)],
+                   [tensor("w", r.standard_normal((8, 4, 3, 3)).astype(np.float32)),
+                    tensor("b", r.standard_normal(8).astype(np.float32)),
+                    tensor("w2", r.standard_normal((8, 8, 3, 3)).astype(np.float32))] + bn, opset=13)
+    onnx.save(f, str(tmp_path / "f.onnx"))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.k = 0
+
+        def get_next(self):
+            self.k += 1
+            return {"x": r.standard_normal((1, 4, 8, 8)).astype(np.float32)} if self.k <= 4 else None
+
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+                    op_types_to_quantize=["Conv"])
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    res = foldkit.fold(q)
+    (act,) = res.report.actions
+    assert act.action == "kept" and "re-quantized" in act.reason and "quant_pre_process" in act.reason
+    assert res.report.unchanged and res.model.SerializeToString() == q.SerializeToString()
+    from foldkit.check import check
+
+    onnx.save(q, str(tmp_path / "q2.onnx"))
+    assert [f.code for f in check(str(tmp_path / "q2.onnx")).findings] == ["FK003"]
+
+
+def test_check_reports_a_foldable_qdq_bn_as_fk001(tmp_path):
+    from foldkit.check import check
+
+    m, _ = qconv()
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    assert [f.code for f in check(str(tmp_path / "m.onnx")).findings] == ["FK001"]
+
+
+def test_bn_before_a_quantized_conv_is_refused():
+    r = rng(10)
+    names, bn, _ = _bn(4, r)
+    m = make_model([helper.make_node("BatchNormalization", ["x"] + names, ["n"], name="bn"),
+                    helper.make_node("QuantizeLinear", ["n", "s", "z"], ["nq"]),
+                    helper.make_node("DequantizeLinear", ["nq", "s", "z"], ["nd"]),
+                    helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0),
+                    helper.make_node("Conv", ["nd", "w"], ["y"], name="conv")],
+                   [("x", F32, [1, 4, 5, 5])], [("y", F32, None)],
+                   bn + [tensor("s", np.float32(0.05)), tensor("z", np.int8(0)),
+                         numpy_helper.from_array(r.integers(-50, 50, (3, 4, 1, 1)).astype(np.int8), "wq"),
+                         tensor("ws", np.full(3, 0.02, np.float32))], opset=13)
+    res = foldkit.fold(m, verify=False)
+    (act,) = res.report.actions
+    assert act.action == "kept" and "QuantizeLinear" in act.reason
+    assert res.model.SerializeToString() == m.SerializeToString()
+
+
+def test_an_int32_bias_given_as_dequantize_linear_becomes_a_float_bias():
+    m, params = qconv(negative=(2,))
+    b = _init(m, "b")
+    bscale = np.float32(1e-4)
+    bq = np.rint(b / bscale).astype(np.int32)
+    inits = [t for t in m.graph.initializer if t.name != "b"] + [numpy_helper.from_array(bq, "bq"),
+                                                                tensor("bs", bscale)]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    m.graph.node.insert(0, helper.make_node("DequantizeLinear", ["bq", "bs"], ["b"], name="dqb"))
+    res = fold_qdq(m, bias_dq_removed=1)
+    conv = next(n for n in res.model.graph.node if n.op_type == "Conv")
+    bias = next(t for t in res.model.graph.initializer if t.name == conv.input[2])
+    assert bias.data_type == F32 and not any(n.name == "dqb" for n in res.model.graph.node)
