@@ -527,9 +527,15 @@ def _computed_value(node: NodeProto, view: GraphView, depth: int) -> Optional[Co
             dt = ins[0].data_type
         elif op == "Cast":
             dt = int(get_attr(node, "to", 0))
-            if dt not in FLOAT_TYPES or ins[0].data_type not in FLOAT_TYPES:
+            if dt in (TensorProto.STRING, TensorProto.UNDEFINED) or ins[0].data_type == TensorProto.STRING:
                 return None
             out = x.astype(np_dtype(dt))
+            if not (dt in FLOAT_TYPES and ins[0].data_type in FLOAT_TYPES):
+                # a cast to or from integers only where it is exact (a zero point written as
+                # Cast(Constant 0.0) to int8, say): values that survive the round trip unchanged
+                with np.errstate(invalid="ignore", over="ignore"):
+                    if not np.array_equal(np.asarray(out).astype(x.dtype), x):
+                        return None
         else:
             return None
     except (ValueError, TypeError, IndexError):

@@ -287,7 +287,7 @@ def test_bn_before_a_quantized_conv_is_refused():
                          tensor("ws", np.full(3, 0.02, np.float32))], opset=13)
     res = foldkit.fold(m, verify=False)
     (act,) = res.report.actions
-    assert act.action == "kept" and "QuantizeLinear" in act.reason
+    assert act.action == "kept" and "reads a quantized input" in act.reason
     assert res.model.SerializeToString() == m.SerializeToString()
 
 
@@ -305,3 +305,70 @@ def test_an_int32_bias_given_as_dequantize_linear_becomes_a_float_bias():
     conv = next(n for n in res.model.graph.node if n.op_type == "Conv")
     bias = next(t for t in res.model.graph.initializer if t.name == conv.input[2])
     assert bias.data_type == F32 and not any(n.name == "dqb" for n in res.model.graph.node)
+
+
+def test_nncf_onnx_ptq_graph_folds_and_stays_quantized(tmp_path):
+    """A graph made by a real quantizer: NNCF's ONNX post-training quantization (optional dev
+    dependency: `pip install nncf==3.4.0`; CI skips it) leaves int8 weight -> DequantizeLinear(axis 0)
+    -> Conv -> BatchNormalization."""
+    nncf = pytest.importorskip("nncf", reason="nncf is not installed (optional: pip install nncf==3.4.0)")
+    r = rng(11)
+    names, bn, params = _bn(8, r, negative=(3,))
+    f = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1] * 4),
+                    helper.make_node("BatchNormalization", ["c"] + names, ["n"], name="bn"),
+                    helper.make_node("Relu", ["n"], ["y"], name="relu"),
+                    helper.make_node("Conv", ["y", "w2"], ["z"], name="conv2", pads=[1] * 4)],
+                   [("x", F32, [1, 4, 8, 8])], [("z", F32, None)],
+                   [tensor("w", r.standard_normal((8, 4, 3, 3)).astype(np.float32)),
+                    tensor("b", r.standard_normal(8).astype(np.float32)),
+                    tensor("w2", r.standard_normal((8, 8, 3, 3)).astype(np.float32))] + bn, opset=13)
+    data = nncf.Dataset([{"x": r.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(4)])
+    q = nncf.quantize(f, data, subset_size=4)
+    res = foldkit.fold(q)
+    assert res.report.bn_after == 0 and res.report.verification["passed"]
+    assert _qdq_counts(res.model) == _qdq_counts(q)
+    conv = next(n for n in q.graph.node if n.op_type == "Conv" and "b" in n.input)
+    dq = next(n for n in q.graph.node if n.output[0] == conv.input[1])
+    codes = next(numpy_helper.to_array(t) for t in q.graph.initializer if t.name == dq.input[0]).astype(np.int64)
+    conv2 = next(n for n in res.model.graph.node if n.op_type == "Conv" and n.name == conv.name)
+    dq2 = next(n for n in res.model.graph.node if n.output[0] == conv2.input[1])
+    new = next(numpy_helper.to_array(t) for t in res.model.graph.initializer if t.name == dq2.input[0]).astype(np.int64)
+    assert np.array_equal(new, np.sign(_a(params))[:, None, None, None].astype(np.int64) * codes)
+
+
+def test_modelopt_torch_export_folds_and_stays_quantized(tmp_path):
+    """NVIDIA ModelOpt (optional dev dependency: `pip install nvidia-modelopt==0.47.0 requests
+    huggingface_hub`; CI skips it): mtq.quantize + torch.onnx.export writes float weight ->
+    QuantizeLinear(axis 0) -> DequantizeLinear -> Conv -> BatchNormalization, zero points as
+    Cast(Constant) to int8."""
+    torch = pytest.importorskip("torch")
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as e:
+        pytest.skip(f"nvidia-modelopt is not installed ({e})")
+    import warnings
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1)).eval()
+    bn = net[1]
+    bn.running_mean.normal_(0, 0.5)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.normal_(1, 0.3)
+    bn.weight.data[2] = -0.7
+    bn.bias.data.normal_(0, 0.3)
+    data = [torch.randn(1, 4, 8, 8) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = mtq.quantize(net, mtq.INT8_DEFAULT_CFG, lambda model: [model(d) for d in data])
+        torch.onnx.export(q, (torch.randn(1, 4, 8, 8),), str(tmp_path / "mo.onnx"), dynamo=False, opset_version=17,
+                          do_constant_folding=False)
+    m = onnx.load(str(tmp_path / "mo.onnx"))
+    res = foldkit.fold(m)
+    assert res.report.bn_after == 0 and res.report.verification["passed"]
+    q_before, dq_before = _qdq_counts(m)
+    assert _qdq_counts(res.model) == (q_before - 1, dq_before)  # only the folded weight's QuantizeLinear went
+    conv = next(n for n in res.model.graph.node if n.op_type == "Conv")
+    dq = next(n for n in res.model.graph.node if n.output[0] == conv.input[1])
+    codes = next(t for t in res.model.graph.initializer if t.name == dq.input[0])
+    assert codes.data_type == I8

@@ -53,6 +53,9 @@ class FoldIntoConsumer(Pass):
             raise Refusal(f"its output '{y}' is read by {view.uses(y)} nodes")
         j, pos = cons[0]
         c = view.nodes[j]
+        if c.op_type == "QuantizeLinear" and c.domain in ("", "ai.onnx"):
+            raise Refusal(f"it is followed by QuantizeLinear '{node_label(c)}': the op after it reads a quantized "
+                          "input, so folding into it would change what is quantized; fold before quantizing")
         if c.domain not in ("", "ai.onnx") or c.op_type not in ("Conv", "Gemm", "MatMul") or pos != 0:
             raise Refusal(f"it is followed by {c.op_type} '{node_label(c)}', which cannot absorb it")
         s, t = bn_affine(view, bn)

@@ -201,14 +201,15 @@ def plan(view, qw: QWeight, a: np.ndarray, out_axis: int, reflect: bool, what: s
     if uniform:
         new_scale = new_scale[:1].reshape(np.shape(qw.scale))
     zp_type = np_dtype(qw.code_type)
-    if qw.zp is None and not np.any(new_zp):
-        out_zp = None
+    promoted = qw.axis is None and not uniform
+    if (qw.zp is None and not np.any(new_zp)) or (np.array_equal(new_zp, zp_vec) and not promoted):
+        out_zp = None  # the zero point input stays as it is
     elif uniform:
         out_zp = new_zp[:1].astype(zp_type).reshape(np.shape(qw.zp) if qw.zp is not None else ())
     else:
         out_zp = new_zp.astype(zp_type)
     del rank
-    return new_codes, new_scale, out_zp, None if uniform else out_axis, (qw.axis is None and not uniform)
+    return new_codes, new_scale, out_zp, None if uniform else out_axis, promoted
 
 
 def apply(view, pi, qw: QWeight, planned, base: str, written: list, report_notes: Optional[list] = None) -> None:
