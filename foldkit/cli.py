@@ -424,5 +424,67 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
         print_export_report(rep, output, verbose=verbose)
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--data", "data", required=True, metavar="DATA",
+              help="Samples: a .npz (arrays named after the inputs, samples on axis 0), a folder of them, or FILE.py:FN.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the recalibrated (folded) model.")
+@click.option("--method", type=click.Choice(["batch", "exact"]), default="batch", show_default=True,
+              help="batch: precise BN (every BN normalizes with its batch's statistics in one pass); exact: "
+                   "statistics consistent with inference (one pass per level of BNs feeding BNs).")
+@click.option("--no-fold", is_flag=True, help="Write the recalibrated model with its BNs.")
+@click.option("--only", multiple=True, metavar="NODE", help="Recalibrate only this BN (repeatable).")
+@click.option("--skip-node", multiple=True, metavar="NODE", help="Leave this BN's statistics alone (repeatable).")
+@click.option("--max-samples", type=click.IntRange(1), default=None, help="Stop after this many samples.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--eval-data", metavar="DATA", help="Held-out samples: top-1 accuracy (with a 'label' array) or agreement "
+                                                  "with the original, before and after.")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
+              help="Refuse to write (exit 1) when the --eval-data metric drops by more than this many points.")
+@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
+@input_shape_option
+@click.option("--fsync/--no-fsync", "fsync", default=False, show_default=True)
+@verbosity_options
+@handle_errors
+def recalibrate(model, data, output, method, no_fold, only, skip_node, max_samples, batch_size, eval_data, max_drop,
+                report_path, input_shape, fsync, quiet, verbose):
+    """Re-estimate every BatchNormalization's running statistics on DATA, then fold (as `fold`).
+
+    Under torchrun (RANK, WORLD_SIZE in the environment) the batches are sharded across ranks, the
+    statistics merged exactly, and rank 0 writes."""
+    from .stats import recalibrate_file
+    from .verify import parse_input_shapes
+
+    if max_drop is not None and not eval_data:
+        from .errors import InputError
+
+        raise InputError("--max-drop needs --eval-data")
+    d = recalibrate_file(model, output, data, method=method, fold=not no_fold, only=only, skip=skip_node,
+                         batch_size=batch_size, max_samples=max_samples, eval_data=eval_data, max_drop=max_drop,
+                         report=report_path, durable=fsync, input_shapes=parse_input_shapes(input_shape) or None)
+    if quiet or "recalibration" not in d:
+        return
+    r = d["recalibration"]
+    click.echo(f"recalibrated {len(r['bns'])} BatchNormalization ({r['method']}, {r['passes']} pass(es) over "
+               f"{r['samples']} samples in {r['batches']} batches)")
+    rows = r["bns"] if verbose else sorted(r["bns"], key=lambda b: -b["max_abs_mean_change"])[:5]
+    for b in rows:
+        click.echo(f"  {one_line(b['node'])}: max |mean change| {b['max_abs_mean_change']:.3g}, var ratio "
+                   f"{b['min_var_ratio'] if b['min_var_ratio'] is None else format(b['min_var_ratio'], '.3g')}"
+                   f"..{b['max_var_ratio'] if b['max_var_ratio'] is None else format(b['max_var_ratio'], '.3g')}")
+    for note in r["notes"]:
+        click.echo(f"note: {one_line(note)}")
+    m = d.get("metric")
+    if m and "before" in m:
+        click.echo(f"{m['metric']} on --eval-data: {100 * m['before']:.2f}% -> {100 * m['after']:.2f}% "
+                   f"({m['change_points']:+.2f} points, {m['samples']} samples)")
+    if d.get("verification"):
+        from .render import _verification_line
+
+        click.echo(_verification_line(d["verification"]))
+    click.echo(f"BatchNormalization nodes: {d['bn_before']} before, {d['bn_after']} after")
+    click.echo(f"wrote {one_line(output)}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

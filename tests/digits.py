@@ -1,0 +1,116 @@
+"""A small CNN with BatchNorm trained in seconds on scikit-learn's bundled 8x8 digits (real data a
+package ships), exported to ONNX unfolded, and the kinds of damage its BN statistics suffer in
+practice: reset, pruned channels, weights averaged from two runs, statistics from batch-size-2
+fine-tuning."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+SEED = 0
+
+
+def digits():
+    """(x_train, y_train, x_test, y_test) as float32 NCHW in [0, 1] and int64 labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    y = d.target.astype(np.int64)
+    idx = np.random.default_rng(SEED).permutation(len(y))
+    cut = 1300
+    return x[idx[:cut]], y[idx[:cut]], x[idx[cut:]], y[idx[cut:]]
+
+
+def net(dropout=0.0):
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def train(model, x, y, epochs=12, batch=64, seed=SEED, lr=0.05):
+    import torch
+
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(yt))
+        for k in range(0, len(yt), batch):
+            i = perm[k:k + batch]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[i]), yt[i]).backward()
+            opt.step()
+    return model.eval()
+
+
+def accuracy(model, x, y) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def trained(dropout=0.0, seed=SEED):
+    x, y, _, _ = digits()
+    return train(net(dropout), x, y, seed=seed)
+
+
+def damaged(model, kind: str, seed=SEED):
+    """A copy of ``model`` with realistically broken BN statistics."""
+    import torch
+
+    m = copy.deepcopy(model)
+    bns = [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    if kind == "reset":  # statistics never updated (re-initialized, or trained with track_running_stats off)
+        for b in bns:
+            b.reset_running_stats()
+    elif kind == "pruned":  # channels of the first conv pruned to zero: the next BN's statistics are stale
+        with torch.no_grad():
+            m[0].weight[::2] = 0
+            m[0].bias[::2] = 0
+    elif kind == "averaged":  # SWA/EMA-style: weights averaged with a second run, statistics not
+        other = trained(seed=seed + 1)
+        with torch.no_grad():
+            for p, q in zip(m.parameters(), other.parameters()):
+                p.copy_((p + q) / 2)
+    elif kind == "batch2":  # fine-tuned with per-GPU batches of 2: running statistics from tiny batches
+        x, y, _, _ = digits()
+        g = torch.Generator().manual_seed(seed)
+        m.train()
+        for b in bns:
+            b.momentum = 0.5
+        with torch.no_grad():
+            for _ in range(20):
+                i = torch.randint(0, len(y), (2,), generator=g)
+                m(torch.from_numpy(x)[i] * 3.0)  # and a shifted input distribution
+        m.eval()
+    else:
+        raise ValueError(kind)
+    return m.eval()
+
+
+def to_onnx(model, path):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False, opset_version=17,
+                          do_constant_folding=False, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}})
+    return path
+
+
+def save_npz(path, x, y=None):
+    if y is None:
+        np.savez(path, image=x)
+    else:
+        np.savez(path, image=x, label=y)
+    return path
