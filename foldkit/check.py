@@ -11,6 +11,9 @@
 | FK007 | error    | external data missing, unreadable or outside the model's folder |
 | FK008 | error    | the file cannot be read as an ONNX model (exit code 2) |
 | FK009 | warning  | parallel branches (RepVGG-style) that `foldkit fold` merges into one op |
+| FK010 | warning  | BN statistics that look never updated (every mean 0 and every var 1) |
+| FK011 | warning  | a channel whose running var is at most 10 x eps (near collapse: the folded scale explodes) |
+| FK012 | warning/error | (--data) running statistics far from the data's: `foldkit recalibrate` is the fix |
 
 The check never runs the model and never writes: it runs the fold pipeline on an in-memory copy
 without verification and reads its report.
@@ -101,16 +104,22 @@ def expand_models(paths) -> list:
     return out
 
 
-def check_many(paths) -> list:
+def check_many(paths, data=None) -> list:
     """:func:`check` on every model (folders expanded); a model that cannot be read gives a result
-    with ``error`` set and one FK008 finding, and the others are still checked."""
-    from .errors import FoldkitError
+    with ``error`` set and one FK008 finding, and the others are still checked. ``data``: a
+    --data spec (or (spec, batch_size, max_samples)) for the FK012 statistics findings."""
+    from .errors import FoldkitError, InputError
 
     results = []
     for p in expand_models(paths):
         start = time.perf_counter()
         try:
-            r = check(p)
+            r = check(p, data=data)
+        except InputError as e:
+            if getattr(e, "from_data", False):
+                raise  # the data does not fit: a usage error for the whole command
+            r = CheckResult(path=str(p), error=str(e))
+            r.findings.append(Finding("FK008", "error", "model", str(e)))
         except FoldkitError as e:
             r = CheckResult(path=str(p), error=str(e))
             r.findings.append(Finding("FK008", "error", "model", str(e)))
@@ -188,8 +197,9 @@ def _numeric_risk(index: dict, action, base_dir=None, payloads=None, seen=None) 
     return None
 
 
-def check(path: str) -> CheckResult:
-    """Check the model at ``path``. Raises InputError only when the file cannot be read as a model."""
+def check(path: str, data=None) -> CheckResult:
+    """Check the model at ``path``. Raises InputError only when the file cannot be read as a model
+    (or ``data``, with which the FK012 statistics findings are measured, does not fit it)."""
     from . import wire
 
     fio.check_path(path)
@@ -208,6 +218,9 @@ def check(path: str) -> CheckResult:
     err = checker_error(model)
     if err:
         result.findings.append(Finding("FK006", "error", "model", f"onnx.checker (full check) fails: {err}"))
+    result.findings += _statistics_findings(model, base_dir)
+    if data is not None:
+        result.findings += _with_data(path, data)
     from .api import fold_loaded
 
     # ``model`` is this call's own copy; defer: big folded weights stay recipes, computed one at a
@@ -247,6 +260,77 @@ def check(path: str) -> CheckResult:
                                            f"{b.reason.replace(' merged into one', ' can be merged into one')}: run "
                                            "`foldkit fold` (fewer convolutions, same outputs)", b.graph))
     return result
+
+
+COLLAPSE_EPS = 10.0  # FK011: var <= this many eps
+DRIFT_WARN_SD, DRIFT_ERROR_SD = 0.5, 3.0  # FK012: largest |mean shift| / running sd
+DRIFT_WARN_RATIO, DRIFT_ERROR_RATIO = 2.0, 10.0  # FK012: largest var ratio either way
+
+
+def _statistics_findings(model, base_dir) -> list:
+    """FK010 / FK011 from the BN parameters alone (no data needed)."""
+    from .graph import GraphView, ModelIndex, attr_float, node_label
+
+    out = []
+    view = GraphView(model.graph, ModelIndex(model, base_dir))
+    for n in model.graph.node:
+        if n.op_type != "BatchNormalization" or n.domain not in ("", "ai.onnx") or len(n.input) < 5:
+            continue
+        mean, var = view.constant(n.input[3]), view.constant(n.input[4])
+        if mean is None or var is None:
+            continue
+        m, v = np.asarray(mean.array, np.float64), np.asarray(var.array, np.float64)
+        if not (np.all(np.isfinite(m)) and np.all(np.isfinite(v))):
+            continue  # FK005 says so
+        try:
+            eps = attr_float(n, "epsilon", 1e-5)
+        except ValueError:
+            continue
+        label = node_label(n)
+        if m.size and np.all(m == 0) and np.all(v == 1):
+            out.append(Finding("FK010", "warning", label,
+                               "running statistics look never updated (every mean 0, every var 1): the model "
+                               "normalizes with defaults; `foldkit recalibrate --data DATA` re-estimates them"))
+        low = np.nonzero(v <= COLLAPSE_EPS * eps)[0]
+        if low.size:
+            out.append(Finding("FK011", "warning", label,
+                               f"{low.size} channel(s) (first: {int(low[0])}) have running var <= {COLLAPSE_EPS:g} x eps "
+                               f"({v[low[0]]:.3g}): the folded scale 1/sqrt(var + eps) explodes; check the channel "
+                               "(pruned?) or `foldkit recalibrate`"))
+    return out
+
+
+def _with_data(path, data) -> list:
+    from .data import batches as data_batches, fixed_batch, model_inputs
+    from .errors import InputError
+
+    full = fio.load_model(path)
+    spec, size, most = (data, None, None) if isinstance(data, (str, os.PathLike)) else data
+    inputs = model_inputs(full)
+    try:
+        return drift_findings(full, lambda: data_batches(os.fspath(spec), inputs, fixed_batch(full) or size, most))
+    except InputError as e:
+        e.from_data = True
+        raise
+
+
+def drift_findings(model, batches) -> list:
+    """FK012 per BN from foldkit.stats.drift: a warning above the warn thresholds, an error above
+    the error thresholds (documented in the README)."""
+    from .stats import drift
+
+    out = []
+    for d in drift(model, batches):
+        shift, hi, lo = d["max_mean_shift_sd"], d["max_var_ratio"], d["min_var_ratio"]
+        ratio = max(hi, 1.0 / lo if lo > 0 else float("inf"))
+        if shift <= DRIFT_WARN_SD and ratio <= DRIFT_WARN_RATIO:
+            continue
+        severity = "error" if shift > DRIFT_ERROR_SD or ratio > DRIFT_ERROR_RATIO else "warning"
+        out.append(Finding("FK012", severity, d["node"],
+                           f"running statistics are far from the data's: mean shift up to {shift:.3g} running sd "
+                           f"(channel {d['worst_channel']}), var ratio {lo:.3g}..{hi:.3g}; "
+                           "`foldkit recalibrate --data DATA` re-estimates them"))
+    return out
 
 
 # --- output formats -----------------------------------------------------------------------------

@@ -227,9 +227,14 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_inp
 @click.option("--fail-on", type=click.Choice(["error", "warning"]), default="error", show_default=True,
               help="Exit 1 when a finding of this severity or worse exists.")
 @click.option("-o", "--output", type=click.Path(), help="Write the formatted result here instead of stdout.")
+@click.option("--data", "data", metavar="DATA",
+              help="Also measure each BN's inputs on DATA (.npz, folder, FILE.py:FN) and flag running statistics "
+                   "far from them (FK012).")
+@click.option("--max-samples", type=click.IntRange(1), default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @verbosity_options
 @handle_errors
-def check(models, fmt, fail_on, output, quiet, verbose):
+def check(models, fmt, fail_on, output, data, max_samples, batch_size, quiet, verbose):
     """The pre-deployment gate: exit 0 only when every MODEL is deployment-ready.
 
     MODELS are ONNX files or folders (searched for *.onnx). The exit code is the worst over all
@@ -239,9 +244,11 @@ def check(models, fmt, fail_on, output, quiet, verbose):
     from .check import check_many, to_github, to_junit, to_markdown, to_text
     from .report import envelope
 
-    inputs = [f for m in models if not os.path.isdir(m) for f in fio.model_files(m)]
+    from .api import _data_files
+
+    inputs = [f for m in models if not os.path.isdir(m) for f in fio.model_files(m)] + _data_files(data)
     fio.guard_outputs({"-o": output}, inputs)
-    results = check_many(models)
+    results = check_many(models, data=(data, batch_size, max_samples) if data else None)
     worst = max(r.exit_code(fail_on) for r in results)
     if fmt == "json":
         text = to_json({**envelope("check", [r.path for r in results], input_shapes=None, seed=None), "fail_on": fail_on, "passed": worst == 0,
@@ -376,6 +383,9 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: 17 legacy, 18 dynamo).")
 @click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True)
 @click.option("--no-fold", is_flag=True, help="Export only; do not fold.")
+@click.option("--recalibrate", "recalibrate_data", metavar="DATA",
+              help="Re-estimate the BN running statistics on DATA (.npz, folder, FILE.py:FN) before exporting.")
+@click.option("--recalibrate-method", type=click.Choice(["batch", "exact"]), default="batch", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @tolerance_options
@@ -384,7 +394,7 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
 @verbosity_options
 @handle_errors
 def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dynamic_batch, opset, exporter, no_fold,
-           output, report_path, atol, rtol, fsync, quiet, verbose):
+           recalibrate_data, recalibrate_method, output, report_path, atol, rtol, fsync, quiet, verbose):
     """Export a PyTorch model to ONNX: load, revert SyncBN, eval, export, fold, check parity."""
     from . import io as fio
     from .errors import InputError
@@ -396,8 +406,10 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
     except ImportError as e:
         raise InputError(f"foldkit export needs PyTorch: pip install 'foldkit-onnx[torch]' ({e})") from None
     factory_file = model_spec.rpartition(":")[0]
+    from .api import _data_files
+
     fio.guard_outputs({"-o": output, "--report": report_path},
-                      [checkpoint, factory_file if os.path.isfile(factory_file) else None])
+                      [checkpoint, factory_file if os.path.isfile(factory_file) else None] + _data_files(recalibrate_data))
     from .verify import parse_dims
 
     shapes = [parse_dims(s) for s in input_shapes]
@@ -406,7 +418,8 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
     try:
         result = export_api(model_spec, output, shapes, checkpoint=checkpoint, model_args=parse_model_args(model_arg),
                             trust_checkpoint=trust_checkpoint, dynamic_batch=dynamic_batch, opset=opset,
-                            exporter=exporter, fold=not no_fold, atol=atol, rtol=rtol, durable=fsync)
+                            exporter=exporter, fold=not no_fold, atol=atol, rtol=rtol, durable=fsync,
+                            recalibrate_data=recalibrate_data, recalibrate_method=recalibrate_method)
     except VerificationError as e:  # no model written; the report says why
         rep = getattr(e.result, "report", None)
         if report_path and rep is not None:

@@ -39,7 +39,10 @@ def train(model, x, y, epochs=12, batch=64, seed=SEED, lr=0.05):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if epoch == epochs - 4:  # a calmer end: the running statistics settle with the weights
+            for g in opt.param_groups:
+                g["lr"] = lr / 10
         perm = torch.randperm(len(yt))
         for k in range(0, len(yt), batch):
             i = perm[k:k + batch]
@@ -57,7 +60,10 @@ def accuracy(model, x, y) -> float:
 
 
 def trained(dropout=0.0, seed=SEED):
+    import torch
+
     x, y, _, _ = digits()
+    torch.manual_seed(seed)  # the initial weights too: the same model every time
     return train(net(dropout), x, y, seed=seed)
 
 
@@ -70,14 +76,16 @@ def damaged(model, kind: str, seed=SEED):
     if kind == "reset":  # statistics never updated (re-initialized, or trained with track_running_stats off)
         for b in bns:
             b.reset_running_stats()
-    elif kind == "pruned":  # channels of the first conv pruned to zero: the next BN's statistics are stale
+    elif kind == "pruned":  # magnitude pruning, as pruners do: the smallest 60% of the second conv's
+        # weights zeroed; the BN statistics after it are stale
         with torch.no_grad():
-            m[0].weight[::2] = 0
-            m[0].bias[::2] = 0
-    elif kind == "averaged":  # SWA/EMA-style: weights averaged with a second run, statistics not
-        other = trained(seed=seed + 1)
+            w = m[4].weight
+            w[w.abs() < w.abs().flatten().kthvalue(int(0.6 * w.numel())).values] = 0
+    elif kind == "averaged":  # SWA/EMA-style: weights averaged along the training run, statistics not
+        x, y, _, _ = digits()
+        later = train(copy.deepcopy(model), x, y, epochs=5, seed=seed + 1, lr=0.3)
         with torch.no_grad():
-            for p, q in zip(m.parameters(), other.parameters()):
+            for p, q in zip(m.parameters(), later.parameters()):
                 p.copy_((p + q) / 2)
     elif kind == "batch2":  # fine-tuned with per-GPU batches of 2: running statistics from tiny batches
         x, y, _, _ = digits()

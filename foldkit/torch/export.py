@@ -11,6 +11,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
+
 from ..errors import InputError, VerificationError
 from ..factory import _why, load_factory, parse_model_args  # noqa: F401  (torch-free; re-exported here)
 
@@ -126,7 +128,8 @@ def _export_to(model, args, path, opset, exporter, dynamic_batch, input_names, o
 def export(model_spec: str, output: str, input_shapes: Sequence[Sequence[int]], checkpoint: Optional[str] = None,
            model_args: Optional[dict] = None, trust_checkpoint: bool = False, dynamic_batch: bool = False,
            opset: Optional[int] = None, exporter: str = "legacy", fold: bool = True, atol=None, rtol=None,
-           seed: int = 0, in_place_ok: bool = False, durable: bool = False) -> ExportResult:
+           seed: int = 0, in_place_ok: bool = False, durable: bool = False, recalibrate_data=None,
+           recalibrate_method: str = "batch", batch_size: int = 32, max_samples=None) -> ExportResult:
     """Build, load, revert SyncBN, eval, export, fold (unless fold=False), check parity, write
     atomically (and fsynced before the rename when ``durable``)."""
     import torch
@@ -150,6 +153,21 @@ def export(model_spec: str, output: str, input_shapes: Sequence[Sequence[int]], 
     if checkpoint:
         apply_state_dict(model, load_checkpoint(checkpoint, trust_checkpoint), checkpoint)
     model = revert_sync_batchnorm(model).eval()
+    recal = None
+    if recalibrate_data is not None:  # before export: the ONNX file carries the re-estimated statistics
+        from ..data import batches as data_batches
+        from .recalibrate import recalibrate, recalibrate_numpy_batches
+
+        names = {f"input{k}" if len(input_shapes) > 1 else "input": np.dtype(np.float32) for k in range(len(input_shapes))}
+        source = lambda: recalibrate_numpy_batches(data_batches(os.fspath(recalibrate_data), names, batch_size,  # noqa: E731
+                                                                max_samples))
+        try:
+            recal = recalibrate(model, source, recalibrate_method)
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f"--recalibrate: the model's forward failed on the data: {_why(e)}") from None
+        model.eval()
     gen = torch.Generator().manual_seed(seed)
     args = tuple(torch.randn(*shape, generator=gen) for shape in input_shapes)
     input_names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
@@ -215,6 +233,9 @@ def export(model_spec: str, output: str, input_shapes: Sequence[Sequence[int]], 
                         "opset": next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")), None),
                         "bn_exported": bn_exported}
     report["parity"] = parity
+    if recal is not None:
+        report["recalibration"] = {"method": recalibrate_method, "source": os.fspath(recalibrate_data),
+                                   "values_seen": recal}
     if not parity["passed"]:
         raise VerificationError(f"PyTorch and ONNX Runtime disagree: max abs err {parity['max_abs_err']:.3g} "
                                 f"(relative {parity['max_rel_err']:.3g}; atol {p_atol:g}, rtol {p_rtol:g})",

@@ -1,0 +1,255 @@
+"""BN statistics on real data (scikit-learn's bundled digits): check --data flags damaged BNs,
+recalibrate repairs them (both estimators meet their definitions against float64 computations
+written here), the gate refuses a harmful update, torchrun with 2 ranks equals 1 rank, and the
+PyTorch API does the same in place."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+pytest.importorskip("sklearn", reason="scikit-learn (test extra) ships the digits data set")
+torch = pytest.importorskip("torch")
+
+from foldkit.cli import main  # noqa: E402
+from foldkit.stats import Moments  # noqa: E402
+from tests import digits as D  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DAMAGE = ("reset", "pruned", "averaged", "batch2")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("digits")
+    healthy = D.trained()
+    x, y, xt, yt = D.digits()
+    paths = {"healthy": D.to_onnx(healthy, d / "healthy.onnx")}
+    for kind in DAMAGE:
+        paths[kind] = D.to_onnx(D.damaged(healthy, kind), d / f"{kind}.onnx")
+    return {"dir": d, "paths": paths, "train": D.save_npz(d / "train.npz", x, y), "test": D.save_npz(d / "test.npz", xt, yt),
+            "healthy_acc": D.accuracy(healthy, xt, yt), "x": x, "healthy": healthy}
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _stats(path):
+    m = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    return [(n.name, inits[n.input[3]].astype(np.float64), inits[n.input[4]].astype(np.float64))
+            for n in m.graph.node if n.op_type == "BatchNormalization"]
+
+
+def _bn_inputs(path, x, batch_size=64, batch_mode=False):
+    """Every BN input over the data, float64, computed here independently of foldkit.stats: the
+    graph with each BN input added as an output, run on ONNX Runtime in inference mode."""
+    import onnxruntime as ort
+
+    m = onnx.load(str(path))
+    xs = [n.input[0] for n in m.graph.node if n.op_type == "BatchNormalization"]
+    for k, v in enumerate(xs):
+        m.graph.node.append(helper.make_node("Identity", [v], [f"probe{k}"]))
+        m.graph.output.append(helper.make_tensor_value_info(f"probe{k}", onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = [[] for _ in xs]
+    for k in range(0, len(x), batch_size):
+        got = sess.run(None, {"image": x[k:k + batch_size]})[1:]
+        for acc, g in zip(outs, got):
+            acc.append(np.moveaxis(np.asarray(g, np.float64), 1, 0).reshape(g.shape[1], -1))
+    return [np.concatenate(o, axis=1) for o in outs]
+
+
+# --- the estimator ---------------------------------------------------------------------------------
+
+def test_moments_merge_is_exact_over_unequal_batches_never_an_average_of_variances():
+    r = np.random.default_rng(0)
+    parts = [r.normal(3, 2, (n, 4, 3)) * r.uniform(0.5, 2) for n in (1, 7, 64, 5, 2)]
+    m = Moments()
+    for p in parts:
+        m.add(p, axis=1)
+    allv = np.concatenate([np.moveaxis(p, 1, 0).reshape(4, -1) for p in parts], axis=1)
+    np.testing.assert_allclose(m.mean, allv.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(m.var, allv.var(axis=1), rtol=1e-12)
+    naive = np.mean([np.moveaxis(p, 1, 0).reshape(4, -1).var(axis=1) for p in parts], axis=0)
+    assert np.max(np.abs(naive - allv.var(axis=1)) / allv.var(axis=1)) > 0.05  # what others do is wrong
+
+
+# --- check --data ------------------------------------------------------------------------------------
+
+def test_check_data_flags_every_damage_and_not_the_healthy_model(world):
+    for kind in ("healthy",) + DAMAGE:
+        r = invoke("check", world["paths"][kind], "--data", world["train"], "--format", "json")
+        codes = [f["code"] for f in json.loads(r.output)["models"][0]["findings"]]
+        if kind == "healthy":
+            assert "FK012" not in codes and "FK010" not in codes, (kind, r.output)
+        else:
+            assert "FK012" in codes, (kind, codes)
+    r = invoke("check", world["paths"]["reset"], "--format", "json")  # no data: the reset is still visible
+    assert "FK010" in [f["code"] for f in json.loads(r.output)["models"][0]["findings"]]
+
+
+# --- recalibrate -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_recalibrate_brings_held_out_accuracy_back(world, kind, tmp_path):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    r = invoke("recalibrate", world["paths"][kind], "--data", world["train"], "--eval-data", world["test"],
+               "-o", out, "--report", rep, "--max-drop", "1")
+    assert r.exit_code == 0, r.output
+    d = json.loads(rep.read_text())
+    assert d["command"] == "recalibrate" and d["bn_after"] == 0 and d["verification"]["passed"]
+    assert d["metric"]["metric"] == "accuracy"
+    assert d["metric"]["after"] >= world["healthy_acc"] - 0.01, (d["metric"], world["healthy_acc"])
+    assert d["recalibration"]["samples"] == len(world["x"]) and d["recalibration"]["batches"] == 41  # 1300 / 32
+
+
+def test_exact_method_matches_its_definition(world, tmp_path):
+    out = tmp_path / "exact.onnx"
+    r = invoke("recalibrate", world["paths"]["batch2"], "--data", world["train"], "--method", "exact", "--no-fold",
+               "-o", out, "--batch-size", "50")
+    assert r.exit_code == 0, r.output
+    # inference mode over the same data gives every BN an input with exactly its stored statistics
+    for (name, mean, var), x in zip(_stats(out), _bn_inputs(out, world["x"])):
+        np.testing.assert_allclose(mean, x.mean(axis=1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var, x.var(axis=1), rtol=1e-5)
+
+
+def test_batch_method_matches_precise_bn_computed_in_float64_with_torch(world, tmp_path):
+    out = tmp_path / "batch.onnx"
+    r = invoke("recalibrate", world["paths"]["reset"], "--data", world["train"], "--no-fold", "-o", out,
+               "--batch-size", "64")
+    assert r.exit_code == 0, r.output
+    # the definition, written here: every BN normalizes with its batch's statistics; the population
+    # statistics of all its inputs, float64 (torch in double precision, its own BN implementation)
+    model = D.damaged(world["healthy"], "reset").double()
+    seen = {}
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for b in bns:
+        b.train()
+        b.momentum = 0.0
+        b.register_forward_pre_hook(lambda mod, a: seen.setdefault(mod, []).append(
+            np.moveaxis(a[0].numpy(), 1, 0).reshape(a[0].shape[1], -1)))
+    with torch.no_grad():
+        for k in range(0, len(world["x"]), 64):
+            model(torch.from_numpy(world["x"][k:k + 64]).double())
+    for (name, mean, var), b in zip(_stats(out), bns):
+        x = np.concatenate(seen[b], axis=1)
+        np.testing.assert_allclose(mean, x.mean(axis=1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(var, x.var(axis=1), rtol=1e-4)
+
+
+def test_the_gate_refuses_a_harmful_update(world, tmp_path):
+    shifted = D.save_npz(tmp_path / "shifted.npz", world["x"] * 4.0 + 1.0)  # not the deployment distribution
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    r = invoke("recalibrate", world["paths"]["healthy"], "--data", shifted, "--eval-data", world["test"],
+               "--max-drop", "1", "-o", out, "--report", rep)
+    assert r.exit_code == 1 and "worse by" in r.output and not out.exists(), r.output
+    assert json.loads(rep.read_text())["metric"]["change_points"] < -1
+
+
+def test_only_and_skip_node(world, tmp_path):
+    names = [n for n, _, _ in _stats(world["paths"]["reset"])]
+    out = tmp_path / "o.onnx"
+    r = invoke("recalibrate", world["paths"]["reset"], "--data", world["train"], "--no-fold", "-o", out,
+               "--skip-node", names[1])
+    assert r.exit_code == 0, r.output
+    after = _stats(out)
+    assert not np.all(after[0][1] == 0) and np.all(after[1][1] == 0) and np.all(after[1][2] == 1)
+    r = invoke("recalibrate", world["paths"]["reset"], "--data", world["train"], "-o", out, "--only", "nope")
+    assert r.exit_code == 2 and "not a BatchNormalization" in r.output
+
+
+def test_torchrun_two_ranks_equal_one(world, tmp_path):
+    one, two = tmp_path / "one.onnx", tmp_path / "two.onnx"
+    assert invoke("recalibrate", world["paths"]["batch2"], "--data", world["train"], "--no-fold", "-o", one).exit_code == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "cli.py"), "recalibrate", str(world["paths"]["batch2"]), "--data",
+                        str(world["train"]), "--no-fold", "-o", str(two), "-q"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for (n1, m1, v1), (n2, m2, v2) in zip(_stats(one), _stats(two)):
+        np.testing.assert_allclose(m2, m1, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(v2, v1, rtol=1e-9)
+
+
+# --- PyTorch ------------------------------------------------------------------------------------------
+
+def test_torch_recalibrate_in_place_matches_float64_and_restores_state(world):
+    from foldkit.torch import recalibrate
+
+    model = D.damaged(world["healthy"], "reset")
+    model[3].p = 0.5  # Dropout must stay off during the pass
+    model.train()
+    batches = [torch.from_numpy(world["x"][k:k + 100]) for k in range(0, len(world["x"]), 100)]
+    seen = recalibrate(model, batches, method="batch")
+    assert model.training and all(m.training for m in model.modules())  # state restored
+    assert sorted(seen) == ["1", "5"] and seen["1"] == len(world["x"]) * 64
+    ref = D.damaged(world["healthy"], "reset").eval()  # the same float32 model: the statistics of its BN
+    ref[3].p = 0.5  # inputs computed here in float64
+    caught = {}
+    bns = [m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for b in bns:
+        b.train()
+        b.momentum = 0.0
+        b.register_forward_pre_hook(lambda mod, a: caught.setdefault(mod, []).append(
+            np.moveaxis(a[0].double().numpy(), 1, 0).reshape(a[0].shape[1], -1)))
+    with torch.no_grad():
+        for b in batches:
+            ref(b)
+    for b_new, b_ref in zip([m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)], bns):
+        x = np.concatenate(caught[b_ref], axis=1)
+        np.testing.assert_allclose(b_new.running_mean.double().numpy(), x.mean(axis=1), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(b_new.running_var.double().numpy(), x.var(axis=1), rtol=1e-6)
+    model.eval()
+    _, _, xt, yt = D.digits()
+    assert D.accuracy(model, xt, yt) >= world["healthy_acc"] - 0.01
+
+
+def test_torch_recalibrate_exact_and_syncbn(world):
+    from foldkit.torch import recalibrate
+
+    sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(D.damaged(world["healthy"], "batch2"))
+    batches = [torch.from_numpy(world["x"][k:k + 128]) for k in range(0, len(world["x"]), 128)]
+    recalibrate(sync, batches, method="exact")
+    sync.eval()
+    caught = {}
+    for m in sync.modules():
+        if isinstance(m, torch.nn.SyncBatchNorm):
+            m.register_forward_pre_hook(lambda mod, a: caught.setdefault(mod, []).append(
+                np.moveaxis(a[0].double().numpy(), 1, 0).reshape(a[0].shape[1], -1)))
+    with torch.no_grad():
+        for b in batches:
+            sync(b)
+    for m, xs in caught.items():  # inference mode now gives every BN its stored statistics
+        x = np.concatenate(xs, axis=1)
+        np.testing.assert_allclose(m.running_mean.double().numpy(), x.mean(axis=1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m.running_var.double().numpy(), x.var(axis=1), rtol=1e-5)
+
+
+def test_export_recalibrate(world, tmp_path):
+    factory = tmp_path / "net.py"
+    ckpt = tmp_path / "reset.pt"
+    torch.save(D.damaged(world["healthy"], "reset").state_dict(), ckpt)
+    factory.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nfrom tests.digits import net\n"
+                       "def build():\n    return net()\n")
+    data = D.save_npz(tmp_path / "x.npz", world["x"])
+    out, rep = tmp_path / "e.onnx", tmp_path / "e.json"
+    r = invoke("export", "--model", f"{factory}:build", "--checkpoint", ckpt, "--input-shape", "1,1,8,8",
+               "--dynamic-batch", "--recalibrate", data, "-o", out, "--report", rep, "-q")
+    assert r.exit_code == 0, r.output
+    d = json.loads(rep.read_text())
+    assert d["recalibration"]["method"] == "batch" and d["bn_after"] == 0
+    import onnxruntime as ort
+
+    _, _, xt, yt = D.digits()
+    pred = ort.InferenceSession(str(out)).run(None, {"input": xt})[0].argmax(1)
+    assert float((pred == yt).mean()) >= world["healthy_acc"] - 0.01
