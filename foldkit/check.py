@@ -5,7 +5,7 @@
 | FK001 | error    | a BatchNormalization that `foldkit fold` would fold |
 | FK002 | error    | a training-mode BatchNormalization |
 | FK003 | warning  | a BatchNormalization that cannot be folded (the reason says why) |
-| FK004 | warning  | numeric risk: folded values overflow or lose precision in float16 |
+| FK004 | warning  | numeric risk: folded values overflow or lose precision in float16, or are subnormal |
 | FK005 | error    | invalid BN parameters (NaN, Inf, var + eps <= 0) or channel mismatch |
 | FK006 | error    | onnx.checker (full check) fails |
 | FK007 | error    | external data missing, unreadable or outside the model's folder |
@@ -151,11 +151,14 @@ def _tensor_index(model) -> dict:
 def _tensor_risk(data_type: int, blocks) -> Optional[str]:
     """The risk in a tensor given as arrays (blocks of it, or the whole), aggregated without
     float64 or abs() copies: memory stays about one block."""
-    nonzero = tiny = 0
+    nonzero = tiny = sub32 = 0
     peak = 0.0
     for arr in blocks:
         if not arr.size:
             continue
+        if data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            small = np.finfo(arr.dtype).tiny
+            sub32 += int(np.count_nonzero((arr != 0) & (arr > -small) & (arr < small)))
         if data_type == onnx.TensorProto.FLOAT16:
             nz = np.count_nonzero(arr)
             nonzero += nz
@@ -165,6 +168,9 @@ def _tensor_risk(data_type: int, blocks) -> Optional[str]:
     if nonzero and tiny / nonzero > 0.01:
         return (f"{100 * tiny / nonzero:.1f}% of the folded float16 weights are subnormal and lose "
                 f"precision; consider folding in float32 and converting afterwards")
+    if sub32:
+        return (f"{sub32} folded value(s) are subnormal: CPUs compute with them several times slower "
+                f"(denormal stalls, 5-7x seen); check this BN's scale (a gamma near 0?)")
     if peak > FP16_MAX:
         return (f"folded weights reach {peak:.3g}, beyond float16's range: the model will overflow if "
                 f"deployed in fp16 (e.g. TensorRT --fp16); check this BN's running_var")

@@ -178,6 +178,16 @@ def instrumented(model: ModelProto, bns: list, batch_mode: set, rank_of: Callabl
             new_nodes.append(n)
             continue
         b = bns[replace[i]]
+        if opset >= 14:  # the runtime's own training-mode BN: it normalizes with the batch's statistics
+            t = onnx.NodeProto()
+            t.CopyFrom(n)
+            del t.output[1:]
+            t.output.extend([f"foldkit_pbn{replace[i]}_rm", f"foldkit_pbn{replace[i]}_rv"])  # required, unused
+            keep = [a for a in t.attribute if a.name != "training_mode"]
+            del t.attribute[:]
+            t.attribute.extend(keep + [helper.make_attribute("training_mode", 1)])
+            new_nodes.append(t)
+            continue
         rank = rank_of(b.x)
         if rank is None:
             raise InputError(f"{b.name}: the rank of its input is unknown; give --input-shape or use --method exact")
@@ -208,11 +218,30 @@ def instrumented(model: ModelProto, bns: list, batch_mode: set, rank_of: Callabl
         new_nodes += ops
     del g.node[:]
     g.node.extend(new_nodes)
-    g.initializer.extend(extra_inits)
     del g.output[:]
-    for k, b in enumerate(bns):  # an Identity each: a BN input may be a graph input, or feed two BNs
-        g.node.append(helper.make_node("Identity", [b.x], [f"foldkit_stat{k}"]))
-        g.output.append(helper.make_tensor_value_info(f"foldkit_stat{k}", elem_of(b.x), None))
+    # per BN, the batch's per-channel mean and M2 computed in the graph, in float64 (so only 2 x C
+    # numbers per BN leave ONNX Runtime, not the activations), and the input's shape for the count
+    for k, b in enumerate(bns):
+        rank = rank_of(b.x)
+        if rank is None:
+            raise InputError(f"{b.name}: the rank of its input is unknown; give --input-shape")
+        axes = [0] + list(range(2, rank))
+        tag = f"foldkit_stat{k}"
+        ops = [helper.make_node("Cast", [b.x], [f"{tag}_x64"], to=onnx.TensorProto.DOUBLE)]
+        _reduce_mean(f"{tag}_x64", f"{tag}_mean", axes, opset, ops, extra_inits, f"{tag}_ma")
+        ops += [helper.make_node("Sub", [f"{tag}_x64", f"{tag}_mean"], [f"{tag}_d"]),
+                helper.make_node("Mul", [f"{tag}_d", f"{tag}_d"], [f"{tag}_d2"])]
+        if opset >= 13:
+            extra_inits.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{tag}_sa"))
+            ops.append(helper.make_node("ReduceSum", [f"{tag}_d2", f"{tag}_sa"], [f"{tag}_m2"], keepdims=0))
+        else:
+            ops.append(helper.make_node("ReduceSum", [f"{tag}_d2"], [f"{tag}_m2"], axes=axes, keepdims=0))
+        ops.append(helper.make_node("Shape", [b.x], [f"{tag}_shape"]))
+        g.node.extend(ops)
+        g.output.extend([helper.make_tensor_value_info(f"{tag}_mean", onnx.TensorProto.DOUBLE, None),
+                         helper.make_tensor_value_info(f"{tag}_m2", onnx.TensorProto.DOUBLE, None),
+                         helper.make_tensor_value_info(f"{tag}_shape", onnx.TensorProto.INT64, None)])
+    g.initializer.extend(extra_inits)
     return m
 
 
@@ -225,8 +254,11 @@ def _measure(model_bytes: bytes, bns: list, batches: Iterable[dict], reduce: Cal
     samples = nb = 0
     for feeds in batches:
         outs = run(feeds)
-        for m, x in zip(acc, outs):
-            m.add(x)
+        for k, m in enumerate(acc):
+            mean, m2, shape = outs[3 * k], outs[3 * k + 1], outs[3 * k + 2]
+            count = int(np.prod(shape)) // int(shape[1])
+            if count:
+                m.merge(Moments(count, np.asarray(mean, np.float64).reshape(-1), np.asarray(m2, np.float64).reshape(-1)))
         nb += 1
         samples += next(iter(feeds.values())).shape[0] if feeds else 0
     acc = reduce(acc)
@@ -340,7 +372,8 @@ def drift(model: ModelProto, batches: Callable[[], Iterable[dict]], reduce=None)
     from .regions import _shapes
 
     shapes = _shapes(model, None)
-    inst = instrumented(model, bns, set(), lambda v: None,
+    inst = instrumented(model, bns, set(), lambda v: (len(shapes[v][1]) if v in shapes and shapes[v][1] is not None
+                                                      else None),
                         lambda v: shapes[v][0] if v in shapes and shapes[v][0] else onnx.TensorProto.FLOAT)
     acc, _, _ = _measure(inst.SerializeToString(), bns, _feeds(batches()), reduce or (lambda a: a))
     out = []

@@ -325,3 +325,15 @@ def test_missing_external_data_file_is_one_finding_for_the_file(tmp_path):
     r = invoke("check", tmp_path / "m.onnx", "--format", "json")
     (f,) = json.loads(r.output)["models"][0]["findings"]
     assert r.exit_code == 1 and f["code"] == "FK007" and f["node"] == "w.data" and "more tensor(s)" in f["message"]
+
+
+def test_subnormal_folded_weights_are_a_numeric_risk(tmp_path):
+    m = conv_bn_model(2)
+    for t in m.graph.initializer:
+        if t.name.endswith("scale") or "scale" in t.name:
+            arr = onnx.numpy_helper.to_array(t).copy()
+            arr[0] = 1e-39  # a gamma near 0: the folded channel is subnormal
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    r = invoke("check", save(m, tmp_path), "--format", "json")
+    risks = [f for f in json.loads(r.output)["models"][0]["findings"] if f["code"] == "FK004"]
+    assert risks and "subnormal" in risks[0]["message"], r.output

@@ -253,3 +253,34 @@ def test_export_recalibrate(world, tmp_path):
     _, _, xt, yt = D.digits()
     pred = ort.InferenceSession(str(out)).run(None, {"input": xt})[0].argmax(1)
     assert float((pred == yt).mean()) >= world["healthy_acc"] - 0.01
+
+
+def test_batch_method_before_opset_14_matches_the_runtimes_training_mode_bn(world, tmp_path):
+    """Opset < 14 has no training_mode: there the batch statistics are computed by foldkit's own
+    normalization subgraph; it must give what ORT's training-mode BN gives at opset 15."""
+    from tests.helpers import F32, bn_inits, make_model, rng, tensor
+
+    r = rng(3)
+    n1, b1 = bn_inits("a", 6, r)
+    n2, b2 = bn_inits("b", 5, r)
+    w1, w2 = r.standard_normal((6, 1, 3, 3)).astype(np.float32), r.standard_normal((5, 6, 3, 3)).astype(np.float32)
+
+    def build(opset):
+        return make_model([helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1] * 4),
+                           helper.make_node("BatchNormalization", ["c1"] + n1, ["n1"], name="bn1"),
+                           helper.make_node("Relu", ["n1"], ["r1"]),
+                           helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1] * 4),
+                           helper.make_node("BatchNormalization", ["c2"] + n2, ["y"], name="bn2")],
+                          [("image", F32, ["n", 1, 8, 8])], [("y", F32, ["n", 5, 8, 8])],
+                          [tensor("w1", w1), tensor("w2", w2)] + b1 + b2, opset=opset)
+    old, new = build(13), build(15)
+    outs = []
+    for m, name in ((old, "o13"), (new, "o15")):
+        p = tmp_path / f"{name}.onnx"
+        onnx.save(m, str(p))
+        res = invoke("recalibrate", p, "--data", world["train"], "--no-fold", "-o", tmp_path / f"{name}.rec.onnx")
+        assert res.exit_code == 0, res.output
+        outs.append(_stats(tmp_path / f"{name}.rec.onnx"))
+    for (_, m13, v13), (_, m15, v15) in zip(*outs):
+        np.testing.assert_allclose(m13, m15, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(v13, v15, rtol=1e-5)
