@@ -72,6 +72,20 @@ def qconv(codes=None, per_channel=True, zp=None, code_type=I8, float_weight=None
     return m, params
 
 
+def _float_cnn(r, negative=()):
+    """A float Conv -> BN -> Relu -> Conv, for the real quantizers to quantize: (model, BN params)."""
+    names, bn, params = _bn(8, r, negative=negative)
+    f = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1] * 4),
+                    helper.make_node("BatchNormalization", ["c"] + names, ["n"], name="bn"),
+                    helper.make_node("Relu", ["n"], ["y"], name="relu"),
+                    helper.make_node("Conv", ["y", "w2"], ["z"], name="conv2", pads=[1] * 4)],
+                   [("x", F32, [1, 4, 8, 8])], [("z", F32, None)],
+                   [tensor("w", r.standard_normal((8, 4, 3, 3)).astype(np.float32)),
+                    tensor("b", r.standard_normal(8).astype(np.float32)),
+                    tensor("w2", r.standard_normal((8, 8, 3, 3)).astype(np.float32))] + bn, opset=13)
+    return f, params
+
+
 def _qdq_counts(m):
     c = Counter(n.op_type for n in m.graph.node)
     return c["QuantizeLinear"], c["DequantizeLinear"]
@@ -229,15 +243,7 @@ def test_onnxruntime_quantize_static_graph_is_refused_with_the_fix_named(tmp_pat
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     r = rng(9)
-    names, bn, _ = _bn(8, r)
-    f = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1] * 4),
-                    helper.make_node("BatchNormalization", ["c"] + names, ["n"], name="bn"),
-                    helper.make_node("Relu", ["n"], ["y"], name="relu"),
-                    helper.make_node("Conv", ["y", "w2"], ["z"], name="conv2", pads=[1] * 4)],
-                   [("x", F32, [1, 4, 8, 8])], [("z", F32, None)],
-                   [tensor("w", r.standard_normal((8, 4, 3, 3)).astype(np.float32)),
-                    tensor("b", r.standard_normal(8).astype(np.float32)),
-                    tensor("w2", r.standard_normal((8, 8, 3, 3)).astype(np.float32))] + bn, opset=13)
+    f, _ = _float_cnn(r)
     onnx.save(f, str(tmp_path / "f.onnx"))
 
     class Reader(CalibrationDataReader):
@@ -313,15 +319,7 @@ def test_nncf_onnx_ptq_graph_folds_and_stays_quantized(tmp_path):
     -> Conv -> BatchNormalization."""
     nncf = pytest.importorskip("nncf", reason="nncf is not installed (optional: pip install nncf==3.4.0)")
     r = rng(11)
-    names, bn, params = _bn(8, r, negative=(3,))
-    f = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1] * 4),
-                    helper.make_node("BatchNormalization", ["c"] + names, ["n"], name="bn"),
-                    helper.make_node("Relu", ["n"], ["y"], name="relu"),
-                    helper.make_node("Conv", ["y", "w2"], ["z"], name="conv2", pads=[1] * 4)],
-                   [("x", F32, [1, 4, 8, 8])], [("z", F32, None)],
-                   [tensor("w", r.standard_normal((8, 4, 3, 3)).astype(np.float32)),
-                    tensor("b", r.standard_normal(8).astype(np.float32)),
-                    tensor("w2", r.standard_normal((8, 8, 3, 3)).astype(np.float32))] + bn, opset=13)
+    f, params = _float_cnn(r, negative=(3,))
     data = nncf.Dataset([{"x": r.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(4)])
     q = nncf.quantize(f, data, subset_size=4)
     res = foldkit.fold(q)

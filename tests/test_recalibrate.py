@@ -67,6 +67,19 @@ def _bn_inputs(path, x, batch_size=64, batch_mode=False):
     return [np.concatenate(o, axis=1) for o in outs]
 
 
+def _batch_mode_probe(model):
+    """The definition of precise BN, written here: every BN normalizes with its batch's statistics
+    (train mode, running statistics frozen) and its inputs are kept, as float64, per channel."""
+    seen = {}
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for b in bns:
+        b.train()
+        b.momentum = 0.0
+        b.register_forward_pre_hook(lambda mod, a: seen.setdefault(mod, []).append(
+            np.moveaxis(a[0].double().numpy(), 1, 0).reshape(a[0].shape[1], -1)))
+    return bns, seen
+
+
 # --- the estimator ---------------------------------------------------------------------------------
 
 def test_moments_merge_is_exact_over_unequal_batches_never_an_average_of_variances():
@@ -130,13 +143,7 @@ def test_batch_method_matches_precise_bn_computed_in_float64_with_torch(world, t
     # the definition, written here: every BN normalizes with its batch's statistics; the population
     # statistics of all its inputs, float64 (torch in double precision, its own BN implementation)
     model = D.damaged(world["healthy"], "reset").double()
-    seen = {}
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for b in bns:
-        b.train()
-        b.momentum = 0.0
-        b.register_forward_pre_hook(lambda mod, a: seen.setdefault(mod, []).append(
-            np.moveaxis(a[0].numpy(), 1, 0).reshape(a[0].shape[1], -1)))
+    bns, seen = _batch_mode_probe(model)
     with torch.no_grad():
         for k in range(0, len(world["x"]), 64):
             model(torch.from_numpy(world["x"][k:k + 64]).double())
@@ -195,13 +202,7 @@ def test_torch_recalibrate_in_place_matches_float64_and_restores_state(world):
     assert sorted(seen) == ["1", "5"] and seen["1"] == len(world["x"]) * 64
     ref = D.damaged(world["healthy"], "reset").eval()  # the same float32 model: the statistics of its BN
     ref[3].p = 0.5  # inputs computed here in float64
-    caught = {}
-    bns = [m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for b in bns:
-        b.train()
-        b.momentum = 0.0
-        b.register_forward_pre_hook(lambda mod, a: caught.setdefault(mod, []).append(
-            np.moveaxis(a[0].double().numpy(), 1, 0).reshape(a[0].shape[1], -1)))
+    bns, caught = _batch_mode_probe(ref)
     with torch.no_grad():
         for b in batches:
             ref(b)
