@@ -432,9 +432,10 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
         feeds = make_inputs(reference, input_shapes, seed, max_bytes=max_input_bytes)
         shapes = {k: [int(d) for d in np.shape(v)] for k, v in feeds.items()}
     except InputError as e:
-        if isinstance(e, (InputsTooLarge, InputShapeError)):
-            raise  # the user's cap: said as such (exit 2 names --max-input-mb), never silently bypassed
-        why = f"foldkit cannot generate inputs for it: {e}"
+        if isinstance(e, InputShapeError):
+            raise  # the user's --input-shape does not fit the model: a usage error
+        why = (f"its generated inputs would be too large: {e}" if isinstance(e, InputsTooLarge)
+               else f"foldkit cannot generate inputs for it: {e}")
     if why is None:
         try:
             ref_out, backend = run(reference, feeds, reference_bytes, base_dir=base_dir)
@@ -490,8 +491,13 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
     if invalid is not None:
         raise InputError(f"the original model does not run ({why.split(': ', 1)[-1]}) and fails onnx.checker: "
                          f"{invalid}")
-    return _verify_local(reference, candidate, candidate_path, written or set(), input_shapes, seed, atol, rtol,
-                         base_dir, reference_label, why, shapes)
+    res = _verify_local(reference, candidate, candidate_path, written or set(), input_shapes, seed, atol, rtol,
+                        base_dir, reference_label, why, shapes, max_input_bytes)
+    if res.method == "unverified":
+        invalid = checker_error(reference)
+        if invalid is not None:  # nothing could be checked, and the input is not a valid model
+            raise InputError(f"the model cannot be verified ({why}; {res.local}) and fails onnx.checker: {invalid}")
+    return res
 
 
 def _verify_data(reference, candidate, reference_bytes, candidate_bytes, candidate_path, base_dir, data, atol, rtol,
@@ -619,11 +625,13 @@ def _with_noise_floor(diffs, reference, candidate, candidate_path, reference_byt
 
 
 def _verify_local(reference, candidate, candidate_path, written, input_shapes, seed, atol, rtol, base_dir,
-                  reference_label, why, shapes):
-    from .regions import cut
+                  reference_label, why, shapes, max_input_bytes=None):
+    from .regions import cut, shrink
 
     cand, cand_dir = _candidate_model(candidate, candidate_path)
     regions = cut(reference, cand, written, input_shapes)
+    if regions.count:
+        shrink(regions, DEFAULT_MAX_INPUT_BYTES if max_input_bytes is None else int(max_input_bytes))
     note = "; ".join(regions.skipped)
     if not regions.count:
         return VerificationResult(True, 0.0, 0.0, atol, rtol, "none", reference_label, [], inputs=shapes, seed=seed,
