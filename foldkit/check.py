@@ -128,9 +128,6 @@ def check_many(paths, data=None) -> list:
     return results
 
 
-INVALID_PARAM_MARKERS = ("NaN or Inf", "not positive", "channel count mismatch", "different lengths")
-
-
 def _tensor_index(model) -> dict:
     """name -> TensorProto for every initializer and Constant value, built once per check so the
     check stays linear in the model's size."""
@@ -236,9 +233,12 @@ def check(path: str, data=None) -> CheckResult:
     result.bn_count = report.bn_before
     index = _tensor_index(folded.model)
     seen = {}
+    from .codes import FINDINGS, Why
+
     for a in report.actions:
-        training = any(s.startswith("converted") for s in a.steps) or "training mode" in a.reason
-        if training:
+        converted = any(s.startswith("converted") for s in a.steps)
+        code = Why(a.code) if a.code else None
+        if converted or code is Why.TRAINING_MODE:
             result.findings.append(Finding("FK002", "error", a.node,
                                            "BatchNormalization is in training mode (normalizes with batch statistics); "
                                            "export with model.eval() or run `foldkit fold`" +
@@ -247,15 +247,10 @@ def check(path: str, data=None) -> CheckResult:
             result.findings.append(Finding("FK001", "error", a.node,
                                            f"BatchNormalization can be folded into {a.target}; run `foldkit fold`", a.graph))
         elif a.action == "kept":
-            if any(m in a.reason for m in INVALID_PARAM_MARKERS):
-                result.findings.append(Finding("FK005", "error", a.node,
-                                               f"invalid BatchNormalization: {a.reason}; fix the checkpoint's BN statistics", a.graph))
-            elif "overflows" in a.reason:
-                result.findings.append(Finding("FK004", "warning", a.node,
-                                               f"numeric risk: {a.reason}", a.graph))
-            else:
-                result.findings.append(Finding("FK003", "warning", a.node,
-                                               f"BatchNormalization cannot be folded: {a.reason}", a.graph))
+            fk, severity = FINDINGS[code or Why.NOT_APPLICABLE]
+            text = {"FK005": f"invalid BatchNormalization: {a.reason}; fix the checkpoint's BN statistics",
+                    "FK004": f"numeric risk: {a.reason}"}.get(fk, f"BatchNormalization cannot be folded: {a.reason}")
+            result.findings.append(Finding(fk, severity, a.node, text, a.graph))
         if a.action in ("folded", "merged"):
             risk = _numeric_risk(index, a, base_dir, folded.payloads, seen)
             if risk:
@@ -297,7 +292,7 @@ def _statistics_findings(model, base_dir) -> list:
             out.append(Finding("FK010", "warning", label,
                                "running statistics look never updated (every mean 0, every var 1): the model "
                                "normalizes with defaults; `foldkit recalibrate --data DATA` re-estimates them"))
-        low = np.nonzero(v <= COLLAPSE_EPS * eps)[0]
+        low = np.nonzero((v + eps > 0) & (v <= COLLAPSE_EPS * eps))[0]  # var + eps <= 0 is FK005
         if low.size:
             out.append(Finding("FK011", "warning", label,
                                f"{low.size} channel(s) (first: {int(low[0])}) have running var <= {COLLAPSE_EPS:g} x eps "

@@ -25,6 +25,14 @@ import numpy as np
 
 
 class FoldArithmeticError(ValueError):
+    """``code``: a foldkit.codes.Why (invalid parameters, or a folded value that overflows)."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        from .codes import Why
+
+        self.code = code or Why.INVALID_PARAMETERS
+
     """Raised with a user-facing sentence when a fold cannot be exact."""
 
 
@@ -174,7 +182,7 @@ class ScaledChannels:
             rounded = top[sure].astype(self.dtype)
         if np.any(np.isinf(rounded)):
             raise FoldArithmeticError(
-                f"a folded value ({np.max(top[sure][np.isinf(rounded)]):.3g}) overflows {self.dtype.name}")
+                f"a folded value ({np.max(top[sure][np.isinf(rounded)]):.3g}) overflows {self.dtype.name}", _overflow())
         for c in np.flatnonzero(~sure):  # rare: Inf/NaN weights or float64 overflow
             col = self.w[c] if self.axis == 0 else self.w[:, c]
             with np.errstate(over="ignore", invalid="ignore"):
@@ -239,6 +247,12 @@ def fold_into_conv_consumer(w, b, s, t, group: int = 1):
     return w * s_grid, b_new
 
 
+def _overflow():
+    from .codes import Why
+
+    return Why.OVERFLOW
+
+
 def round_to(a: np.ndarray, dtype) -> np.ndarray:
     """Round a float64 array once to ``dtype``; refuse when a finite value overflows it."""
     with np.errstate(over="ignore", invalid="ignore"):
@@ -248,5 +262,6 @@ def round_to(a: np.ndarray, dtype) -> np.ndarray:
             bad = np.isinf(out) & np.isfinite(a)
             if np.any(bad):
                 raise FoldArithmeticError(
-                    f"a folded value ({np.max(np.abs(np.asarray(a)[bad])):.3g}) overflows {np.dtype(dtype).name}")
+                    f"a folded value ({np.max(np.abs(np.asarray(a)[bad])):.3g}) overflows {np.dtype(dtype).name}",
+                    _overflow())
     return out

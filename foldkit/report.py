@@ -33,6 +33,7 @@ class Action:
     graph: str = "main"
     steps: list = field(default_factory=list)
     tensors: list = field(default_factory=list)  # names of the constants the rewrite wrote
+    code: Optional[str] = None  # for "kept": why, as a stable foldkit.codes.Why value
 
 
 @dataclass
@@ -70,11 +71,16 @@ class Report:
             self._by_key[f"{new}#merged:{len(self._by_key)}"] = self._by_key.pop(new)
         self._by_key[new] = entry
 
-    def refuse(self, key: str, node: str, graph: str, stage: str, reason: str) -> None:
+    def refuse(self, key: str, node: str, graph: str, stage: str, reason: str, code=None) -> None:
+        from .codes import PRIORITY, Why
+
         e = self.entry(key, node, graph)
         line = f"{stage}: {reason}"
         if line not in e.steps:
             e.steps.append(line)
+        code = Why(code or Why.NOT_APPLICABLE)
+        if e.code is None or PRIORITY.index(code) < PRIORITY.index(Why(e.code)):
+            e.code = code.value
 
     def finish(self) -> None:
         self.actions = list(self._by_key.values())
@@ -82,6 +88,10 @@ class Report:
             if a.action == "kept" and not a.reason:
                 refusals = [s for s in a.steps if not s.startswith("converted")]
                 a.reason = "; ".join(refusals) or "no rewrite applies"
+            if a.action == "kept" and a.code is None:
+                a.code = "not_applicable"
+            elif a.action != "kept":
+                a.code = None
 
     def to_dict(self) -> dict:
         shapes = (self.verification or {}).get("inputs") or self.input_shapes

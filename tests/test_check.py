@@ -337,3 +337,38 @@ def test_subnormal_folded_weights_are_a_numeric_risk(tmp_path):
     r = invoke("check", save(m, tmp_path), "--format", "json")
     risks = [f for f in json.loads(r.output)["models"][0]["findings"] if f["code"] == "FK004"]
     assert risks and "subnormal" in risks[0]["message"], r.output
+
+
+def test_every_refusal_code_has_a_finding_and_check_maps_codes_not_words():
+    from foldkit.codes import FINDINGS, PRIORITY, Why
+
+    assert set(FINDINGS) == set(Why) == set(PRIORITY)
+    assert all(code in ("FK002", "FK003", "FK004", "FK005") for code, _ in FINDINGS.values())
+    # a refusal reworded beyond recognition keeps its finding: check reads the code, not the words
+    import foldkit
+    import foldkit.math as fm
+
+    m = base(var=[-5.0] * 6)
+    (a,) = foldkit.fold(m, verify=False).report.actions
+    assert a.action == "kept" and a.code == Why.INVALID_PARAMETERS.value
+    real = fm.bn_scale_shift
+
+    def reworded(*args, **kw):
+        try:
+            return real(*args, **kw)
+        except fm.FoldArithmeticError as e:
+            raise fm.FoldArithmeticError("these statistics are unusable", e.code) from None
+    import foldkit.passes.common as pc
+
+    pc.bn_scale_shift, saved = reworded, pc.bn_scale_shift
+    try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, "m.onnx")
+            onnx.save(m, p)
+            r = invoke("check", p, "--format", "json")
+    finally:
+        pc.bn_scale_shift = saved
+    (f,) = [f for f in json.loads(r.output)["models"][0]["findings"] if f["code"] != "FK006"]
+    assert f["code"] == "FK005" and "unusable" in f["message"] and r.exit_code == 1

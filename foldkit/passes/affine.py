@@ -13,6 +13,7 @@ import numpy as np
 
 from ..graph import node_label
 from .base import is_op
+from ..codes import Why
 from .common import Refusal, bn_affine
 
 ARITH = ("Mul", "Add", "Sub", "Div")
@@ -65,7 +66,7 @@ class BNAffine(Affine):
 
     def st(self, c, neg, rank, op):
         if self.s.size != c:
-            raise Refusal(f"channel count mismatch: the BN has {self.s.size} channels, the {op} produces {c}")
+            raise Refusal(f"channel count mismatch: the BN has {self.s.size} channels, the {op} produces {c}", Why.INVALID_PARAMETERS)
         if rank is None:
             raise Refusal(f"the rank of '{self.x}' is unknown, so the BN channel axis cannot be shown to be the {op}'s output-channel axis")
         if neg != 1 - rank:

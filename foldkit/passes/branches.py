@@ -187,7 +187,7 @@ class BranchMerge(Pass):
             j = view.producer_of(name)
             if j is not None and is_op(view.nodes[j], "BatchNormalization"):
                 ctx.report.refuse(view.nodes[j].output[0], node_label(view.nodes[j]), path,
-                                  "not merged with its parallel branches", reason)
+                                  "not merged with its parallel branches", reason)  # not_applicable
 
     # -- the merge --------------------------------------------------------------------------
     def _merge(self, ctx, view, path, root, inner, leaves, branches, x, kind) -> bool:

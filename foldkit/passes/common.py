@@ -5,11 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import FLOAT_TYPES, BadAttribute, GraphView, attr_float, attr_int, node_label, np_dtype
+from ..codes import Why
 from ..math import FoldArithmeticError, bn_scale_shift, round_to, scale_output_channels_rounded
 
 
 class Refusal(Exception):
-    """A rewrite does not apply; ``str(self)`` is the sentence for the report."""
+    """A rewrite does not apply; ``str(self)`` is the sentence for the report, ``code`` (a
+    foldkit.codes.Why) what ``foldkit check`` makes of it."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        from ..codes import Why
+
+        self.code = code or Why.NOT_APPLICABLE
 
 
 def is_training(opset: int, node) -> bool:
@@ -26,7 +34,7 @@ def is_training(opset: int, node) -> bool:
 def bn_affine(view: GraphView, node):
     """(s, t) in float64 with BN(x) = s * x + t, or Refusal."""
     if is_training(view.index.opset, node):
-        raise Refusal("it is in training mode (its output uses batch statistics)")
+        raise Refusal("it is in training mode (its output uses batch statistics)", Why.TRAINING_MODE)
     if view.index.opset < 9 and _int(node, "spatial", 1) == 0:
         raise Refusal("spatial=0 (per-activation statistics) is not a per-channel affine map")
     if len(node.input) < 5:
@@ -42,7 +50,7 @@ def bn_affine(view: GraphView, node):
     try:
         return bn_scale_shift(*params, eps=_float(node, "epsilon", 1e-5))
     except FoldArithmeticError as e:
-        raise Refusal(str(e)) from None
+        raise Refusal(str(e), e.code) from None
 
 
 def _int(node, name, default):
@@ -66,7 +74,7 @@ def rounded(a: np.ndarray, data_type: int, what: str) -> np.ndarray:
     try:
         return round_to(a, np_dtype(data_type))
     except FoldArithmeticError as e:
-        raise Refusal(f"{what}: {e}") from None
+        raise Refusal(f"{what}: {e}", e.code) from None
 
 
 def weight(view: GraphView, node, pos: int, what: str, ndim=None):
@@ -96,4 +104,4 @@ def scaled_weight(w, s, kind: str, group: int):
     try:
         return scale_output_channels_rounded(w.array, s, kind, group, np_dtype(w.data_type), lazy=True)
     except FoldArithmeticError as e:
-        raise Refusal(f"folded weight: {e}") from None
+        raise Refusal(f"folded weight: {e}", e.code) from None

@@ -21,6 +21,7 @@ import onnx
 from ..graph import node_label, set_attr
 from ..math import fold_into_conv_consumer
 from .base import Pass, bn_nodes, is_op
+from ..codes import Why
 from .common import Refusal, bn_affine, float_attr, int_attr, rounded, weight
 
 
@@ -35,7 +36,7 @@ class FoldIntoConsumer(Pass):
             try:
                 target = self._fold(view, i, bn)
             except Refusal as r:
-                ctx.report.refuse(bn.output[0], label, path, "not folded into its consumer", str(r))
+                ctx.report.refuse(bn.output[0], label, path, "not folded into its consumer", str(r), r.code)
                 continue
             entry = ctx.report.entry(bn.output[0], label, path)
             entry.action, entry.target = "folded", target
@@ -55,7 +56,8 @@ class FoldIntoConsumer(Pass):
         c = view.nodes[j]
         if c.op_type == "QuantizeLinear" and c.domain in ("", "ai.onnx"):
             raise Refusal(f"it is followed by QuantizeLinear '{node_label(c)}': the op after it reads a quantized "
-                          "input, so folding into it would change what is quantized; fold before quantizing")
+                          "input, so folding into it would change what is quantized; fold before quantizing",
+                          Why.QUANTIZATION)
         if c.domain not in ("", "ai.onnx") or c.op_type not in ("Conv", "Gemm", "MatMul") or pos != 0:
             raise Refusal(f"it is followed by {c.op_type} '{node_label(c)}', which cannot absorb it")
         s, t = bn_affine(view, bn)
@@ -78,7 +80,7 @@ class FoldIntoConsumer(Pass):
         if group < 1 or w.array.shape[0] % group:
             raise Refusal(f"group={group} does not divide the Conv's output channels")
         if w.array.shape[1] * group != s.size:
-            raise Refusal(f"channel count mismatch: the BN has {s.size} channels, the Conv reads {w.array.shape[1] * group}")
+            raise Refusal(f"channel count mismatch: the BN has {s.size} channels, the Conv reads {w.array.shape[1] * group}", Why.INVALID_PARAMETERS)
         b = weight(view, c, 2, "Conv bias", ndim=1)
         w_new, b_new = fold_into_conv_consumer(w.array, None if b is None else b.array, s, t, group)
         w_new = rounded(w_new, w.data_type, "folded weight")
@@ -100,7 +102,7 @@ class FoldIntoConsumer(Pass):
         trans_b = int_attr(c, "transB", 0)
         b_eff = w.array.astype(np.float64).T if trans_b else w.array.astype(np.float64)  # [K, N]
         if b_eff.shape[0] != s.size:
-            raise Refusal(f"channel count mismatch: the BN has {s.size} channels, the Gemm reduces over {b_eff.shape[0]}")
+            raise Refusal(f"channel count mismatch: the BN has {s.size} channels, the Gemm reduces over {b_eff.shape[0]}", Why.INVALID_PARAMETERS)
         alpha, beta = float_attr(c, "alpha", 1.0), float_attr(c, "beta", 1.0)
         b_new = s[:, None] * b_eff
         b_new = rounded(b_new.T if trans_b else b_new, w.data_type, "folded weight")
@@ -125,7 +127,7 @@ class FoldIntoConsumer(Pass):
         if w is None:
             raise Refusal("the MatMul has no constant weight")
         if w.array.shape[0] != s.size:
-            raise Refusal(f"channel count mismatch: the BN has {s.size} channels, the MatMul reduces over {w.array.shape[0]}")
+            raise Refusal(f"channel count mismatch: the BN has {s.size} channels, the MatMul reduces over {w.array.shape[0]}", Why.INVALID_PARAMETERS)
         wf = w.array.astype(np.float64)
         w_new = rounded(s[:, None] * wf, w.data_type, "folded weight")
         shift = t @ wf

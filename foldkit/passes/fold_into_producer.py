@@ -34,6 +34,7 @@ from ..report import Action
 from .affine import ARITH, ArithAffine, affine_of
 from .base import Pass, is_op
 from . import qdq
+from ..codes import Why
 from .common import Refusal, float_attr, int_attr, rounded, scaled_weight, weight
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Concat")
@@ -50,7 +51,7 @@ class _Slice:
     def st(self, c, neg, rank, op):
         if c != self.hi - self.lo:
             raise Refusal(f"channel count mismatch: the {op} produces {c} channels, its part of the Concat is "
-                          f"{self.hi - self.lo}")
+                          f"{self.hi - self.lo}", Why.INVALID_PARAMETERS)
         return self.s[self.lo:self.hi], self.t[self.lo:self.hi]
 
 
@@ -73,7 +74,7 @@ class FoldIntoProducer(Pass):
                 target = self._fold(view, i, node)
             except Refusal as r:
                 if bn:
-                    ctx.report.refuse(node.output[0], label, path, "not folded into its producer", str(r))
+                    ctx.report.refuse(node.output[0], label, path, "not folded into its producer", str(r), r.code)
                 continue
             if bn:
                 entry = ctx.report.entry(node.output[0], label, path)
@@ -108,7 +109,7 @@ class FoldIntoProducer(Pass):
                 what = f"{view.nodes[src].op_type} '{node_label(view.nodes[src])}'" if src is not None else "its input"
                 raise Refusal(f"its input is re-quantized (QuantizeLinear -> DequantizeLinear) after {what}: folding "
                               "would remove a rounding step; fold before quantizing (`foldkit fold` on the float "
-                              "model, or onnxruntime's quant_pre_process)")
+                              "model, or onnxruntime's quant_pre_process)", Why.QUANTIZATION)
         if p.domain not in ("", "ai.onnx") or p.op_type not in FOLDABLE:
             raise Refusal(f"its input comes from {p.op_type} '{node_label(p)}', which has no weights to fold into")
         if view.is_graph_output(x):

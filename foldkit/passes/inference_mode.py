@@ -15,6 +15,7 @@ running statistics), so verification compares against the model *after* this pas
 from __future__ import annotations
 
 from ..graph import del_attr, node_label, set_attr
+from ..codes import Why
 from .base import Pass, bn_nodes
 from .common import Refusal, is_training
 
@@ -31,7 +32,7 @@ class InferenceMode(Pass):
                 if not is_training(opset, bn):
                     continue
             except Refusal as r:
-                ctx.report.refuse(bn.output[0], label, path, "inference-mode", str(r))
+                ctx.report.refuse(bn.output[0], label, path, "inference-mode", str(r), r.code)
                 continue
             extra = [o for o in bn.output[1:] if o]
             used = [o for o in extra if view.uses(o) > 0]
@@ -39,7 +40,7 @@ class InferenceMode(Pass):
                 names = ", ".join(f"'{o}'" for o in used)
                 ctx.report.refuse(bn.output[0], label, path, "inference-mode",
                                   f"it is in training mode and its running-statistics output {names} "
-                                  f"is read by the graph, so it cannot be converted to inference mode")
+                                  f"is read by the graph, so it cannot be converted to inference mode", Why.TRAINING_MODE)
                 continue
             del bn.output[1:]
             if opset >= 14:

@@ -36,7 +36,7 @@ class LowerStandalone(Pass):
                 s_c = rounded(s.reshape(shape), elem, "lowered scale")
                 t_c = rounded(t.reshape(shape), elem, "lowered shift")
             except Refusal as r:
-                ctx.report.refuse(bn.output[0], label, path, "not lowered", str(r))
+                ctx.report.refuse(bn.output[0], label, path, "not lowered", str(r), r.code)
                 continue
             names = [view.new_constant(arr, elem, f"{label}_{base}", i) for base, arr in (("scale", s_c), ("shift", t_c))]
             mid = view.index.fresh(f"{bn.output[0]}_scaled")

@@ -35,6 +35,7 @@ from onnx import TensorProto
 
 from ..graph import get_attr, node_label, np_dtype, set_attr
 from ..math import FoldArithmeticError, round_to
+from ..codes import Why
 from .common import Refusal
 
 INT_TYPES = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT16: (-32768, 32767),
@@ -74,13 +75,13 @@ def quantized_weight(view, node, pos: int) -> Optional[QWeight]:
         return None
     dq = view.nodes[di]
     if view.uses(name) != 1 or view.is_graph_output(name):
-        raise Refusal(f"the quantized weight '{name}' is also read elsewhere")
+        raise Refusal(f"the quantized weight '{name}' is also read elsewhere", Why.QUANTIZATION)
     if _int_attr(dq, "block_size", 0):
-        raise Refusal("the weight is block-quantized (DequantizeLinear block_size), which is not folded")
+        raise Refusal("the weight is block-quantized (DequantizeLinear block_size), which is not folded", Why.QUANTIZATION)
     scale = view.constant(dq.input[1]) if len(dq.input) > 1 else None
     zp = view.constant(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
     if scale is None or (len(dq.input) > 2 and dq.input[2] and zp is None):
-        raise Refusal("the weight's DequantizeLinear scale or zero point is not a constant")
+        raise Refusal("the weight's DequantizeLinear scale or zero point is not a constant", Why.QUANTIZATION)
     if scale.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
         raise Refusal("the weight's DequantizeLinear scale is not a float tensor")
     qi = None
@@ -98,16 +99,16 @@ def quantized_weight(view, node, pos: int) -> Optional[QWeight]:
         if (qs.array.tobytes() != scale.array.tobytes() or (qz is None) != (zp is None)
                 or (qz is not None and qz.array.tobytes() != zp.array.tobytes())
                 or _int_attr(qn, "axis", 1) != _int_attr(dq, "axis", 1)):
-            raise Refusal("the weight's QuantizeLinear and DequantizeLinear use different scales or zero points")
+            raise Refusal("the weight's QuantizeLinear and DequantizeLinear use different scales or zero points", Why.QUANTIZATION)
         code_type = qz.data_type if qz is not None else TensorProto.UINT8
         if _int_attr(qn, "saturate", 1) != 1 or code_type not in INT_TYPES:
-            raise Refusal("the weight is quantized to a type other than 8- or 16-bit integers")
+            raise Refusal("the weight is quantized to a type other than 8- or 16-bit integers", Why.QUANTIZATION)
         codes = _quantize(w.array, scale.array, None if qz is None else qz.array, code_type,
                           _axis(dq, w.array.ndim, scale.array))
     else:
         c = view.constant(dq.input[0])
         if c is None:
-            raise Refusal("the quantized weight's integer codes are not a constant initializer")
+            raise Refusal("the quantized weight's integer codes are not a constant initializer", Why.QUANTIZATION)
         code_type, codes = c.data_type, np.asarray(c.array)
     if code_type not in INT_TYPES:
         raise Refusal(f"the weight's codes are {TensorProto.DataType.Name(code_type)}, not 8- or 16-bit integers")
@@ -121,7 +122,7 @@ def _axis(dq, rank: int, scale: np.ndarray) -> Optional[int]:
         return None
     axis = _int_attr(dq, "axis", 1)  # the ONNX default when the attribute is missing
     if not -rank <= axis < rank:
-        raise Refusal(f"the DequantizeLinear axis {axis} is out of range for a rank-{rank} weight")
+        raise Refusal(f"the DequantizeLinear axis {axis} is out of range for a rank-{rank} weight", Why.QUANTIZATION)
     return axis % rank
 
 
@@ -154,10 +155,10 @@ def plan(view, qw: QWeight, a: np.ndarray, out_axis: int, reflect: bool, what: s
     channel along ``out_axis`` of the weight, or Refusal."""
     c = qw.shape[out_axis]
     if a.size != c:
-        raise Refusal(f"channel count mismatch: the map has {a.size} channels, the {what} produces {c}")
+        raise Refusal(f"channel count mismatch: the map has {a.size} channels, the {what} produces {c}", Why.INVALID_PARAMETERS)
     if qw.axis is not None and qw.axis != out_axis:
         raise Refusal(f"the weight's DequantizeLinear scales axis {qw.axis}, not the {what}'s output-channel axis "
-                      f"{out_axis}: a per-output-channel map cannot be folded into them")
+                      f"{out_axis}: a per-output-channel map cannot be folded into them", Why.QUANTIZATION)
     zero = np.nonzero(a == 0)[0]
     if zero.size:
         raise Refusal(f"the map is zero on channel {int(zero[0])}, which would make a zero scale")
@@ -182,14 +183,14 @@ def plan(view, qw: QWeight, a: np.ndarray, out_axis: int, reflect: bool, what: s
                               "reflected encoding is opt-in: --qdq-reflect)")
             if lo == 0:
                 raise Refusal(f"channel {int(ch)} has a negative scale: unsigned codes with zero point 0 cannot "
-                              "be negated (--qdq-reflect gives the exact reflected encoding)")
+                              "be negated (--qdq-reflect gives the exact reflected encoding)", Why.QUANTIZATION)
             moved[ch] = -moved[ch]
         elif reflect:
             moved[ch] = lo + hi - moved[ch]
             new_zp[ch] = lo + hi - zp_vec[ch]
         else:
             raise Refusal(f"channel {int(ch)} has a negative scale and zero point {int(zp_vec[ch])}: negating its "
-                          "codes needs the reflected encoding (--qdq-reflect)")
+                          "codes needs the reflected encoding (--qdq-reflect)", Why.QUANTIZATION)
     new_codes = np.moveaxis(moved, 0, out_axis).astype(np_dtype(qw.code_type))
     try:
         new_scale = round_to(np.abs(a) * s, np_dtype(qw.scale_type))
