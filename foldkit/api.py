@@ -13,7 +13,7 @@ from onnx import ModelProto
 from . import io as fio
 from .errors import InputError, VerificationError
 from .graph import iter_graphs, node_label, subgraph_paths
-from .passes import DEFAULT_PASSES, FINAL_PASSES, PASS_NAMES
+from .passes import DEFAULT_PASSES, PASS_NAMES
 from .passes.base import FoldContext, Pass, is_op
 from .report import Report
 from .verify import verify as run_verify
@@ -253,11 +253,9 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
             spill_dir = None
     ctx = FoldContext(m, report, base_dir, defer=defer, spill_dir=spill_dir, lower_standalone=lower_standalone,
                       qdq_reflect=qdq_reflect)
-    ctx.converted_training = False
-
-    first, rest = selected[:1], selected[1:]
-    if first and first[0].name != "inference-mode":
-        first, rest = [], selected
+    first = [p for p in selected if p.stage == "inference-mode"]
+    folds = [p for p in selected if p.stage == "fold"]
+    final = [p for p in selected if p.stage == "final"]
     rewritten = False
     if freeze_initializer_inputs:
         rewritten |= _freeze_initializer_inputs(m, report)
@@ -269,7 +267,6 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
         report.notes.append("training-mode BN was converted to inference mode; verification compares "
                             "against the model after that conversion, since it changes outputs by design")
 
-    folds = [p for p in rest if p.name not in FINAL_PASSES]
     for _ in range(MAX_ROUNDS):
         changed = False
         for p in folds:
@@ -277,13 +274,16 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, 
         rewritten |= changed
         if not changed:
             break
+    else:
+        if folds:
+            report.notes.append(f"the fold passes were still changing the model after {MAX_ROUNDS} rounds "
+                                "(the round limit); what they did is verified, more rounds might fold more")
     report.passes.extend(p.name for p in folds)
-    for p in rest:
-        if p.name in FINAL_PASSES:
-            done = bool(p.run(ctx))
-            rewritten |= done
-            if done or p.name == "cleanup":
-                report.passes.append(p.name)
+    for p in final:
+        done = bool(p.run(ctx))
+        rewritten |= done
+        if done or p.name == "cleanup":
+            report.passes.append(p.name)
     report.unchanged = not rewritten
 
     report.bn_after = count_bn(m)

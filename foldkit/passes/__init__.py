@@ -1,6 +1,7 @@
 """The rewrites, in the order they run. No import-time registration: this tuple is the list.
 
-Stages: ``inference-mode`` runs first and alone (verification compares against the model after it);
+Each pass declares its stage (``Pass.stage``): ``inference-mode`` runs first and alone (verification
+compares against the model after it);
 the fold passes (``producer``, ``merge``, ``branches``, ``consumer``) then repeat until nothing
 changes (fold first, then merge parallel branches, then fold what the merge exposed); ``lower``
 (only with lower_standalone) and ``cleanup`` run last.
@@ -16,7 +17,7 @@ from .merge import MergeAffine
 
 DEFAULT_PASSES = (InferenceMode(), FoldIntoProducer(), MergeAffine(), BranchMerge(), FoldIntoConsumer(),
                   LowerStandalone(), Cleanup())
-FINAL_PASSES = ("lower", "cleanup")
+FINAL_PASSES = tuple(p.name for p in DEFAULT_PASSES if p.stage == "final")  # kept for callers; passes declare stage
 
 PASS_NAMES = tuple(p.name for p in DEFAULT_PASSES)
 

@@ -20,6 +20,7 @@ class FoldContext:
         self.model = model
         self.report = report
         self.options = options
+        self.converted_training = False  # set by the inference-mode pass when it converted a BN
         self.index = ModelIndex(model, base_dir, defer=defer, spill_dir=spill_dir)
 
     def walk(self) -> Iterator[tuple]:
@@ -38,10 +39,18 @@ class FoldContext:
         view.commit()
 
 
+STAGES = ("inference-mode", "fold", "final")
+
+
 class Pass:
-    """A rewrite. ``name`` is what ``--skip`` takes; ``run`` edits ``ctx.model`` in place."""
+    """A rewrite. ``name`` is what ``--skip`` takes; ``run`` edits ``ctx.model`` in place.
+
+    ``stage`` says when it runs: ``inference-mode`` first and alone (verification compares against
+    the model after it), ``fold`` in the fixed-point loop with the other folds, ``final`` once at the
+    end, in the order given."""
 
     name = "pass"
+    stage = "fold"
 
     def run(self, ctx: FoldContext) -> bool:
         """Apply the pass everywhere; return True if anything changed."""

@@ -55,6 +55,7 @@ def _ints(node, name, default):
 
 class BranchMerge(Pass):
     name = "branches"
+    stage = "fold"
 
     def run_graph(self, ctx, view, path):
         changed = False

@@ -18,6 +18,7 @@ from .base import Pass, is_op
 
 class Cleanup(Pass):
     name = "cleanup"
+    stage = "final"
 
     def run(self, ctx):
         uses = count_uses(ctx.model)

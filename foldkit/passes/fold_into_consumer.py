@@ -27,21 +27,21 @@ from .common import Refusal, bn_affine, float_attr, int_attr, rounded, weight
 
 class FoldIntoConsumer(Pass):
     name = "consumer"
+    stage = "fold"
 
     def run_graph(self, ctx, view, path):
         changed = False
         for i, bn in bn_nodes(view):
             label = node_label(bn)
-            self.written = []
             try:
-                target = self._fold(view, i, bn)
+                target, written = self._fold(view, i, bn)
             except Refusal as r:
                 ctx.report.refuse(bn.output[0], label, path, "not folded into its consumer", str(r), r.code)
                 continue
             entry = ctx.report.entry(bn.output[0], label, path)
             entry.action, entry.target = "folded", target
             entry.reason = f"folded into the following {target}"
-            entry.tensors = list(self.written)
+            entry.tensors = list(written)
             changed = True
         return changed
 
@@ -62,10 +62,10 @@ class FoldIntoConsumer(Pass):
             raise Refusal(f"it is followed by {c.op_type} '{node_label(c)}', which cannot absorb it")
         s, t = bn_affine(view, bn)
         apply = getattr(self, "_plan_" + c.op_type)(view, j, c, s, t, bn.input[0])
-        apply()
+        written = apply()
         view.remove(i)
         view.set_input(j, 0, bn.input[0])
-        return f"{c.op_type} '{node_label(c)}'"
+        return f"{c.op_type} '{node_label(c)}'", written
 
     def _plan_Conv(self, view, j, c, s, t, x):
         auto_pad = next((a.s.decode(errors="replace") for a in c.attribute if a.name == "auto_pad"), "NOTSET")
@@ -88,9 +88,11 @@ class FoldIntoConsumer(Pass):
         b_new = rounded(b_new, b_type, "folded bias")
 
         def apply():
-            self.written.append(view.set_constant(j, 1, w_new, w.data_type, f"{w.name}_folded"))
-            self.written.append(view.set_constant(j, 2, b_new, b_type,
+            written = []
+            written.append(view.set_constant(j, 1, w_new, w.data_type, f"{w.name}_folded"))
+            written.append(view.set_constant(j, 2, b_new, b_type,
                                                   f"{node_label(c)}_bias_folded" if b is None else f"{b.name}_folded"))
+            return written
         return apply
 
     def _plan_Gemm(self, view, j, c, s, t, x):
@@ -112,11 +114,13 @@ class FoldIntoConsumer(Pass):
         c_new = rounded(shift if cc is None else beta * cc.array.astype(np.float64) + shift, c_type, "folded C")
 
         def apply():
-            self.written.append(view.set_constant(j, 1, b_new, w.data_type, f"{w.name}_folded"))
-            self.written.append(view.set_constant(j, 2, c_new, c_type,
+            written = []
+            written.append(view.set_constant(j, 1, b_new, w.data_type, f"{w.name}_folded"))
+            written.append(view.set_constant(j, 2, c_new, c_type,
                                                   f"{node_label(c)}_C_folded" if cc is None else f"{cc.name}_folded"))
             if beta != 1.0:
                 set_attr(c, "beta", 1.0)
+            return written
         return apply
 
     def _plan_MatMul(self, view, j, c, s, t, x):
@@ -150,13 +154,15 @@ class FoldIntoConsumer(Pass):
                             if bias.array.ndim else bias.array.astype(np.float64) + shift, bias.data_type, "folded bias")
 
         def apply():
-            self.written.append(view.set_constant(j, 1, w_new, w.data_type, f"{w.name}_folded"))
+            written = []
+            written.append(view.set_constant(j, 1, w_new, w.data_type, f"{w.name}_folded"))
             if add is not None:
-                self.written.append(view.set_constant(k, bpos, b_new, bias.data_type, f"{bias.name}_folded"))
-                return
+                written.append(view.set_constant(k, bpos, b_new, bias.data_type, f"{bias.name}_folded"))
+                return written
             name = view.new_constant(shift_rounded, w.data_type, f"{node_label(c)}_bias_folded", j)
-            self.written.append(name)
+            written.append(name)
             mid = view.index.fresh(f"{out}_unbiased")
             view.rename_output(j, 0, mid)
             view.insert_after(j, onnx.helper.make_node("Add", [mid, name], [out], name=view.index.fresh(f"{node_label(c)}_bias")))
+            return written
         return apply

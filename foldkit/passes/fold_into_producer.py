@@ -57,6 +57,7 @@ class _Slice:
 
 class FoldIntoProducer(Pass):
     name = "producer"
+    stage = "fold"
 
     def run_graph(self, ctx, view, path):
         changed = False
@@ -67,11 +68,10 @@ class FoldIntoProducer(Pass):
             if not bn and node.op_type not in ARITH:
                 continue
             label = node_label(node)
-            self.written = []
             self.options = ctx.options
             self.notes = ctx.report.notes
             try:
-                target = self._fold(view, i, node)
+                target, written = self._fold(view, i, node)
             except Refusal as r:
                 if bn:
                     ctx.report.refuse(node.output[0], label, path, "not folded into its producer", str(r), r.code)
@@ -80,12 +80,12 @@ class FoldIntoProducer(Pass):
                 entry = ctx.report.entry(node.output[0], label, path)
                 entry.action, entry.target = "folded", target
                 entry.reason = f"folded into the preceding {target}"
-                entry.tensors = list(self.written)
+                entry.tensors = list(written)
                 view.index.files.release(view.index.payloads)  # mapped pages of this fold: out of our RSS
             else:
                 ctx.report.affine.append(Action(node=label, action="folded", target=target, graph=path,
                                                 reason=f"{node.op_type} by a constant folded into the preceding {target}",
-                                                tensors=list(self.written)))
+                                                tensors=list(written)))
             changed = True
         return changed
 
@@ -121,11 +121,11 @@ class FoldIntoProducer(Pass):
         apply = getattr(self, "_plan_" + p.op_type)(view, pi, p, aff, i)
         # every check has passed: apply the plan (constants, attributes), then splice the node out
         # unless the plan rewrote the node itself (MatMul without a bias Add)
-        target, splice = apply()
+        target, splice, written = apply()
         if splice:
             view.remove(i)
             view.rename_output(pi, 0, node.output[0])
-        return target
+        return target, written
 
     def _split(self, view, i, node, ci, cat, aff) -> str:
         """A per-channel map after a Concat (MixConv, Inception-style branches): each branch's
@@ -162,12 +162,14 @@ class FoldIntoProducer(Pass):
             part = _Slice(aff, s, t, lo, lo + c)
             plans.append(getattr(self, "_plan_" + b.op_type)(view, bi, b, part, i))
             lo += c
-        targets = []
+        targets, written = [], []
         for apply in plans:  # every branch passed its checks: apply all
-            targets.append(apply()[0])
+            target, _, wrote = apply()
+            targets.append(target)
+            written += wrote
         view.remove(i)
         view.rename_output(ci, 0, node.output[0])
-        return f"Concat '{node_label(cat)}' split into {', '.join(targets)}"
+        return f"Concat '{node_label(cat)}' split into {', '.join(targets)}", written
 
     def _qdq(self, view, pi, p, aff, qw, out_axis, rank, bias_pos, what):
         """Fold into a quantized weight (see foldkit.passes.qdq): codes, scale and zero point of its
@@ -190,12 +192,13 @@ class FoldIntoProducer(Pass):
         notes = self.notes
 
         def apply():
-            qdq.apply(view, pi, qw, planned, node_label(p), self.written, notes)
+            written = []
+            qdq.apply(view, pi, qw, planned, node_label(p), written, notes)
             if not skip_b:
-                self.written.append(view.set_constant(pi, bias_pos, b_new, b_type, f"{node_label(p)}_bias_folded"))
+                written.append(view.set_constant(pi, bias_pos, b_new, b_type, f"{node_label(p)}_bias_folded"))
                 if what == "Gemm" and beta != 1.0:
                     set_attr(p, "beta", 1.0)
-            return f"{what} '{node_label(p)}' (quantized weight: codes, scales and a float bias)", True
+            return f"{what} '{node_label(p)}' (quantized weight: codes, scales and a float bias)", True, written
         return apply
 
     def _conv_like(self, view, pi, p, aff, kind):
@@ -220,11 +223,12 @@ class FoldIntoProducer(Pass):
         scale_only = not np.any(t) and b is None
 
         def apply():
-            self.written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
+            written = []
+            written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
             if not scale_only:
-                self.written.append(view.set_constant(
+                written.append(view.set_constant(
                     pi, 2, b_new, b_type, f"{node_label(p)}_bias_folded" if b is None else f"{b.name}_folded"))
-            return f"{p.op_type} '{node_label(p)}'", True
+            return f"{p.op_type} '{node_label(p)}'", True, written
         return apply
 
     def _plan_Conv(self, view, pi, p, aff, i):
@@ -258,13 +262,14 @@ class FoldIntoProducer(Pass):
         skip_c = c is None and not np.any(t)
 
         def apply():
-            self.written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
+            written = []
+            written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
             if not skip_c:
-                self.written.append(view.set_constant(
+                written.append(view.set_constant(
                     pi, 2, c_new, c_type, f"{node_label(p)}_C_folded" if c is None else f"{c.name}_folded"))
                 if beta != 1.0:
                     set_attr(p, "beta", 1.0)
-            return f"Gemm '{node_label(p)}'", True
+            return f"Gemm '{node_label(p)}'", True, written
         return apply
 
     def _plan_MatMul(self, view, pi, p, aff, i):
@@ -279,13 +284,14 @@ class FoldIntoProducer(Pass):
         x = aff.x
 
         def apply():
-            self.written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
+            written = []
+            written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
             if not np.any(t):
-                return f"MatMul '{node_label(p)}'", True
+                return f"MatMul '{node_label(p)}'", True, written
             bias = view.new_constant(t_new, w.data_type, f"{node_label(p)}_bias_folded", i)
-            self.written.append(bias)
+            written.append(bias)
             view.rewrite_node(i, "Add", [x, bias])
-            return f"MatMul '{node_label(p)}' (the {'BN' if aff.is_bn else 'op'} became its bias Add)", False
+            return f"MatMul '{node_label(p)}' (the {'BN' if aff.is_bn else 'op'} became its bias Add)", False, written
         return apply
 
     def _plan_Add(self, view, pi, p, aff, i):
@@ -315,7 +321,8 @@ class FoldIntoProducer(Pass):
         b_new = rounded((b_arr * s + t).reshape(b_arr.shape[:-1] + (n,)), bias.data_type, "folded bias")
 
         def apply():
-            self.written.append(view.set_constant(mi, 1, w_new, w.data_type, f"{w.name}_folded"))
-            self.written.append(view.set_constant(pi, 1 - mpos, b_new, bias.data_type, f"{bias.name}_folded"))
-            return f"MatMul '{node_label(m)}' + Add '{node_label(p)}'", True
+            written = []
+            written.append(view.set_constant(mi, 1, w_new, w.data_type, f"{w.name}_folded"))
+            written.append(view.set_constant(pi, 1 - mpos, b_new, bias.data_type, f"{bias.name}_folded"))
+            return f"MatMul '{node_label(m)}' + Add '{node_label(p)}'", True, written
         return apply

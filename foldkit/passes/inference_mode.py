@@ -22,6 +22,7 @@ from .common import Refusal, is_training
 
 class InferenceMode(Pass):
     name = "inference-mode"
+    stage = "inference-mode"
 
     def run_graph(self, ctx, view, path):
         changed = False

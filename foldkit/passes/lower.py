@@ -16,6 +16,7 @@ from .common import Refusal, bn_affine, rounded
 
 class LowerStandalone(Pass):
     name = "lower"
+    stage = "final"
 
     def run(self, ctx):
         if not ctx.options.get("lower_standalone"):

@@ -20,6 +20,7 @@ from .common import Refusal, float_attr, rounded
 
 class MergeAffine(Pass):
     name = "merge"
+    stage = "fold"
 
     def run_graph(self, ctx, view, path):
         changed = False
