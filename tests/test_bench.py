@@ -282,3 +282,41 @@ def test_plot_answers_is_it_faster_and_is_deterministic(pair, tmp_path):
     assert w > 800 and h > 150  # one row per runtime and batch, labels beside it
     r = CliRunner().invoke(main, ["bench", str(a), "--plot", str(tmp_path / "p.png"), "--iters", "2"])
     assert r.exit_code == 2 and "at least two models" in r.output and not (tmp_path / "p.png").exists()
+
+
+def test_runner_lifecycle_is_guarded_and_the_torch_runner_restores_the_callers_module(pair):
+    from foldkit.bench.runners import TorchRunner
+
+    a, _ = pair
+    feeds = {"X": np.zeros((1, 8, 16, 16), np.float32)}
+    r = OrtRunner(str(a), feeds, "ort-cpu", "disable")
+    with pytest.raises(RuntimeError, match="not active"):
+        r.infer()
+    with r:
+        assert r.is_active and r.infer() > 0
+        with pytest.raises(RuntimeError, match="already active"):
+            r.activate()
+    assert not r.is_active
+    torch = pytest.importorskip("torch")
+    module = torch.nn.Sequential(torch.nn.Conv2d(8, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    with TorchRunner(None, feeds, module=module) as t:
+        assert not module.training and t.infer() > 0  # eval while measured
+    assert module.training  # the caller's module as it was
+
+
+def test_run_bench_deactivates_every_runner_when_one_fails(pair, monkeypatch):
+    from foldkit.bench import runners
+
+    a, b = pair
+    states = []
+    real = runners.OrtRunner.infer_impl
+
+    def failing(self):
+        states.append(self)
+        if len(states) > 3:
+            raise RuntimeError("boom")
+        return real(self)
+    monkeypatch.setattr(runners.OrtRunner, "infer_impl", failing)
+    res = run_bench(BenchConfig(models=[str(a), str(b)], ort_opt_levels=["disable"], batches=[1], warmup=1, iters=4))
+    assert res.unavailable and "boom" in res.unavailable[0]["reason"]
+    assert states and not any(s.is_active for s in states)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from dataclasses import dataclass, field
@@ -171,14 +172,9 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None) -> BenchRes
                     else:
                         r = OrtRunner(path, feeds, runtime, level, cfg.threads, cfg.fp16, cfg.cache_dir)
                     entries.append((os.path.basename(path), r))
-            active = []
-            try:
-                for label, r in entries:
-                    active.append((label, r.__enter__()))
+            with contextlib.ExitStack() as stack:  # every runner deactivated, whatever fails
+                active = [(label, stack.enter_context(r)) for label, r in entries]
                 samples = _measure([r for _, r in active], cfg.warmup, cfg.iters, tick)
-            finally:
-                for _, r in active:
-                    r.__exit__(None, None, None)
         except (Unavailable, RuntimeError, ValueError) as e:  # a runtime that cannot run this model
             reason = str(e) if isinstance(e, Unavailable) else f"failed: {str(e).strip().splitlines()[0][:200]}"
             result.unavailable.append({"runtime": group, "batch": batch if batch is not None else "-", "reason": reason})

@@ -24,6 +24,11 @@ ORT_LEVELS = ("disable", "basic", "extended", "all")
 
 
 class Runner:
+    """Polygraphy's lifecycle: ``activate`` (timed as the load), ``infer`` any number of times,
+    ``deactivate``; or ``with Runner(...) as r``. Subclasses implement ``activate_impl``,
+    ``infer_impl`` and ``deactivate_impl``; the public methods guard the state (``is_active``), so a
+    runner is never used inactive, activated twice, or left active by an error."""
+
     name = "runner"
     device = "cpu"
 
@@ -31,11 +36,10 @@ class Runner:
         self.model_path = model_path
         self.feeds = feeds
         self.load_seconds: Optional[float] = None
+        self.is_active = False
 
     def __enter__(self):
-        t = time.perf_counter()
         self.activate()
-        self.load_seconds = time.perf_counter() - t
         return self
 
     def __exit__(self, *exc):
@@ -43,12 +47,34 @@ class Runner:
         return False
 
     def activate(self) -> None:
-        raise NotImplementedError
+        if self.is_active:
+            raise RuntimeError(f"{self.name}: already active")
+        t = time.perf_counter()
+        try:
+            self.activate_impl()
+        except BaseException:
+            self.deactivate_impl()  # release whatever a half-done activation holds
+            raise
+        self.load_seconds = time.perf_counter() - t
+        self.is_active = True
 
     def infer(self) -> int:
-        raise NotImplementedError
+        if not self.is_active:
+            raise RuntimeError(f"{self.name}: infer() on a runner that is not active")
+        return self.infer_impl()
 
     def deactivate(self) -> None:
+        if self.is_active:
+            self.is_active = False
+            self.deactivate_impl()
+
+    def activate_impl(self) -> None:
+        raise NotImplementedError
+
+    def infer_impl(self) -> int:
+        raise NotImplementedError
+
+    def deactivate_impl(self) -> None:
         pass
 
 
@@ -64,7 +90,7 @@ class OrtRunner(Runner):
         self.name = f"{runtime}[{opt_level}]"
         self.device = "cpu" if runtime == "ort-cpu" else "cuda"
 
-    def activate(self):
+    def activate_impl(self):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -111,14 +137,14 @@ class OrtRunner(Runner):
         for out in self.sess.get_outputs():
             self.binding.bind_output(out.name, dev)
 
-    def infer(self) -> int:
+    def infer_impl(self) -> int:
         t = time.perf_counter_ns()
         self.sess.run_with_iobinding(self.binding)
         if self.device == "cuda":
             self.binding.synchronize_outputs()
         return time.perf_counter_ns() - t
 
-    def deactivate(self):
+    def deactivate_impl(self):
         self.binding = None
         self.sess = None
         self._keep = []
@@ -134,7 +160,7 @@ class TrtRunner(Runner):
         self.name = "trt[fp16]" if fp16 else "trt[fp32]"
         self.device = "cuda"
 
-    def activate(self):
+    def activate_impl(self):
         try:
             import tensorrt as trt
         except ImportError:
@@ -196,14 +222,14 @@ class TrtRunner(Runner):
             self.context.set_tensor_address(name, t.data_ptr())
         self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-    def infer(self) -> int:
+    def infer_impl(self) -> int:
         self.start.record(self.stream)
         self.context.execute_async_v3(self.stream.cuda_stream)
         self.end.record(self.stream)
         self.end.synchronize()
         return int(self.start.elapsed_time(self.end) * 1e6)
 
-    def deactivate(self):
+    def deactivate_impl(self):
         self.context = self.engine = None
         self.buffers = {}
 
@@ -217,7 +243,7 @@ class TorchRunner(Runner):
         self.name = f"torch-{device}"
         self.label = label
 
-    def activate(self):
+    def activate_impl(self):
         try:
             import torch
         except ImportError:
@@ -228,13 +254,17 @@ class TorchRunner(Runner):
             raise Unavailable("the torch runtime needs --model FACTORY")
         self.torch = torch
         if self.threads:
+            self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.threads)
+        # the caller's module is moved and put in eval mode only while active: deactivate restores both
+        first = next(iter(self.module.parameters()), None)
+        self._restore = (first.device if first is not None else None, self.module.training)
         self.module = self.module.to(self.device).eval()
         self.args = [torch.from_numpy(a).to(self.device) for a in self.feeds.values()]
         if self.device == "cuda":
             self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-    def infer(self) -> int:
+    def infer_impl(self) -> int:
         torch = self.torch
         with torch.inference_mode():
             if self.device == "cuda":
@@ -246,6 +276,19 @@ class TorchRunner(Runner):
             t = time.perf_counter_ns()
             self.module(*self.args)
             return time.perf_counter_ns() - t
+
+    def deactivate_impl(self):
+        restore = getattr(self, "_restore", None)
+        if restore is not None and self.module is not None:
+            device, training = restore
+            if device is not None:
+                self.module.to(device)
+            self.module.train(training)
+            self._restore = None
+        if getattr(self, "_threads_before", None):
+            self.torch.set_num_threads(self._threads_before)
+            self._threads_before = None
+        self.args = []
 
 
 class OpenVinoRunner(Runner):
@@ -276,7 +319,7 @@ class OpenVinoRunner(Runner):
             cls._core = core
         return cls._core
 
-    def activate(self):
+    def activate_impl(self):
         try:
             import openvino as ov
         except ImportError:
@@ -293,12 +336,12 @@ class OpenVinoRunner(Runner):
         except Exception as e:  # OpenVINO raises RuntimeError with multi-line text for unsupported ops
             raise Unavailable(f"openvino: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
 
-    def infer(self) -> int:
+    def infer_impl(self) -> int:
         t = time.perf_counter_ns()
         self.request.infer()
         return time.perf_counter_ns() - t
 
-    def deactivate(self):
+    def deactivate_impl(self):
         self.request = None
         self.compiled = None
 
