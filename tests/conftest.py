@@ -17,7 +17,7 @@ if ROOT not in sys.path:
 
 @pytest.fixture
 def conv_bn_path(tmp_path):
-    from tests.test_fold_into_producer import conv_bn_model
+    from tests.helpers import conv_bn_model
 
     p = tmp_path / "model.onnx"
     onnx.save(conv_bn_model(2, group=2), str(p))

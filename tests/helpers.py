@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import foldkit
 
 F32 = TensorProto.FLOAT
+I8, U8 = TensorProto.INT8, TensorProto.UINT8
 
 
 def rng(seed=0):
@@ -111,3 +112,249 @@ def fold_and_compare(model, rtol=1e-5, atol=1e-6, bn_after=0, feeds=None, runner
     feeds = feeds if feeds is not None else random_feeds(model)
     assert_close(runner(model, feeds), runner(result.model, feeds), rtol, atol)
     return result
+
+
+def conv_bn_model(dims=2, group=1, bias=True, c_in=4, c_out=6, k=3, seed=0, conv_attrs=None, opset=17,
+                  transpose=False, spatial=5):
+    r = rng(seed)
+    if group > 1 and not transpose:
+        c_in, c_out = int(np.lcm(c_in, group)), int(np.lcm(c_out, group))
+    if transpose:
+        c_in, c_out = int(np.lcm(c_in, group)), int(np.lcm(c_out, group))
+        w = r.standard_normal((c_in, c_out // group) + (k,) * dims).astype(np.float32)
+    else:
+        w = r.standard_normal((c_out, c_in // group) + (k,) * dims).astype(np.float32)
+    inits = [tensor("W", w)]
+    ins = ["X", "W"]
+    if bias:
+        inits.append(tensor("Bc", r.standard_normal(c_out).astype(np.float32)))
+        ins.append("Bc")
+    names, bn = bn_inits("bn", c_out, r)
+    op = "ConvTranspose" if transpose else "Conv"
+    attrs = {"group": group}
+    attrs.update(conv_attrs or {})
+    nodes = [helper.make_node(op, ins, ["c"], name="conv", **attrs),
+             helper.make_node("BatchNormalization", ["c"] + names, ["Y"], name="bn", epsilon=1e-3)]
+    return make_model(nodes, [("X", F32, [2, c_in] + [spatial] * dims)], [("Y", F32, None)], inits + bn, opset=opset)
+
+
+def base(conv_out_is_output=False, extra_reader=False, w_as_input=False, bn_param_as_input=False,
+         bn_channels=6, var=None, producer="Conv", opset=17, scale=None, spatial=None, eps=1e-5):
+    r = rng(21)
+    names, bn = bn_inits("bn", bn_channels, r)
+    if var is not None:
+        bn[3] = tensor(names[3], np.asarray(var, np.float32))
+    if scale is not None:
+        bn[0] = tensor(names[0], np.asarray(scale, np.float32))
+    inputs = [("X", F32, [1, 4, 5, 5])]
+    inits = bn
+    if w_as_input:
+        inputs.append(("W", F32, [6, 4, 3, 3]))
+    else:
+        inits = [tensor("W", r.standard_normal((6, 4, 3, 3)).astype(np.float32))] + inits
+    if bn_param_as_input:
+        inputs.append((names[0], F32, [bn_channels]))
+        inits = [t for t in inits if t.name != names[0]]
+    outputs = [("Y", F32, None)]
+    if producer == "Conv":
+        nodes = [helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1], name="conv")]
+    else:
+        nodes = [helper.make_node("Relu", ["X"], ["c"], name="relu")]
+    bn_attrs = {"epsilon": eps}
+    if spatial is not None:
+        bn_attrs["spatial"] = spatial
+    nodes.append(helper.make_node("BatchNormalization", ["c"] + names, ["Y"], name="bn", **bn_attrs))
+    if conv_out_is_output:
+        outputs.append(("c", F32, None))
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", ["c"], ["R"]))
+        outputs.append(("R", F32, None))
+    return make_model(nodes, inputs, outputs, inits, opset=opset, infer_outputs=False)
+
+
+def typed_conv_bn(np_dtype, elem, bn_dtype=None, opset=17, scale=1.0):
+    r = rng(11)
+    w = np.clip(r.standard_normal((6, 4, 3, 3)) * scale, -6e4, 6e4).astype(np_dtype)
+    b = r.standard_normal(6).astype(np_dtype)
+    bn_dtype = bn_dtype or np_dtype
+    arrays = bn_arrays(6, r, np.float64)
+    names = ["s", "bb", "m", "v"]
+    inits = [tensor("W", w), tensor("B", b)] + [tensor(n, a.astype(bn_dtype)) for n, a in zip(names, arrays)]
+    nodes = [helper.make_node("Conv", ["X", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c"] + names, ["Y"], name="bn")]
+    return make_model(nodes, [("X", elem, [1, 4, 5, 5])], [("Y", elem, None)], inits, opset=opset)
+
+
+def _branch(name, w_name, bn_prefix, r, out):
+    arrays = bn_arrays(6, r)
+    names = [f"{bn_prefix}_{k}" for k in "sbmv"]
+    nodes = [helper.make_node("Conv", ["X", w_name], [f"{name}_c"], pads=[1, 1, 1, 1], name=f"{name}_conv"),
+             helper.make_node("BatchNormalization", [f"{name}_c"] + names, [out], name=f"{name}_bn")]
+    inits = [tensor(n, a) for n, a in zip(names, arrays)]
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, F32, [1, 6, 5, 5])], inits)
+
+
+def model(opset, training):
+    r = rng(31)
+    names, bn = bn_inits("bn", 6, r)
+    outs, attrs = ["Y"], {}
+    if training:
+        if opset >= 14:
+            outs, attrs = ["Y", "rm", "rv"], {"training_mode": 1}
+        elif opset >= 7:
+            outs = ["Y", "rm", "rv", "sm", "sv"]
+        else:
+            outs, attrs = ["Y", "rm", "rv", "sm", "sv"], {"is_test": 0}
+    elif opset < 7:
+        attrs = {"is_test": 1}
+    nodes = [helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c"] + names, outs, name="bn", **attrs)]
+    return make_model(nodes, [("X", F32, [2, 4, 5, 5])], [("Y", F32, None)],
+                      [tensor("W", r.standard_normal((6, 4, 3, 3)).astype(np.float32))] + bn,
+                      opset=opset, infer_outputs=False)
+
+
+def repvgg_block(c_in=8, c_out=8, k=3, group=1, stride=1, dilation=1, identity="bn", extra_3x3=0, r=None,
+                 pad_1x1=None, bias=False, h=9, dtype=np.float32, opset=17):
+    """x -> [Conv kxk + BN] + [Conv 1x1 + BN] (+ [Conv kxk + BN] * extra) (+ BN(x) | x) -> Relu."""
+    r = r or rng(0)
+    nodes, inits, branches = [], [], []
+    p = dilation * (k - 1) // 2
+    specs = [(k, p)] + [(1, 0 if pad_1x1 is None else pad_1x1)] + [(k, p)] * extra_3x3
+    for n, (kk, pp) in enumerate(specs):
+        w = tensor(f"w{n}", (r.standard_normal((c_out, c_in // group, kk, kk)) * 0.3).astype(dtype))
+        inits.append(w)
+        conv_in = ["x", f"w{n}"]
+        if bias:
+            inits.append(tensor(f"cb{n}", r.standard_normal(c_out).astype(dtype)))
+            conv_in.append(f"cb{n}")
+        nodes.append(helper.make_node("Conv", conv_in, [f"c{n}"], name=f"conv{n}", group=group,
+                                      strides=[stride, stride], dilations=[dilation, dilation], pads=[pp] * 4))
+        names, t = bn_inits(f"bn{n}", c_out, r, dtype)
+        inits += t
+        nodes.append(helper.make_node("BatchNormalization", [f"c{n}"] + names, [f"b{n}"], name=f"bn{n}"))
+        branches.append(f"b{n}")
+    if identity == "bn":
+        names, t = bn_inits("bnid", c_in, r, dtype)
+        inits += t
+        nodes.append(helper.make_node("BatchNormalization", ["x"] + names, ["bid"], name="bn_identity"))
+        branches.append("bid")
+    elif identity == "x":
+        branches.append("x")
+    acc = branches[0]
+    for n, b in enumerate(branches[1:]):
+        nodes.append(helper.make_node("Add", [acc, b], [f"s{n}"], name=f"add{n}"))
+        acc = f"s{n}"
+    nodes.append(helper.make_node("Relu", [acc], ["y"], name="relu"))
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return make_model(nodes, [("x", et, [2, c_in, h, h])], [("y", et, None)], inits, opset=opset)
+
+
+def _bn(c, r, prefix="bn", negative=()):
+    gamma, beta, mean, var = bn_arrays(c, r)
+    for ch in negative:
+        gamma[ch] = -abs(gamma[ch]) - 0.2
+    names = [f"{prefix}_{k}" for k in ("scale", "B", "mean", "var")]
+    return names, [tensor(n, a) for n, a in zip(names, (gamma, beta, mean, var))], (gamma, beta, mean, var)
+
+
+def qconv(codes=None, per_channel=True, zp=None, code_type=I8, float_weight=None, axis=0, axis_attr=True,
+          negative=(), c_out=6, c_in=4, act_qdq=True, bias=True, seed=0, op="Conv", extra_affine=()):
+    """[x -> Q -> DQ] -> op(DQ(weight)) -> [affine ops] -> BN -> Relu, as ModelOpt / NNCF / QAT export it."""
+    r = rng(seed)
+    wshape = (c_out, c_in, 3, 3) if op == "Conv" else (c_in, c_out, 3, 3)
+    nodes, inits = [], []
+    x = "x"
+    if act_qdq:
+        inits += [tensor("xs", np.float32(0.05)), tensor("xz", np.int8(0))]
+        nodes += [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
+        x = "xd"
+    nch = wshape[axis]
+    scale = (r.uniform(0.01, 0.03, nch) if per_channel else np.array(0.02)).astype(np.float32)
+    inits.append(tensor("ws", scale))
+    dq_in = ["wq", "ws"]
+    if zp is not None:
+        inits.append(tensor("wz", np.asarray(zp, dtype=np.int8 if code_type == I8 else np.uint8)))
+        dq_in.append("wz")
+    attrs = {"axis": axis} if (per_channel and axis_attr) else {}
+    if float_weight is not None:
+        inits.append(tensor("wf", float_weight.astype(np.float32)))
+        nodes.append(helper.make_node("QuantizeLinear", ["wf"] + dq_in[1:], ["wq"], **attrs))
+    else:
+        if codes is None:
+            codes = r.integers(-100, 100, wshape).astype(np.int8 if code_type == I8 else np.uint8)
+        inits.append(numpy_helper.from_array(codes, "wq"))
+    nodes.append(helper.make_node("DequantizeLinear", dq_in, ["w"], name="dqw", **attrs))
+    conv_in = [x, "w"] + (["b"] if bias else [])
+    if bias:
+        inits.append(tensor("b", r.standard_normal(c_out).astype(np.float32)))
+    nodes.append(helper.make_node(op, conv_in, ["c"], name="conv", pads=[1] * 4))
+    prev = "c"
+    for k, (kind, arr) in enumerate(extra_affine):
+        inits.append(tensor(f"aff{k}", arr.astype(np.float32).reshape(1, -1, 1, 1)))
+        nodes.append(helper.make_node(kind, [prev, f"aff{k}"], [f"af{k}"], name=f"{kind.lower()}{k}"))
+        prev = f"af{k}"
+    names, bn, params = _bn(c_out, r, negative=negative)
+    inits += bn
+    nodes += [helper.make_node("BatchNormalization", [prev] + names, ["n"], name="bn"),
+              helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    m = make_model(nodes, [("x", F32, [2, c_in, 7, 7])], [("y", F32, None)], inits, opset=19 if not per_channel else 13)
+    return m, params
+
+
+def _ill_conditioned(seed=3):
+    """y = BN(Conv(x)) - Conv2(x) with Conv2 ~ the folded conv: catastrophic cancellation, so the
+    rounding of exact folds shows up far above the default relative tolerance."""
+    r = rng(seed)
+    c = 8
+    w = (r.standard_normal((c, c, 3, 3)) * 30).astype(np.float32)
+    gamma, beta, mean, var = r.normal(1, 0.2, c), r.normal(0, 0.5, c), r.normal(0, 0.5, c), r.uniform(0.5, 2, c)
+    s = gamma / np.sqrt(var + 1e-5)
+    w2 = (w.astype(np.float64) * s[:, None, None, None]).astype(np.float32)
+    b2 = (beta - mean * s).astype(np.float32)
+    inits = [tensor("w", w), tensor("w2", w2), tensor("b2", b2)] + [
+        tensor(n, a.astype(np.float32)) for n, a in zip(("g", "be", "mu", "v"), (gamma, beta, mean, var))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["c", "g", "be", "mu", "v"], ["b"], name="bn"),
+             helper.make_node("Conv", ["x", "w2", "b2"], ["c2"], name="twin", pads=[1] * 4),
+             helper.make_node("Sub", ["b", "c2"], ["y"], name="cancel")]
+    return make_model(nodes, [("x", F32, [1, c, 8, 8])], [("y", F32, None)], inits)
+
+
+def _mixconv(third="Conv", c_in=4):
+    r = rng(13)
+    names, bn = bn_inits("bn", 3 + 5 + 2, r)
+    nodes = [helper.make_node("Conv", ["x", "w3"], ["a"], name="k3", pads=[1] * 4),
+             helper.make_node("Conv", ["x", "w5", "b5"], ["b"], name="k5", pads=[2] * 4)]
+    inits = [tensor("w3", r.standard_normal((3, c_in, 3, 3)).astype(np.float32)),
+             tensor("w5", r.standard_normal((5, c_in, 5, 5)).astype(np.float32)),
+             tensor("b5", r.standard_normal(5).astype(np.float32))]
+    if third == "Conv":
+        nodes.append(helper.make_node("Conv", ["x", "w1"], ["c"], name="k1", group=2))
+        inits.append(tensor("w1", r.standard_normal((2, c_in // 2, 1, 1)).astype(np.float32)))
+    elif third == "ConvTranspose":
+        nodes.append(helper.make_node("ConvTranspose", ["x", "wt"], ["c"], name="kt", pads=[1] * 4, group=2))
+        inits.append(tensor("wt", r.standard_normal((c_in, 1, 3, 3)).astype(np.float32)))
+    else:
+        nodes.append(helper.make_node("MaxPool", ["x"], ["c0"], kernel_shape=[1, 1]))
+        nodes.append(helper.make_node("Slice", ["c0", "st", "en", "ax"], ["c"]))
+        inits += [tensor("st", np.array([0], np.int64)), tensor("en", np.array([2], np.int64)),
+                  tensor("ax", np.array([1], np.int64))]
+    nodes += [helper.make_node("Concat", ["a", "b", "c"], ["cat"], axis=1, name="cat"),
+              helper.make_node("BatchNormalization", ["cat"] + names, ["n"], name="bn"),
+              helper.make_node("Relu", ["n"], ["y"])]
+    return make_model(nodes, [("x", F32, [2, c_in, 7, 7])], [("y", F32, None)], inits + bn)
+
+
+def _classifier(c=4, k=10, seed=15):
+    r = rng(seed)
+    names, bn = bn_inits("bn", c, r)
+    nodes = [helper.make_node("Conv", ["img", "w"], ["cv"], name="conv", pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["cv"] + names, ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], transB=1)]
+    inits = [tensor("w", r.standard_normal((c, 1, 3, 3)).astype(np.float32)),
+             tensor("fc", r.standard_normal((k, c)).astype(np.float32)), tensor("fcb", r.standard_normal(k).astype(np.float32))]
+    m = make_model(nodes, [("img", F32, ["N", 1, 8, 8])], [("logits", F32, ["N", k])], inits + bn)
+    return m

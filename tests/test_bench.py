@@ -11,7 +11,7 @@ from foldkit.bench import BenchConfig, run_bench
 from foldkit.bench.runners import OrtRunner, TrtRunner, Unavailable
 from foldkit.bench.stats import paired_ratio, summarize
 from foldkit.cli import main
-from tests.test_fold_into_producer import conv_bn_model
+from tests.helpers import conv_bn_model
 
 
 def _has_cuda_ort():

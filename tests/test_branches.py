@@ -7,43 +7,7 @@ import pytest
 from onnx import helper
 
 import foldkit
-from tests.helpers import F32, bn_inits, fold_and_compare, make_model, op_count, rng, tensor
-
-
-def repvgg_block(c_in=8, c_out=8, k=3, group=1, stride=1, dilation=1, identity="bn", extra_3x3=0, r=None,
-                 pad_1x1=None, bias=False, h=9, dtype=np.float32, opset=17):
-    """x -> [Conv kxk + BN] + [Conv 1x1 + BN] (+ [Conv kxk + BN] * extra) (+ BN(x) | x) -> Relu."""
-    r = r or rng(0)
-    nodes, inits, branches = [], [], []
-    p = dilation * (k - 1) // 2
-    specs = [(k, p)] + [(1, 0 if pad_1x1 is None else pad_1x1)] + [(k, p)] * extra_3x3
-    for n, (kk, pp) in enumerate(specs):
-        w = tensor(f"w{n}", (r.standard_normal((c_out, c_in // group, kk, kk)) * 0.3).astype(dtype))
-        inits.append(w)
-        conv_in = ["x", f"w{n}"]
-        if bias:
-            inits.append(tensor(f"cb{n}", r.standard_normal(c_out).astype(dtype)))
-            conv_in.append(f"cb{n}")
-        nodes.append(helper.make_node("Conv", conv_in, [f"c{n}"], name=f"conv{n}", group=group,
-                                      strides=[stride, stride], dilations=[dilation, dilation], pads=[pp] * 4))
-        names, t = bn_inits(f"bn{n}", c_out, r, dtype)
-        inits += t
-        nodes.append(helper.make_node("BatchNormalization", [f"c{n}"] + names, [f"b{n}"], name=f"bn{n}"))
-        branches.append(f"b{n}")
-    if identity == "bn":
-        names, t = bn_inits("bnid", c_in, r, dtype)
-        inits += t
-        nodes.append(helper.make_node("BatchNormalization", ["x"] + names, ["bid"], name="bn_identity"))
-        branches.append("bid")
-    elif identity == "x":
-        branches.append("x")
-    acc = branches[0]
-    for n, b in enumerate(branches[1:]):
-        nodes.append(helper.make_node("Add", [acc, b], [f"s{n}"], name=f"add{n}"))
-        acc = f"s{n}"
-    nodes.append(helper.make_node("Relu", [acc], ["y"], name="relu"))
-    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    return make_model(nodes, [("x", et, [2, c_in, h, h])], [("y", et, None)], inits, opset=opset)
+from tests.helpers import F32, bn_inits, fold_and_compare, make_model, op_count, repvgg_block, rng, tensor
 
 
 def _merged(result, convs=1):

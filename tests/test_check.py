@@ -14,8 +14,8 @@ from onnx import TensorProto, helper
 
 from foldkit.cli import main
 from tests.helpers import F32, fill_output_shapes, tensor
-from tests.test_fold_into_producer import conv_bn_model
-from tests.test_refusals import base
+from tests.helpers import conv_bn_model
+from tests.helpers import base
 
 
 def invoke(*args):
@@ -42,7 +42,7 @@ def test_foldable_bn_is_an_error_and_folded_model_passes(tmp_path):
 
 
 def test_training_mode_is_an_error(tmp_path):
-    from tests.test_inference_mode import model
+    from tests.helpers import model
     r = invoke("check", save(model(17, training=True), tmp_path), "--format", "json")
     assert r.exit_code == 1
     assert "FK002" in [f["code"] for f in json.loads(r.output)["models"][0]["findings"]]
@@ -69,7 +69,7 @@ def test_invalid_bn_parameters(tmp_path, kwargs, code):
 
 
 def test_fp16_precision_and_overflow_risks(tmp_path):
-    from tests.test_dtypes_and_scopes import typed_conv_bn
+    from tests.helpers import typed_conv_bn
     m = typed_conv_bn(np.float32, F32, scale=1.0)
     for t in m.graph.initializer:
         if t.name == "v":

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import foldkit
 from foldkit.cli import main
-from tests.test_fold_into_producer import conv_bn_model
+from tests.helpers import conv_bn_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

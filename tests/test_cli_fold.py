@@ -101,7 +101,7 @@ def test_truncated_model(conv_bn_path, tmp_path):
 
 
 def test_dangling_reference(tmp_path):
-    from tests.test_fold_into_producer import conv_bn_model
+    from tests.helpers import conv_bn_model
     m = conv_bn_model(2)
     del m.graph.initializer[0]  # W
     p = tmp_path / "d.onnx"

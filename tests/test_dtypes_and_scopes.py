@@ -5,25 +5,12 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 import foldkit
-from tests.helpers import F32, bn_arrays, fold_and_compare, make_model, op_count, rng, tensor
+from tests.helpers import F32, _branch, bn_arrays, fold_and_compare, make_model, op_count, rng, tensor, typed_conv_bn
 
 
 def reference_runner(model, feeds):
     from onnx.reference import ReferenceEvaluator
     return ReferenceEvaluator(model).run(None, feeds)
-
-
-def typed_conv_bn(np_dtype, elem, bn_dtype=None, opset=17, scale=1.0):
-    r = rng(11)
-    w = np.clip(r.standard_normal((6, 4, 3, 3)) * scale, -6e4, 6e4).astype(np_dtype)
-    b = r.standard_normal(6).astype(np_dtype)
-    bn_dtype = bn_dtype or np_dtype
-    arrays = bn_arrays(6, r, np.float64)
-    names = ["s", "bb", "m", "v"]
-    inits = [tensor("W", w), tensor("B", b)] + [tensor(n, a.astype(bn_dtype)) for n, a in zip(names, arrays)]
-    nodes = [helper.make_node("Conv", ["X", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
-             helper.make_node("BatchNormalization", ["c"] + names, ["Y"], name="bn")]
-    return make_model(nodes, [("X", elem, [1, 4, 5, 5])], [("Y", elem, None)], inits, opset=opset)
 
 
 def test_fp16_fold_is_float64_rounded_once():
@@ -83,15 +70,6 @@ def test_bfloat16():
     assert {t.data_type for t in res.model.graph.initializer} == {TensorProto.BFLOAT16}
     v = foldkit.fold(m).report.verification
     assert v["passed"] and v["backend"] == "onnx-reference"
-
-
-def _branch(name, w_name, bn_prefix, r, out):
-    arrays = bn_arrays(6, r)
-    names = [f"{bn_prefix}_{k}" for k in "sbmv"]
-    nodes = [helper.make_node("Conv", ["X", w_name], [f"{name}_c"], pads=[1, 1, 1, 1], name=f"{name}_conv"),
-             helper.make_node("BatchNormalization", [f"{name}_c"] + names, [out], name=f"{name}_bn")]
-    inits = [tensor(n, a) for n, a in zip(names, arrays)]
-    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, F32, [1, 6, 5, 5])], inits)
 
 
 def test_if_branches_read_outer_scope_weight():

@@ -6,31 +6,7 @@ import pytest
 from onnx import helper
 
 import foldkit
-from tests.helpers import F32, bn_inits, fold_and_compare, make_model, op_count, rng, tensor
-
-
-def conv_bn_model(dims=2, group=1, bias=True, c_in=4, c_out=6, k=3, seed=0, conv_attrs=None, opset=17,
-                  transpose=False, spatial=5):
-    r = rng(seed)
-    if group > 1 and not transpose:
-        c_in, c_out = int(np.lcm(c_in, group)), int(np.lcm(c_out, group))
-    if transpose:
-        c_in, c_out = int(np.lcm(c_in, group)), int(np.lcm(c_out, group))
-        w = r.standard_normal((c_in, c_out // group) + (k,) * dims).astype(np.float32)
-    else:
-        w = r.standard_normal((c_out, c_in // group) + (k,) * dims).astype(np.float32)
-    inits = [tensor("W", w)]
-    ins = ["X", "W"]
-    if bias:
-        inits.append(tensor("Bc", r.standard_normal(c_out).astype(np.float32)))
-        ins.append("Bc")
-    names, bn = bn_inits("bn", c_out, r)
-    op = "ConvTranspose" if transpose else "Conv"
-    attrs = {"group": group}
-    attrs.update(conv_attrs or {})
-    nodes = [helper.make_node(op, ins, ["c"], name="conv", **attrs),
-             helper.make_node("BatchNormalization", ["c"] + names, ["Y"], name="bn", epsilon=1e-3)]
-    return make_model(nodes, [("X", F32, [2, c_in] + [spatial] * dims)], [("Y", F32, None)], inits + bn, opset=opset)
+from tests.helpers import F32, bn_inits, conv_bn_model, fold_and_compare, make_model, op_count, rng, tensor
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])

@@ -26,10 +26,7 @@ def _sha(b: bytes) -> str:
 
 def _corpus():
     """Hand-built graphs (numpy's seeded generator: the same bytes on every machine)."""
-    from tests.test_branches import repvgg_block
-    from tests.test_fold_into_producer import conv_bn_model
-    from tests.test_qdq import qconv
-    from tests.test_verification import _classifier, _ill_conditioned, _mixconv
+    from tests.helpers import _classifier, _ill_conditioned, _mixconv, conv_bn_model, qconv, repvgg_block
 
     out = {f"conv_bn_group{g}": conv_bn_model(g) for g in (1, 2)}
     out["repvgg_identity_bn"] = repvgg_block()

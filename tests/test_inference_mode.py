@@ -2,30 +2,10 @@
 
 import numpy as np
 import pytest
-from onnx import helper
+
 
 import foldkit
-from tests.helpers import F32, assert_close, bn_inits, make_model, op_count, ort_run, rng, tensor
-
-
-def model(opset, training):
-    r = rng(31)
-    names, bn = bn_inits("bn", 6, r)
-    outs, attrs = ["Y"], {}
-    if training:
-        if opset >= 14:
-            outs, attrs = ["Y", "rm", "rv"], {"training_mode": 1}
-        elif opset >= 7:
-            outs = ["Y", "rm", "rv", "sm", "sv"]
-        else:
-            outs, attrs = ["Y", "rm", "rv", "sm", "sv"], {"is_test": 0}
-    elif opset < 7:
-        attrs = {"is_test": 1}
-    nodes = [helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c"] + names, outs, name="bn", **attrs)]
-    return make_model(nodes, [("X", F32, [2, 4, 5, 5])], [("Y", F32, None)],
-                      [tensor("W", r.standard_normal((6, 4, 3, 3)).astype(np.float32))] + bn,
-                      opset=opset, infer_outputs=False)
+from tests.helpers import assert_close, model, op_count, ort_run, rng
 
 
 @pytest.mark.parametrize("opset", [9, 14, 15, 17])

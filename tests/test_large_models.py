@@ -19,7 +19,7 @@ from foldkit import io as fio
 from foldkit.cli import main
 from foldkit.wire import lazy_load, write_model
 from tests.helpers import ort_run, random_feeds
-from tests.test_fold_into_producer import conv_bn_model
+from tests.helpers import conv_bn_model
 
 
 def data_name(model_path):
@@ -133,7 +133,7 @@ def test_in_place_fold_of_lazy_model(tmp_path):
 
 def test_lazy_model_with_subgraph_initializers(tmp_path):
     """Subgraph initializers stay inside the skeleton; only top-level ones are left on disk."""
-    from tests.test_dtypes_and_scopes import _branch
+    from tests.helpers import _branch
     from tests.helpers import F32, make_model, rng, tensor
     r = rng(60)
     then_g = _branch("then", "W", "tb", r, "t_out")
@@ -277,7 +277,7 @@ def _constant_nodes():
 
 
 def _fp16_conv_bn():
-    from tests.test_dtypes_and_scopes import typed_conv_bn
+    from tests.helpers import typed_conv_bn
     return typed_conv_bn(np.float16, TensorProto.FLOAT16)
 
 
@@ -336,7 +336,7 @@ def test_streamed_folds_equal_the_plain_formula(tmp_path, monkeypatch, name):
 
 
 def test_streamed_fold_refuses_overflow_and_changes_nothing(tmp_path, tiny_blocks):
-    from tests.test_dtypes_and_scopes import typed_conv_bn
+    from tests.helpers import typed_conv_bn
     m = typed_conv_bn(np.float16, TensorProto.FLOAT16, scale=6e4)
     for t in m.graph.initializer:
         if t.name == "v":
@@ -413,7 +413,7 @@ def test_model_over_the_protobuf_limit_is_verified_from_its_files(tmp_path, monk
 def test_deferred_verification_with_the_reference_evaluator(tmp_path):
     """float64 Conv is not in ONNX Runtime's CPU kernels: both sides run on ONNX's evaluator, the
     folded one loaded from its written file."""
-    from tests.test_dtypes_and_scopes import typed_conv_bn
+    from tests.helpers import typed_conv_bn
     m = typed_conv_bn(np.float64, TensorProto.DOUBLE)
     p = tmp_path / "m.onnx"
     onnx.save(m, str(p))

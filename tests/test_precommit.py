@@ -9,7 +9,7 @@ import onnx
 import pytest
 import yaml
 
-from tests.test_fold_into_producer import conv_bn_model
+from tests.helpers import conv_bn_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDKIT = os.path.join(os.path.dirname(sys.executable), "foldkit")

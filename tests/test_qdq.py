@@ -9,67 +9,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import foldkit
-from tests.helpers import F32, bn_arrays, make_model, ort_run, rng, tensor
+from tests.helpers import F32, _bn, bn_arrays, make_model, ort_run, qconv, rng, tensor
 
 I8, U8 = TensorProto.INT8, TensorProto.UINT8
-
-
-def _bn(c, r, prefix="bn", negative=()):
-    gamma, beta, mean, var = bn_arrays(c, r)
-    for ch in negative:
-        gamma[ch] = -abs(gamma[ch]) - 0.2
-    names = [f"{prefix}_{k}" for k in ("scale", "B", "mean", "var")]
-    return names, [tensor(n, a) for n, a in zip(names, (gamma, beta, mean, var))], (gamma, beta, mean, var)
 
 
 def _a(params, eps=1e-5):
     gamma, beta, mean, var = (p.astype(np.float64) for p in params)
     return gamma / np.sqrt(var + eps)
-
-
-def qconv(codes=None, per_channel=True, zp=None, code_type=I8, float_weight=None, axis=0, axis_attr=True,
-          negative=(), c_out=6, c_in=4, act_qdq=True, bias=True, seed=0, op="Conv", extra_affine=()):
-    """[x -> Q -> DQ] -> op(DQ(weight)) -> [affine ops] -> BN -> Relu, as ModelOpt / NNCF / QAT export it."""
-    r = rng(seed)
-    wshape = (c_out, c_in, 3, 3) if op == "Conv" else (c_in, c_out, 3, 3)
-    nodes, inits = [], []
-    x = "x"
-    if act_qdq:
-        inits += [tensor("xs", np.float32(0.05)), tensor("xz", np.int8(0))]
-        nodes += [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
-                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
-        x = "xd"
-    nch = wshape[axis]
-    scale = (r.uniform(0.01, 0.03, nch) if per_channel else np.array(0.02)).astype(np.float32)
-    inits.append(tensor("ws", scale))
-    dq_in = ["wq", "ws"]
-    if zp is not None:
-        inits.append(tensor("wz", np.asarray(zp, dtype=np.int8 if code_type == I8 else np.uint8)))
-        dq_in.append("wz")
-    attrs = {"axis": axis} if (per_channel and axis_attr) else {}
-    if float_weight is not None:
-        inits.append(tensor("wf", float_weight.astype(np.float32)))
-        nodes.append(helper.make_node("QuantizeLinear", ["wf"] + dq_in[1:], ["wq"], **attrs))
-    else:
-        if codes is None:
-            codes = r.integers(-100, 100, wshape).astype(np.int8 if code_type == I8 else np.uint8)
-        inits.append(numpy_helper.from_array(codes, "wq"))
-    nodes.append(helper.make_node("DequantizeLinear", dq_in, ["w"], name="dqw", **attrs))
-    conv_in = [x, "w"] + (["b"] if bias else [])
-    if bias:
-        inits.append(tensor("b", r.standard_normal(c_out).astype(np.float32)))
-    nodes.append(helper.make_node(op, conv_in, ["c"], name="conv", pads=[1] * 4))
-    prev = "c"
-    for k, (kind, arr) in enumerate(extra_affine):
-        inits.append(tensor(f"aff{k}", arr.astype(np.float32).reshape(1, -1, 1, 1)))
-        nodes.append(helper.make_node(kind, [prev, f"aff{k}"], [f"af{k}"], name=f"{kind.lower()}{k}"))
-        prev = f"af{k}"
-    names, bn, params = _bn(c_out, r, negative=negative)
-    inits += bn
-    nodes += [helper.make_node("BatchNormalization", [prev] + names, ["n"], name="bn"),
-              helper.make_node("Relu", ["n"], ["y"], name="relu")]
-    m = make_model(nodes, [("x", F32, [2, c_in, 7, 7])], [("y", F32, None)], inits, opset=19 if not per_channel else 13)
-    return m, params
 
 
 def _float_cnn(r, negative=()):

@@ -5,41 +5,7 @@ import pytest
 from onnx import helper
 
 import foldkit
-from tests.helpers import F32, bn_inits, make_model, rng, tensor
-
-
-def base(conv_out_is_output=False, extra_reader=False, w_as_input=False, bn_param_as_input=False,
-         bn_channels=6, var=None, producer="Conv", opset=17, scale=None, spatial=None, eps=1e-5):
-    r = rng(21)
-    names, bn = bn_inits("bn", bn_channels, r)
-    if var is not None:
-        bn[3] = tensor(names[3], np.asarray(var, np.float32))
-    if scale is not None:
-        bn[0] = tensor(names[0], np.asarray(scale, np.float32))
-    inputs = [("X", F32, [1, 4, 5, 5])]
-    inits = bn
-    if w_as_input:
-        inputs.append(("W", F32, [6, 4, 3, 3]))
-    else:
-        inits = [tensor("W", r.standard_normal((6, 4, 3, 3)).astype(np.float32))] + inits
-    if bn_param_as_input:
-        inputs.append((names[0], F32, [bn_channels]))
-        inits = [t for t in inits if t.name != names[0]]
-    outputs = [("Y", F32, None)]
-    if producer == "Conv":
-        nodes = [helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1], name="conv")]
-    else:
-        nodes = [helper.make_node("Relu", ["X"], ["c"], name="relu")]
-    bn_attrs = {"epsilon": eps}
-    if spatial is not None:
-        bn_attrs["spatial"] = spatial
-    nodes.append(helper.make_node("BatchNormalization", ["c"] + names, ["Y"], name="bn", **bn_attrs))
-    if conv_out_is_output:
-        outputs.append(("c", F32, None))
-    if extra_reader:
-        nodes.append(helper.make_node("Relu", ["c"], ["R"]))
-        outputs.append(("R", F32, None))
-    return make_model(nodes, inputs, outputs, inits, opset=opset, infer_outputs=False)
+from tests.helpers import F32, base, bn_inits, make_model, rng, tensor
 
 
 CASES = [

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 import foldkit
 from foldkit.cli import main
-from tests.helpers import F32, bn_inits, make_model, rng, tensor
+from tests.helpers import F32, _classifier, _ill_conditioned, _mixconv, bn_inits, make_model, rng, tensor
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
 
@@ -130,24 +130,6 @@ def test_random_model_is_detected_and_every_run_gives_the_same_exit_code(tmp_pat
 
 
 # --- the noise floor: ill-conditioned but exact folds pass; wrong ones still fail -----------------
-
-def _ill_conditioned(seed=3):
-    """y = BN(Conv(x)) - Conv2(x) with Conv2 ~ the folded conv: catastrophic cancellation, so the
-    rounding of exact folds shows up far above the default relative tolerance."""
-    r = rng(seed)
-    c = 8
-    w = (r.standard_normal((c, c, 3, 3)) * 30).astype(np.float32)
-    gamma, beta, mean, var = r.normal(1, 0.2, c), r.normal(0, 0.5, c), r.normal(0, 0.5, c), r.uniform(0.5, 2, c)
-    s = gamma / np.sqrt(var + 1e-5)
-    w2 = (w.astype(np.float64) * s[:, None, None, None]).astype(np.float32)
-    b2 = (beta - mean * s).astype(np.float32)
-    inits = [tensor("w", w), tensor("w2", w2), tensor("b2", b2)] + [
-        tensor(n, a.astype(np.float32)) for n, a in zip(("g", "be", "mu", "v"), (gamma, beta, mean, var))]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
-             helper.make_node("BatchNormalization", ["c", "g", "be", "mu", "v"], ["b"], name="bn"),
-             helper.make_node("Conv", ["x", "w2", "b2"], ["c2"], name="twin", pads=[1] * 4),
-             helper.make_node("Sub", ["b", "c2"], ["y"], name="cancel")]
-    return make_model(nodes, [("x", F32, [1, c, 8, 8])], [("y", F32, None)], inits)
 
 
 def test_exact_fold_of_an_ill_conditioned_model_passes_within_its_noise_floor(tmp_path):
@@ -269,30 +251,6 @@ def test_a_computed_weight_read_elsewhere_is_kept_for_its_other_reader():
 
 # --- a BN after a Concat of convolutions is split per branch -------------------------------------
 
-def _mixconv(third="Conv", c_in=4):
-    r = rng(13)
-    names, bn = bn_inits("bn", 3 + 5 + 2, r)
-    nodes = [helper.make_node("Conv", ["x", "w3"], ["a"], name="k3", pads=[1] * 4),
-             helper.make_node("Conv", ["x", "w5", "b5"], ["b"], name="k5", pads=[2] * 4)]
-    inits = [tensor("w3", r.standard_normal((3, c_in, 3, 3)).astype(np.float32)),
-             tensor("w5", r.standard_normal((5, c_in, 5, 5)).astype(np.float32)),
-             tensor("b5", r.standard_normal(5).astype(np.float32))]
-    if third == "Conv":
-        nodes.append(helper.make_node("Conv", ["x", "w1"], ["c"], name="k1", group=2))
-        inits.append(tensor("w1", r.standard_normal((2, c_in // 2, 1, 1)).astype(np.float32)))
-    elif third == "ConvTranspose":
-        nodes.append(helper.make_node("ConvTranspose", ["x", "wt"], ["c"], name="kt", pads=[1] * 4, group=2))
-        inits.append(tensor("wt", r.standard_normal((c_in, 1, 3, 3)).astype(np.float32)))
-    else:
-        nodes.append(helper.make_node("MaxPool", ["x"], ["c0"], kernel_shape=[1, 1]))
-        nodes.append(helper.make_node("Slice", ["c0", "st", "en", "ax"], ["c"]))
-        inits += [tensor("st", np.array([0], np.int64)), tensor("en", np.array([2], np.int64)),
-                  tensor("ax", np.array([1], np.int64))]
-    nodes += [helper.make_node("Concat", ["a", "b", "c"], ["cat"], axis=1, name="cat"),
-              helper.make_node("BatchNormalization", ["cat"] + names, ["n"], name="bn"),
-              helper.make_node("Relu", ["n"], ["y"])]
-    return make_model(nodes, [("x", F32, [2, c_in, 7, 7])], [("y", F32, None)], inits + bn)
-
 
 @pytest.mark.parametrize("third", ["Conv", "ConvTranspose"])
 def test_mixconv_bn_after_concat_is_split_into_each_branch(third):
@@ -313,8 +271,6 @@ def test_concat_with_a_branch_without_weights_is_refused_unchanged():
 
 
 def test_freeze_initializer_inputs_makes_listed_weights_fold_and_says_so(tmp_path):
-    from foldkit.report import Report  # noqa: F401
-
     r = rng(14)
     names, bn = bn_inits("bn", 4, r)
     w = tensor("w", r.standard_normal((4, 4, 3, 3)).astype(np.float32))
@@ -332,18 +288,6 @@ def test_freeze_initializer_inputs_makes_listed_weights_fold_and_says_so(tmp_pat
 
 
 # --- --data: real samples for the end-to-end check -----------------------------------------------
-
-def _classifier(c=4, k=10, seed=15):
-    r = rng(seed)
-    names, bn = bn_inits("bn", c, r)
-    nodes = [helper.make_node("Conv", ["img", "w"], ["cv"], name="conv", pads=[1] * 4),
-             helper.make_node("BatchNormalization", ["cv"] + names, ["b"], name="bn"),
-             helper.make_node("Relu", ["b"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], transB=1)]
-    inits = [tensor("w", r.standard_normal((c, 1, 3, 3)).astype(np.float32)),
-             tensor("fc", r.standard_normal((k, c)).astype(np.float32)), tensor("fcb", r.standard_normal(k).astype(np.float32))]
-    m = make_model(nodes, [("img", F32, ["N", 1, 8, 8])], [("logits", F32, ["N", k])], inits + bn)
-    return m
 
 
 def test_fold_with_real_data_npz_folder_and_function(tmp_path):
