@@ -1,5 +1,8 @@
 """A small use-def index over an ONNX ModelProto, with scoped constant lookup.
 
+Its neighbours: foldkit.attrs (stateless ONNX helpers: attributes, names, use counts) and
+foldkit.tensors (where tensor bytes live; reading and writing them). Both are re-exported here.
+
 Why raw protobuf rather than onnx-ir: foldkit needs exactly four things (producer of a value, how
 many times a value is used anywhere in the model, constants visible from a (sub)graph, fresh names)
 and must leave every byte it does not rewrite as it was, so that output is deterministic and
@@ -11,125 +14,18 @@ weight that an ``If``/``Loop`` body reads from the outer scope counts as shared 
 
 from __future__ import annotations
 
-import os
-from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
+from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 
+from .attrs import (BadAttribute, all_names, attr_float, attr_int, count_uses, default_opset, del_attr,  # noqa: F401
+                    get_attr, iter_graphs, node_label, set_attr, subgraph_paths, subgraphs, value_types)
 from .math import ScaledChannels
-from .wire import MEMORY, is_memory, payload_nbytes
-
-
-def subgraphs(node: NodeProto) -> Iterator[GraphProto]:
-    for attr in node.attribute:
-        if attr.type == AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
-def subgraph_paths(node: NodeProto, path: str) -> Iterator[tuple]:
-    """(subgraph, its report path) for each graph attribute of ``node``: ``path/node.attr[k]``."""
-    for attr in node.attribute:
-        subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
-        for k, sub in enumerate(subs):
-            yield sub, f"{path}/{node_label(node)}.{attr.name if len(subs) == 1 else f'{attr.name}[{k}]'}"
-
-
-def iter_graphs(graph: GraphProto) -> Iterator[GraphProto]:
-    """The graph and every subgraph below it, depth first, in node order."""
-    yield graph
-    for node in graph.node:
-        for sub in subgraphs(node):
-            yield from iter_graphs(sub)
-
-
-def count_uses(model: ModelProto) -> Counter:
-    uses: Counter = Counter()
-    for g in iter_graphs(model.graph):
-        for node in g.node:
-            for name in node.input:
-                if name:
-                    uses[name] += 1
-        for out in g.output:
-            uses[out.name] += 1
-    return uses
-
-
-def all_names(model: ModelProto) -> set:
-    names = set()
-    for g in iter_graphs(model.graph):
-        names.update(i.name for i in g.input)
-        names.update(o.name for o in g.output)
-        names.update(t.name for t in g.initializer)
-        names.update(t.values.name for t in g.sparse_initializer)
-        names.update(v.name for v in g.value_info)
-        for node in g.node:
-            names.update(node.input)
-            names.update(node.output)
-            if node.name:
-                names.add(node.name)
-    return names
-
-
-def default_opset(model: ModelProto) -> int:
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            return op.version
-    return 1
-
-
-def get_attr(node: NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-class BadAttribute(ValueError):
-    """An attribute has the wrong type for its op; the message is a sentence for the report."""
-
-
-def _typed_attr(node: NodeProto, name: str, default, want: int, what: str):
-    for a in node.attribute:
-        if a.name == name:
-            if a.type != want:
-                raise BadAttribute(f"attribute '{name}' of {node_label(node)} is {AttributeProto.AttributeType.Name(a.type)}, "
-                                   f"expected {what}")
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def attr_int(node: NodeProto, name: str, default: int) -> int:
-    return int(_typed_attr(node, name, default, AttributeProto.INT, "INT"))
-
-
-def attr_float(node: NodeProto, name: str, default: float) -> float:
-    value = float(_typed_attr(node, name, default, AttributeProto.FLOAT, "FLOAT"))
-    if value != value or value in (float("inf"), float("-inf")):
-        raise BadAttribute(f"attribute '{name}' of {node_label(node)} is not finite")
-    return value
-
-
-def set_attr(node: NodeProto, name: str, value) -> None:
-    del_attr(node, name)
-    node.attribute.append(onnx.helper.make_attribute(name, value))
-
-
-def del_attr(node: NodeProto, name: str) -> None:
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[i]
-            return
-
-
-def node_label(node: NodeProto) -> str:
-    """A stable, readable id: the node name, else its op and first output."""
-    return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+from .tensors import (_RAW_TYPES, FLOAT_TYPES, OpenFiles, make_tensor, materialize, memory_tensor,  # noqa: F401
+                      np_dtype, to_array as _to_array)
 
 
 @dataclass
@@ -417,70 +313,6 @@ class GraphView:
         return True
 
 
-_RAW_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE, TensorProto.INT8,
-              TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.INT64,
-              TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL}
-
-
-class OpenFiles:
-    """External data files mapped once each (read-only). Tensors are read-only views of the map:
-    no copy, no zero-filled pages. :meth:`release` drops the mapped pages from this process's
-    resident set after each rewrite (they stay in the page cache and fault back in if read again),
-    so peak memory is that of the tensors foldkit creates, not of the file."""
-
-    def __init__(self):
-        self.maps = {}
-
-    def view(self, path: str, length: int, offset: int) -> memoryview:
-        import mmap
-
-        m = self.maps.get(path)
-        if m is None:
-            with open(path, "rb") as f:
-                m = self.maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        if offset + length > len(m):
-            raise ValueError(f"{path} ends before the tensor does")
-        return memoryview(m)[offset:offset + length]
-
-    def release(self, payloads=None) -> None:
-        import mmap
-
-        if payloads is not None and hasattr(payloads, "release"):
-            payloads.release()
-        for m in self.maps.values():
-            if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-                m.madvise(mmap.MADV_DONTNEED)
-
-    def close(self) -> None:
-        for m in self.maps.values():
-            try:
-                m.close()
-            except BufferError:  # an array still views it: let the GC unmap it
-                pass
-        self.maps.clear()
-
-
-def _to_array(t: TensorProto, index: "ModelIndex") -> np.ndarray:
-    """The tensor's values (read-only when they come from external data or memory payloads)."""
-    base_dir, files = index.base_dir, index.files
-    if t.data_location == TensorProto.EXTERNAL and t.name in index.payloads:
-        return index.payloads[t.name]
-    if t.data_location == TensorProto.EXTERNAL and t.data_type in _RAW_TYPES:
-        info = {e.key: e.value for e in t.external_data}
-        try:
-            offset, length = int(info.get("offset", 0) or 0), int(info["length"])
-            dtype = np.dtype(np_dtype(t.data_type)).newbyteorder("<")
-            count = 1
-            for d in t.dims:
-                count *= d
-            if count * dtype.itemsize == length:
-                data = files.view(os.path.join(base_dir or "", info["location"]), length, offset)
-                return np.frombuffer(data, dtype=dtype, count=count).reshape(tuple(t.dims))
-        except (KeyError, ValueError, OSError):
-            pass  # fall back to onnx's reader, which raises a precise error
-    return numpy_helper.to_array(t, base_dir or "")
-
-
 PURE_OPS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast")
 # deterministic ops whose results IEEE arithmetic fixes exactly (no transcendental functions), which
 # exporters and pruning/quantization tools put between a weight and its Conv: evaluated on constant
@@ -625,79 +457,3 @@ def _constant_node_value(node: NodeProto, view: GraphView) -> Optional[Const]:
     return None
 
 
-def np_dtype(data_type: int):
-    return onnx.helper.tensor_dtype_to_np_dtype(data_type)
-
-
-def _header(array: np.ndarray, data_type: int, into: TensorProto) -> np.ndarray:
-    """Make ``into`` (name and doc kept, all else cleared) the header of ``array`` cast to
-    ``data_type``, little-endian; returns that array (a ScaledChannels is returned as is)."""
-    lazy = isinstance(array, ScaledChannels)
-    arr = array if lazy else np.ascontiguousarray(np.asarray(array).astype(np_dtype(data_type), copy=False))
-    if not lazy and arr.dtype.byteorder == ">":
-        arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
-    name, doc = into.name, into.doc_string
-    into.Clear()
-    into.name, into.doc_string = name, doc
-    into.dims.extend(arr.shape)
-    into.data_type = data_type
-    return arr
-
-
-def memory_tensor(array: np.ndarray, data_type: int, into: TensorProto) -> np.ndarray:
-    """Make ``into`` a header whose payload is held in memory (wire.MEMORY); returns the payload."""
-    arr = _header(array, data_type, into)
-    into.data_location = TensorProto.EXTERNAL
-    into.external_data.add(key="location", value=MEMORY)
-    into.external_data.add(key="length", value=str(arr.nbytes))
-    return arr
-
-
-def materialize(model: ModelProto, payloads) -> None:
-    """Put in-memory payloads into their tensors (for code that needs a self-contained proto)."""
-    for t in model.graph.initializer:
-        if is_memory(t):
-            make_tensor(payloads.pop(t.name), t.data_type, into=t)
-
-
-def make_tensor(array: np.ndarray, data_type: int, into: Optional[TensorProto] = None) -> TensorProto:
-    """A raw-data TensorProto (little-endian) of ``array`` (or a ScaledChannels) cast to
-    ``data_type``, built in ``into`` when given (its name is kept; data, dims and external-data
-    fields are replaced)."""
-    t = into if into is not None else TensorProto()
-    t.raw_data = _header(array, data_type, t).tobytes()
-    return t
-
-
-FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
-
-
-def value_types(model: ModelProto) -> dict:
-    """(rank or None, elem_type) of every value ONNX shape inference can tell, across all graphs.
-
-    Large float initializers are detached while inference runs (it only needs their dims), so a
-    big model is not copied whole; they are put back before returning.
-    """
-    stash = []
-    for g in iter_graphs(model.graph):
-        for t in g.initializer:
-            if t.data_type in FLOAT_TYPES and t.data_location != TensorProto.EXTERNAL and t.HasField("raw_data") \
-                    and payload_nbytes(t) > 4096:
-                stash.append((t, t.raw_data))
-                t.ClearField("raw_data")
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # a model shape inference cannot handle: ranks stay unknown
-        inferred = model
-    finally:
-        for t, raw in stash:
-            t.raw_data = raw
-    types = {}
-    for g in iter_graphs(inferred.graph):
-        for v in list(g.input) + list(g.output) + list(g.value_info):
-            tt = v.type.tensor_type
-            if v.type.HasField("tensor_type"):
-                types[v.name] = (len(tt.shape.dim) if tt.HasField("shape") else None, tt.elem_type)
-        for t in g.initializer:
-            types[t.name] = (len(t.dims), t.data_type)
-    return types

@@ -56,6 +56,10 @@ class MemoryPayloads(dict):
     def discard(self, name: str) -> None:
         super().pop(name, None)
 
+    def kind_of(self, name: str) -> str:
+        """foldkit.tensors.Location value of a payload held here."""
+        return "recipe" if isinstance(dict.get(self, name), ScaledChannels) else "in memory"
+
     def arrays(self, name: str):
         """The payload as arrays in order: a recipe block by block (never whole), else the array."""
         value = super().__getitem__(name)
@@ -89,6 +93,10 @@ class SpillPayloads:
 
     def __contains__(self, name) -> bool:
         return name in self.index or name in self.recipes
+
+    def kind_of(self, name: str) -> str:
+        """foldkit.tensors.Location value of a payload held here."""
+        return "recipe" if name in self.recipes else "spilled"
 
     def put(self, name: str, arr) -> None:
         self.discard(name)

@@ -422,3 +422,24 @@ def test_deferred_verification_with_the_reference_evaluator(tmp_path):
     import json
     v = json.loads((tmp_path / "r.json").read_text())["verification"]
     assert v["passed"] and v["backend"] == "onnx-reference"
+
+
+def test_tensor_locations_are_named_by_one_function(tmp_path):
+    """foldkit.tensors.location_of: inline, in file (lazy load), in memory, recipe, spilled."""
+    from foldkit.api import MemoryPolicy
+    from foldkit.tensors import Location, location_of
+
+    m = conv_bn_model(2, c_in=64, c_out=256, k=5)  # a weight of 1.6 MB: deferred
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    assert {location_of(t) for t in m.graph.initializer} == {Location.INLINE}
+    from foldkit import io as fio
+
+    lazy = fio.load_model(str(p), lazy=True)  # the big weight stays in the source file
+    assert location_of(next(t for t in lazy.graph.initializer if t.name == "W")) is Location.IN_FILE
+    deferred = foldkit.fold(str(p), verify=False, memory=MemoryPolicy(lazy=True, defer=True))
+    kinds = {location_of(t, deferred.payloads) for t in deferred.model.graph.initializer}
+    assert kinds & {Location.RECIPE, Location.IN_MEMORY}, kinds
+    spilled = foldkit.fold(str(p), verify=False, memory=MemoryPolicy(lazy=True, spill_dir=str(tmp_path)))
+    kinds = {location_of(t, spilled.payloads) for t in spilled.model.graph.initializer}
+    assert kinds & {Location.RECIPE, Location.SPILLED}, kinds
