@@ -108,18 +108,16 @@ def check_many(paths, data=None) -> list:
     """:func:`check` on every model (folders expanded); a model that cannot be read gives a result
     with ``error`` set and one FK008 finding, and the others are still checked. ``data``: a
     --data spec (or (spec, batch_size, max_samples)) for the FK012 statistics findings."""
-    from .errors import FoldkitError, InputError
+    from .data import DataError
+    from .errors import FoldkitError
 
     results = []
     for p in expand_models(paths):
         start = time.perf_counter()
         try:
             r = check(p, data=data)
-        except InputError as e:
-            if getattr(e, "from_data", False):
-                raise  # the data does not fit: a usage error for the whole command
-            r = CheckResult(path=str(p), error=str(e))
-            r.findings.append(Finding("FK008", "error", "model", str(e)))
+        except DataError:
+            raise  # the data does not fit: a usage error for the whole command
         except FoldkitError as e:
             r = CheckResult(path=str(p), error=str(e))
             r.findings.append(Finding("FK008", "error", "model", str(e)))
@@ -303,16 +301,11 @@ def _statistics_findings(model, base_dir) -> list:
 
 def _with_data(path, data) -> list:
     from .data import batches as data_batches, fixed_batch, model_inputs
-    from .errors import InputError
 
     full = fio.load_model(path)
     spec, size, most = (data, None, None) if isinstance(data, (str, os.PathLike)) else data
     inputs = model_inputs(full)
-    try:
-        return drift_findings(full, lambda: data_batches(os.fspath(spec), inputs, fixed_batch(full) or size, most))
-    except InputError as e:
-        e.from_data = True
-        raise
+    return drift_findings(full, lambda: data_batches(os.fspath(spec), inputs, fixed_batch(full) or size, most))
 
 
 def drift_findings(model, batches) -> list:

@@ -26,6 +26,11 @@ import numpy as np
 from .errors import InputError
 
 LABEL = "label"
+
+
+class DataError(InputError):
+    """``--data`` cannot be used with this model (exit 2): unreadable, missing arrays, wrong dtypes,
+    or the model does not run on it."""
 DEFAULT_BATCH = 32
 
 
@@ -34,12 +39,12 @@ def _sources(spec: str) -> Iterator[tuple]:
     if os.path.isdir(spec):
         files = sorted(f for f in os.listdir(spec) if f.endswith(".npz"))
         if not files:
-            raise InputError(f"--data {spec}: a folder with no .npz file")
+            raise DataError(f"--data {spec}: a folder with no .npz file")
         for f in files:
             yield from _npz(os.path.join(spec, f))
     elif spec.endswith(".npz") or os.path.isfile(spec):
         if not os.path.isfile(spec):
-            raise InputError(f"--data {spec}: no such file")
+            raise DataError(f"--data {spec}: no such file")
         yield from _npz(spec)
     elif ":" in spec:
         from .factory import _why, load_factory
@@ -48,14 +53,14 @@ def _sources(spec: str) -> Iterator[tuple]:
         try:
             for k, chunk in enumerate(fn()):
                 if not isinstance(chunk, dict):
-                    raise InputError(f"--data {spec}: item {k} is a {type(chunk).__name__}, not a dict of arrays")
+                    raise DataError(f"--data {spec}: item {k} is a {type(chunk).__name__}, not a dict of arrays")
                 yield f"{spec} item {k}", {str(n): np.asarray(a) for n, a in chunk.items()}
-        except InputError:
+        except DataError:
             raise
         except (Exception, SystemExit) as e:  # the user's code
-            raise InputError(f"--data {spec}: the function failed: {_why(e)}") from None
+            raise DataError(f"--data {spec}: the function failed: {_why(e)}") from None
     else:
-        raise InputError(f"--data {spec}: expected a .npz file, a folder of them, or FILE.py:FUNCTION")
+        raise DataError(f"--data {spec}: expected a .npz file, a folder of them, or FILE.py:FUNCTION")
 
 
 def _npz(path: str) -> Iterator[tuple]:
@@ -63,7 +68,7 @@ def _npz(path: str) -> Iterator[tuple]:
         with np.load(path, allow_pickle=False) as z:
             arrays = {n: z[n] for n in z.files}
     except (OSError, ValueError, EOFError) as e:
-        raise InputError(f"--data {path}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else e})") from None
+        raise DataError(f"--data {path}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else e})") from None
     yield path, arrays
 
 
@@ -73,30 +78,30 @@ def _pick(where: str, arrays: dict, inputs: dict) -> dict:
     fed = {n: a for n, a in arrays.items() if n != LABEL}
     if len(names) == 1 and names[0] not in fed:
         if len(fed) != 1:
-            raise InputError(f"--data {where}: no array named '{names[0]}' (the model's input), and "
+            raise DataError(f"--data {where}: no array named '{names[0]}' (the model's input), and "
                              f"{len(fed)} arrays to choose from ({', '.join(sorted(fed)[:5])})")
         fed = {names[0]: next(iter(fed.values()))}
     missing = [n for n in names if n not in fed]
     if missing:
-        raise InputError(f"--data {where}: no array for the model input(s) {', '.join(missing)} "
+        raise DataError(f"--data {where}: no array for the model input(s) {', '.join(missing)} "
                          f"(arrays: {', '.join(sorted(arrays)[:8])})")
     out = {}
     for n in names:
         a, want = np.asarray(fed[n]), inputs[n]
         if a.ndim == 0:
-            raise InputError(f"--data {where}: '{n}' is a scalar; samples go along axis 0")
+            raise DataError(f"--data {where}: '{n}' is a scalar; samples go along axis 0")
         if a.dtype != want:
             lossless_float = a.dtype.kind == "f" and np.dtype(want).kind == "f"
             same_kind_int = a.dtype.kind in "iu" and np.dtype(want).kind in "iu" and np.can_cast(a.dtype, want, "same_kind")
             if not (lossless_float or same_kind_int or a.dtype == np.bool_ and want == np.bool_):
-                raise InputError(f"--data {where}: '{n}' holds {a.dtype}, the model input takes {np.dtype(want)}")
+                raise DataError(f"--data {where}: '{n}' holds {a.dtype}, the model input takes {np.dtype(want)}")
             a = a.astype(want)
         out[n] = a
     counts = {n: a.shape[0] for n, a in out.items()}
     if LABEL in arrays:
         counts[LABEL] = np.asarray(arrays[LABEL]).shape[0] if np.ndim(arrays[LABEL]) else -1
     if len(set(counts.values())) != 1:
-        raise InputError(f"--data {where}: the arrays hold different numbers of samples ({counts})")
+        raise DataError(f"--data {where}: the arrays hold different numbers of samples ({counts})")
     if LABEL in arrays:
         out[LABEL] = np.asarray(arrays[LABEL])
     return out
@@ -108,9 +113,9 @@ def batches(spec: str, inputs: dict, batch_size: Optional[int] = None, max_sampl
     numpy dtype} of the model's inputs, in order."""
     size = int(batch_size or DEFAULT_BATCH)
     if size < 1:
-        raise InputError("--batch-size must be positive")
+        raise DataError("--batch-size must be positive")
     if max_samples is not None and max_samples < 1:
-        raise InputError("--max-samples must be positive")
+        raise DataError("--max-samples must be positive")
     pending, held, seen, any_data = [], 0, 0, False
     for where, arrays in _sources(spec):
         chunk = _pick(where, arrays, inputs)
@@ -132,7 +137,7 @@ def batches(spec: str, inputs: dict, batch_size: Optional[int] = None, max_sampl
     if held:
         yield _take(pending, held, held)[0]
     if not any_data:
-        raise InputError(f"--data {spec}: no samples")
+        raise DataError(f"--data {spec}: no samples")
 
 
 def _take(pending: list, size: int, held: int):
@@ -162,7 +167,7 @@ def model_inputs(model) -> dict:
         if i.name in inits:
             continue
         if not i.type.HasField("tensor_type"):
-            raise InputError(f"--data: input '{i.name}' is not a tensor")
+            raise DataError(f"--data: input '{i.name}' is not a tensor")
         out[i.name] = np.dtype(np_dtype(i.type.tensor_type.elem_type))
     return out
 

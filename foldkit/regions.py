@@ -57,7 +57,7 @@ def _consts(graph) -> dict:
     return out
 
 
-def _shapes(model: ModelProto, input_shapes: Optional[dict]) -> dict:
+def inferred_shapes(model: ModelProto, input_shapes: Optional[dict]) -> dict:
     """name -> (elem_type, [dims] with None for unknown), from shape inference with the graph
     inputs' symbolic dims fixed."""
     m = ModelProto()
@@ -130,7 +130,7 @@ def cut(reference: ModelProto, candidate: ModelProto, written: set, input_shapes
     comps = {}
     for k, n in enumerate(changed):
         comps.setdefault(find(k), []).append(n)
-    shapes = _shapes(reference, input_shapes)
+    shapes = inferred_shapes(reference, input_shapes)
     ref_nodes, cand_nodes, ins, outs = [], [], {}, []
     ref_inits, cand_inits = {}, {}
     for nodes in comps.values():

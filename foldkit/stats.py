@@ -249,11 +249,18 @@ def _measure(model_bytes: bytes, bns: list, batches: Iterable[dict], reduce: Cal
     """(one Moments per BN, samples, batches) over ``batches`` (each a feed dict)."""
     from .verify import _ort_session
 
+    from .data import DataError
+
     run = _ort_session(model_bytes)
     acc = [Moments() for _ in bns]
     samples = nb = 0
     for feeds in batches:
-        outs = run(feeds)
+        try:
+            outs = run(feeds)
+        except Exception as e:  # shapes or types the model does not take: the data's problem
+            shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
+            raise DataError(f"--data: the model does not run on batch {nb} (shapes {shapes}): "
+                            f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}") from None
         for k, m in enumerate(acc):
             mean, m2, shape = outs[3 * k], outs[3 * k + 1], outs[3 * k + 2]
             count = int(np.prod(shape)) // int(shape[1])
@@ -314,11 +321,7 @@ def recalibrate(model: ModelProto, batches: Callable[[], Iterable[dict]], method
     bns, notes = find_bns(model, only, skip)
     if not bns:
         raise InputError("no BatchNormalization to recalibrate (main graph, inference mode, initializer parameters)")
-    from .regions import _shapes
-
-    shapes = _shapes(model, input_shapes)
-    rank_of = lambda v: (len(shapes[v][1]) if v in shapes and shapes[v][1] is not None else None)  # noqa: E731
-    elem_of = lambda v: (shapes[v][0] if v in shapes and shapes[v][0] else onnx.TensorProto.FLOAT)  # noqa: E731
+    rank_of, elem_of = _typing(model, input_shapes)
     moments = [None] * len(bns)
     passes = 0
     samples = nbatches = 0
@@ -356,6 +359,20 @@ def recalibrate(model: ModelProto, batches: Callable[[], Iterable[dict]], method
     return {"method": method, "passes": passes, "samples": samples, "batches": nbatches, "bns": per_bn, "notes": notes}
 
 
+def _typing(model: ModelProto, input_shapes: Optional[dict]):
+    """(rank_of, elem_of): a value's rank (None when unknown) and element type, from shape inference."""
+    from .regions import inferred_shapes
+
+    shapes = inferred_shapes(model, input_shapes)
+
+    def rank_of(v):
+        return len(shapes[v][1]) if v in shapes and shapes[v][1] is not None else None
+
+    def elem_of(v):
+        return shapes[v][0] if v in shapes and shapes[v][0] else onnx.TensorProto.FLOAT
+    return rank_of, elem_of
+
+
 def _feeds(batches: Iterable[dict]) -> Iterable[dict]:
     from .data import LABEL
 
@@ -369,12 +386,7 @@ def drift(model: ModelProto, batches: Callable[[], Iterable[dict]], reduce=None)
     bns, _ = find_bns(model)
     if not bns:
         return []
-    from .regions import _shapes
-
-    shapes = _shapes(model, None)
-    inst = instrumented(model, bns, set(), lambda v: (len(shapes[v][1]) if v in shapes and shapes[v][1] is not None
-                                                      else None),
-                        lambda v: shapes[v][0] if v in shapes and shapes[v][0] else onnx.TensorProto.FLOAT)
+    inst = instrumented(model, bns, set(), *_typing(model, None))
     acc, _, _ = _measure(inst.SerializeToString(), bns, _feeds(batches()), reduce or (lambda a: a))
     out = []
     for b, mo in zip(bns, acc):
@@ -394,13 +406,19 @@ def classifier_metric(model_bytes: bytes, batches: Iterable[dict], reference_byt
     from .data import LABEL
     from .verify import _ort_session
 
+    from .data import DataError
+
     run = _ort_session(model_bytes)
     ref = _ort_session(reference_bytes) if reference_bytes is not None else None
     right = total = 0
     kind = None
     for b in batches:
         feeds = {k: v for k, v in b.items() if k != LABEL}
-        out = np.asarray(run(feeds)[0])
+        try:
+            out = np.asarray(run(feeds)[0])
+        except Exception as e:
+            raise DataError(f"--eval-data: the model does not run on it: "
+                            f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}") from None
         if out.ndim != 2 or out.shape[1] < 2:
             return None
         pred = np.argmax(out, axis=1)

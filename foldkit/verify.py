@@ -231,23 +231,6 @@ def _ort_session(source, base_dir: Optional[str] = None):
     return lambda feeds: sess.run(None, feeds, ro)
 
 
-def _run_ort(source, feeds: dict, base_dir: Optional[str] = None):
-    return _ort_session(source, base_dir)(feeds)
-
-
-def _run_reference(model: ModelProto, feeds: dict, base_dir: Optional[str] = None, path: Optional[str] = None):
-    from onnx.reference import ReferenceEvaluator
-
-    if path is not None:
-        return ReferenceEvaluator(onnx.load(path)).run(None, feeds)
-    if base_dir and any(t.data_location == TensorProto.EXTERNAL for g in iter_graphs(model.graph) for t in g.initializer):
-        full = ModelProto()
-        full.CopyFrom(model)
-        onnx.external_data_helper.load_external_data_for_model(full, base_dir)
-        model = full
-    return ReferenceEvaluator(model).run(None, feeds)
-
-
 def runner(model: Optional[ModelProto], model_bytes: Optional[bytes] = None, backend: Optional[str] = None,
            base_dir: Optional[str] = None, path: Optional[str] = None):
     """(feeds -> outputs, backend_name), the session made once: for running many batches."""
@@ -258,19 +241,21 @@ def runner(model: Optional[ModelProto], model_bytes: Optional[bytes] = None, bac
         except _BackendUnavailable:
             if backend == "onnxruntime":
                 raise
-    if path is not None:
-        from onnx.reference import ReferenceEvaluator
+    from onnx.reference import ReferenceEvaluator
 
-        ev = ReferenceEvaluator(onnx.load(path))
-    else:
-        from onnx.reference import ReferenceEvaluator
-
-        full = model
-        if base_dir and any(t.data_location == TensorProto.EXTERNAL for g in iter_graphs(model.graph) for t in g.initializer):
-            full = ModelProto()
-            full.CopyFrom(model)
-            onnx.external_data_helper.load_external_data_for_model(full, base_dir)
-        ev = ReferenceEvaluator(full)
+    try:
+        if path is not None:
+            ev = ReferenceEvaluator(onnx.load(path))
+        else:
+            full = model
+            if base_dir and any(t.data_location == TensorProto.EXTERNAL for g in iter_graphs(model.graph)
+                                for t in g.initializer):
+                full = ModelProto()
+                full.CopyFrom(model)
+                onnx.external_data_helper.load_external_data_for_model(full, base_dir)
+            ev = ReferenceEvaluator(full)
+    except Exception as e:
+        raise _ReferenceFailed(_first_line(e)) from None
 
     def go(feeds):
         try:
@@ -283,17 +268,8 @@ def runner(model: Optional[ModelProto], model_bytes: Optional[bytes] = None, bac
 def run(model: Optional[ModelProto], feeds: dict, model_bytes: Optional[bytes] = None, backend: Optional[str] = None,
         base_dir: Optional[str] = None, path: Optional[str] = None):
     """Returns (outputs, backend_name). ``path``: run the model file there (``model`` unused)."""
-    if backend in (None, "onnxruntime"):
-        try:
-            data = path if path is not None else model_bytes if model_bytes is not None else model.SerializeToString()
-            return _run_ort(data, feeds, base_dir), "onnxruntime-cpu"
-        except _BackendUnavailable:
-            if backend == "onnxruntime":
-                raise
-    try:
-        return _run_reference(model, feeds, base_dir, path), "onnx-reference"
-    except Exception as e:
-        raise _ReferenceFailed(_first_line(e)) from None
+    go, name = runner(model, model_bytes, backend, base_dir, path)
+    return go(feeds), name
 
 
 @dataclass

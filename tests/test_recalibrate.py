@@ -285,3 +285,12 @@ def test_batch_method_before_opset_14_matches_the_runtimes_training_mode_bn(worl
     for (_, m13, v13), (_, m15, v15) in zip(*outs):
         np.testing.assert_allclose(m13, m15, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(v13, v15, rtol=1e-5)
+
+
+def test_data_the_model_cannot_take_is_one_line_exit_2(world, tmp_path):
+    bad = D.save_npz(tmp_path / "bad.npz", np.zeros((4, 1, 5, 3), np.float32))  # not 8x8 digits
+    for args in (["check", world["paths"]["healthy"], "--data", bad],
+                 ["recalibrate", world["paths"]["reset"], "--data", bad, "-o", tmp_path / "o.onnx"]):
+        r = invoke(*args)
+        assert r.exit_code == 2 and r.output.startswith("foldkit: error: --data") and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "o.onnx").exists()
