@@ -179,9 +179,16 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
     :meth:`FoldResult.materialize` for a self-contained ``model``). For file to file, use
     :func:`fold_file`, which chooses the policy as the CLI does. The keyword arguments ``lazy``,
     ``defer``, ``spill_dir`` and ``spill_above`` still work, with a DeprecationWarning.
-    Raises InputError
-    for unusable input and VerificationError (with ``.result`` holding the FoldResult) when the folded
-    model does not match the original within (atol, rtol) on ONNX Runtime.
+
+    ``data``: real samples for the end-to-end check (a --data spec, a (spec, batch_size,
+    max_samples) tuple, or a callable returning {input: array} batches; see foldkit.data).
+    ``freeze_initializer_inputs``: drop initializers from the graph inputs so that they fold (the
+    interface changes; reported). ``qdq_reflect``: the exact reflected encoding for quantized
+    weights where plain negation cannot be used (see foldkit.passes.qdq).
+
+    Raises InputError for unusable input and VerificationError (with ``.result`` holding the
+    FoldResult) when the folded model does not match the original within (atol, rtol) on ONNX
+    Runtime (see foldkit.verify for the methods: unchanged, end-to-end, local).
     """
     mem = _memory(memory, legacy)
     m, base_dir = load(model, mem.lazy)
