@@ -15,7 +15,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "fold": ".api", "FoldResult": ".api", "count_bn": ".api", "fold_file": ".api", "MemoryPolicy": ".api",
+    "fold": ".api", "FoldResult": ".api", "count_bn": ".api", "fold_file": ".api", "MemoryPolicy": ".api", "FoldOptions": ".api",
     "check": None, "check_many": ".check", "CheckResult": ".check", "Finding": ".check",
     "FoldkitError": ".errors", "InputError": ".errors", "VerificationError": ".errors",
     "Report": ".report", "Action": ".report",

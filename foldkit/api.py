@@ -164,11 +164,38 @@ def _memory(memory: Optional[MemoryPolicy], legacy: dict) -> MemoryPolicy:
     return memory or MemoryPolicy()
 
 
-def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = True, atol: Optional[float] = None,
-         rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
-         passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
-         check: bool = True, max_input_bytes: Optional[int] = None, memory: Optional[MemoryPolicy] = None,
-         freeze_initializer_inputs: bool = False, data=None, qdq_reflect: bool = False, **legacy) -> FoldResult:
+@dataclass(frozen=True)
+class FoldOptions:
+    """What :func:`fold`, :func:`fold_loaded` and :func:`fold_file` do (how tensors are held is a
+    separate :class:`MemoryPolicy`). Each field is also accepted as a keyword argument."""
+
+    verify: bool = True
+    atol: Optional[float] = None
+    rtol: Optional[float] = None
+    input_shapes: Optional[dict] = None
+    skip: Iterable[str] = ()
+    passes: Optional[Sequence[Pass]] = None
+    seed: int = 0
+    lower_standalone: bool = False
+    check: bool = True
+    max_input_bytes: Optional[int] = None
+    freeze_initializer_inputs: bool = False
+    data: object = None
+    qdq_reflect: bool = False
+
+
+def _options(options: Optional[FoldOptions], kwargs: dict, who: str = "fold") -> FoldOptions:
+    from dataclasses import fields, replace
+
+    names = {f.name for f in fields(FoldOptions)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"{who}() got an unexpected keyword argument {unknown[0]!r}")
+    return replace(options or FoldOptions(), **kwargs)
+
+
+def fold(model: Union[str, os.PathLike, ModelProto, bytes], options: Optional[FoldOptions] = None, *,
+         memory: Optional[MemoryPolicy] = None, **kwargs) -> FoldResult:
     """Fold every BatchNormalization that can be folded exactly; explain every one left.
 
     ``model`` is a path, serialized bytes or a ModelProto (copied, never mutated). A path loads lazily
@@ -190,15 +217,13 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
     FoldResult) when the folded model does not match the original within (atol, rtol) on ONNX
     Runtime (see foldkit.verify for the methods: unchanged, end-to-end, local).
     """
+    legacy = {k: kwargs.pop(k) for k in list(kwargs) if k in _LEGACY_MEMORY}
+    opts = _options(options, kwargs)
     mem = _memory(memory, legacy)
     m, base_dir = load(model, mem.lazy)
     inputs = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
     try:
-        result = fold_loaded(m, base_dir, verify=verify, atol=atol, rtol=rtol, input_shapes=input_shapes, skip=skip,
-                             passes=passes, seed=seed, lower_standalone=lower_standalone, check=check,
-                             defer=mem.defer, spill_dir=mem.spill_dir, spill_above=mem.spill_above,
-                             max_input_bytes=max_input_bytes, freeze_initializer_inputs=freeze_initializer_inputs,
-                             data=data, qdq_reflect=qdq_reflect)
+        result = fold_loaded(m, base_dir, opts, defer=mem.defer, spill_dir=mem.spill_dir, spill_above=mem.spill_above)
     except VerificationError as e:
         if e.result is not None:
             e.result.report.inputs = inputs
@@ -210,25 +235,26 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], *, verify: bool = Tr
 SPILL_ABOVE = 2 ** 31 - 2 ** 24  # protobuf's limit, less a margin: the external-data regime
 
 
-def fold_file(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *, report: Optional[str] = None,
-              external: Optional[bool] = None, durable: bool = False, in_place: bool = False,
-              **options) -> FoldResult:
+def fold_file(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], fold_options: Optional[FoldOptions] = None,
+              *, report: Optional[str] = None, external: Optional[bool] = None, durable: bool = False,
+              in_place: bool = False, **options) -> FoldResult:
     """Fold the model file ``src`` into ``dst``, as ``foldkit fold`` does: every output checked
     before any work (never an input, unless ``in_place`` for ``dst``), weights read lazily, big
     folded tensors streamed (spilled beside ``dst`` for models in the external-data regime),
     verification on the written files before they take their names, atomic writes (``durable``
     also fsyncs). ``report``: where to write the JSON report, also when verification fails (the
     model is then not written). ``external``: tensors to ``dst.<hash>.data`` (None: only over 2 GB).
-    ``options`` are :func:`fold`'s. Returns the FoldResult; raises as :func:`fold` does."""
+    ``fold_options`` / ``options`` are :func:`fold`'s. Returns the FoldResult; raises as :func:`fold` does."""
     from .wire import needs_external as wire_needs_external
 
     src, dst = os.fspath(src), os.fspath(dst)
-    fio.guard_outputs({"-o": dst, "--report": report}, fio.model_files(src) + _data_files(options.get("data")),
+    data = options.get("data", fold_options.data if fold_options is not None else None)
+    fio.guard_outputs({"-o": dst, "--report": report}, fio.model_files(src) + _data_files(data),
                       allow_same={"-o": src} if in_place else None)
     memory = MemoryPolicy(lazy=True, defer=True, spill_dir=os.path.dirname(os.path.abspath(dst)),
                           spill_above=0 if external else SPILL_ABOVE)
     try:
-        result = fold(src, memory=memory, **options)
+        result = fold(src, fold_options, memory=memory, **options)
         if external is False and wire_needs_external(result.model):
             raise InputError(f"{dst}: the folded model exceeds protobuf's 2 GB limit; it needs --external-data")
         result.save(dst, input_path=src, in_place=in_place, external=external, durable=durable)
@@ -243,13 +269,13 @@ def fold_file(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *, rep
     return result
 
 
-def fold_loaded(m: ModelProto, base_dir: Optional[str], *, verify: bool = True, atol: Optional[float] = None,
-                rtol: Optional[float] = None, input_shapes: Optional[dict] = None, skip: Iterable[str] = (),
-                passes: Optional[Sequence[Pass]] = None, seed: int = 0, lower_standalone: bool = False,
-                check: bool = True, defer: bool = False, spill_dir: Optional[str] = None,
-                spill_above: int = 0, max_input_bytes: Optional[int] = None,
-                freeze_initializer_inputs: bool = False, data=None, qdq_reflect: bool = False) -> FoldResult:
+def fold_loaded(m: ModelProto, base_dir: Optional[str], options: Optional[FoldOptions] = None, *,
+                defer: bool = False, spill_dir: Optional[str] = None, spill_above: int = 0, **kwargs) -> FoldResult:
     """:func:`fold` on a model this call may change in place; tensors on disk are read from ``base_dir``."""
+    o = _options(options, kwargs, "fold_loaded")
+    verify, atol, rtol, input_shapes, skip, passes = o.verify, o.atol, o.rtol, o.input_shapes, o.skip, o.passes
+    seed, lower_standalone, check, max_input_bytes = o.seed, o.lower_standalone, o.check, o.max_input_bytes
+    freeze_initializer_inputs, data, qdq_reflect = o.freeze_initializer_inputs, o.data, o.qdq_reflect
     report = Report(seed=seed, input_shapes={("" if k is None else k): list(v) for k, v in (input_shapes or {}).items()}
                     or None)
     report.bn_before = count_bn(m)

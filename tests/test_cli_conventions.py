@@ -158,3 +158,16 @@ def test_fold_file_and_the_cli_write_the_same_bytes(model, tmp_path):
     foldkit.fold_file(model, tmp_path / "api.onnx")
     assert invoke("fold", model, "-o", tmp_path / "cli.onnx", "-q").exit_code == 0
     assert (tmp_path / "api.onnx").read_bytes() == (tmp_path / "cli.onnx").read_bytes()
+
+
+def test_one_options_object_for_fold_fold_loaded_and_fold_file(model, tmp_path):
+    opts = foldkit.FoldOptions(verify=False, skip=("producer",))
+    a = foldkit.fold(str(model), opts)
+    b = foldkit.fold(str(model), verify=False, skip=("producer",))
+    assert a.model.SerializeToString() == b.model.SerializeToString() and a.report.verification is None
+    c = foldkit.fold(str(model), opts, skip=())  # a keyword overrides the options object's field
+    assert c.report.bn_after == 0 and a.report.bn_after == 1
+    foldkit.fold_file(model, tmp_path / "o.onnx", opts)
+    assert foldkit.fold(str(tmp_path / "o.onnx"), verify=False).report.bn_before == 1
+    with pytest.raises(TypeError):
+        foldkit.FoldOptions(bogus=1)
