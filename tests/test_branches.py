@@ -223,3 +223,56 @@ def test_refused_when_a_weight_is_not_constant_or_the_merge_overflows():
                    [("y", helper.np_dtype_to_tensor_dtype(np.dtype(np.float16)), None)],
                    [tensor("w0", big), tensor("w1", big)])
     _unchanged_with_reason(h, "overflows float16")
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kernels=st.lists(st.sampled_from([1, 2, 3, 5]), min_size=1, max_size=3),
+       shifts=st.lists(st.sampled_from([0, 0, 0, 1]), min_size=3, max_size=3), stride=st.sampled_from([1, 2]),
+       dilation=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]),
+       identity=st.sampled_from([None, "bn", "x"]), seed=st.integers(0, 10 ** 6))
+def test_random_branch_structures_merge_exactly_or_are_left_unchanged(kernels, shifts, stride, dilation, group,
+                                                                    identity, seed):
+    """Any sum of Convs of one x (any kernel, padding, stride, dilation, group) plus an identity or BN
+    branch: either merged and equal on ONNX Runtime, or refused and byte-identical."""
+    from tests.helpers import assert_close, ort_run, random_feeds
+
+    r = rng(seed)
+    c, h = 4, 9
+    out_hw = None
+    nodes, inits, names = [], [], []
+    for n, k in enumerate(kernels):
+        p = dilation * (k - 1) // 2 + shifts[n]  # "same" padding, sometimes off by one: refusals too
+        hw = (h + 2 * p - dilation * (k - 1) - 1) // stride + 1
+        if hw < 1 or (out_hw is not None and hw != out_hw):
+            return  # not a valid sum: the shapes differ
+        out_hw = hw
+        inits.append(tensor(f"w{n}", r.standard_normal((c, c // group, k, k)).astype(np.float32)))
+        nodes.append(helper.make_node("Conv", ["x", f"w{n}"], [f"c{n}"], pads=[p] * 4, strides=[stride] * 2,
+                                      dilations=[dilation] * 2, group=group))
+        names.append(f"c{n}")
+    if identity is not None:
+        if out_hw != h:
+            return
+        if identity == "bn":
+            bn_names, bn = bn_inits("bn", c, r)
+            inits += bn
+            nodes.append(helper.make_node("BatchNormalization", ["x"] + bn_names, ["id"]))
+            names.append("id")
+        else:
+            names.append("x")
+    if len(names) < 2:
+        return
+    nodes.append(helper.make_node("Sum", names, ["y"]))
+    m = make_model(nodes, [("x", F32, [1, c, h, h])], [("y", F32, None)], inits)
+    res = foldkit.fold(m, verify=False)
+    feeds = random_feeds(m, rng(seed + 1))
+    if any(b.action == "merged" for b in res.report.branches):
+        assert op_count(res.model, "Sum") == 0
+        assert_close(ort_run(m, feeds), ort_run(res.model, feeds), 1e-5, 1e-5)
+    else:
+        assert res.model.SerializeToString() == m.SerializeToString() or res.report.bn_after == 0
+        assert_close(ort_run(m, feeds), ort_run(res.model, feeds), 1e-5, 1e-5)
