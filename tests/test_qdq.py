@@ -317,3 +317,31 @@ def test_modelopt_torch_export_folds_and_stays_quantized(tmp_path):
     dq = next(n for n in res.model.graph.node if n.output[0] == conv.input[1])
     codes = next(t for t in res.model.graph.initializer if t.name == dq.input[0])
     assert codes.data_type == I8
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10 ** 6), per_channel=st.booleans(), reflect=st.booleans(),
+       zero_point=st.sampled_from([None, 0, 3]), negatives=st.lists(st.integers(0, 5), max_size=3, unique=True),
+       with_min_code=st.booleans())
+def test_random_qdq_folds_are_exact_or_refused_unchanged(seed, per_channel, reflect, zero_point, negatives,
+                                                         with_min_code):
+    r = rng(seed)
+    codes = r.integers(-127, 128, (6, 4, 3, 3)).astype(np.int8)
+    if with_min_code:
+        codes[r.integers(0, 6), 0, 0, 0] = -128
+    zp = None if zero_point is None else np.full(6 if per_channel else (), zero_point, np.int8)
+    m, params = qconv(codes=codes, per_channel=per_channel, zp=zp, negative=tuple(negatives), seed=seed % 97)
+    res = foldkit.fold(m, verify=False, qdq_reflect=reflect)
+    feeds = {"x": rng(seed + 1).standard_normal((2, 4, 7, 7)).astype(np.float32)}
+    a, b = ort_run(m, feeds)[0], ort_run(res.model, feeds)[0]
+    if res.report.bn_after == 0:
+        assert _qdq_counts(res.model)[1] == _qdq_counts(m)[1]
+        assert float(np.abs(a - b).max()) <= 8 * np.spacing(np.float32(np.abs(a).max()))
+    else:
+        (act,) = res.report.actions  # a quantization refusal, with its code, and the graph as it was
+        assert act.code == "quantization" and res.model.SerializeToString() == m.SerializeToString()
+        assert "channel" in act.reason

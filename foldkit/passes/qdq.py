@@ -63,7 +63,7 @@ def _int_attr(node, name, default):
     try:
         return int(v)
     except (TypeError, ValueError):
-        raise Refusal(f"{node.op_type} '{node_label(node)}' has a non-integer {name}") from None
+        raise Refusal(f"{node.op_type} '{node_label(node)}' has a non-integer {name}", Why.QUANTIZATION) from None
 
 
 def quantized_weight(view, node, pos: int) -> Optional[QWeight]:
@@ -83,19 +83,19 @@ def quantized_weight(view, node, pos: int) -> Optional[QWeight]:
     if scale is None or (len(dq.input) > 2 and dq.input[2] and zp is None):
         raise Refusal("the weight's DequantizeLinear scale or zero point is not a constant", Why.QUANTIZATION)
     if scale.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
-        raise Refusal("the weight's DequantizeLinear scale is not a float tensor")
+        raise Refusal("the weight's DequantizeLinear scale is not a float tensor", Why.QUANTIZATION)
     qi = None
     src = view.producer_of(dq.input[0])
     if src is not None and view.nodes[src].op_type == "QuantizeLinear" and view.nodes[src].domain in ("", "ai.onnx"):
         qi = src
         qn = view.nodes[qi]
         if view.uses(dq.input[0]) != 1:
-            raise Refusal("the weight's QuantizeLinear output is read elsewhere")
+            raise Refusal("the weight's QuantizeLinear output is read elsewhere", Why.QUANTIZATION)
         w = view.constant(qn.input[0])
         qs = view.constant(qn.input[1]) if len(qn.input) > 1 else None
         qz = view.constant(qn.input[2]) if len(qn.input) > 2 and qn.input[2] else None
         if w is None or qs is None:
-            raise Refusal("the weight before QuantizeLinear is not a constant")
+            raise Refusal("the weight before QuantizeLinear is not a constant", Why.QUANTIZATION)
         if (qs.array.tobytes() != scale.array.tobytes() or (qz is None) != (zp is None)
                 or (qz is not None and qz.array.tobytes() != zp.array.tobytes())
                 or _int_attr(qn, "axis", 1) != _int_attr(dq, "axis", 1)):
@@ -111,7 +111,8 @@ def quantized_weight(view, node, pos: int) -> Optional[QWeight]:
             raise Refusal("the quantized weight's integer codes are not a constant initializer", Why.QUANTIZATION)
         code_type, codes = c.data_type, np.asarray(c.array)
     if code_type not in INT_TYPES:
-        raise Refusal(f"the weight's codes are {TensorProto.DataType.Name(code_type)}, not 8- or 16-bit integers")
+        raise Refusal(f"the weight's codes are {TensorProto.DataType.Name(code_type)}, not 8- or 16-bit integers",
+                      Why.QUANTIZATION)
     axis = _axis(dq, codes.ndim, scale.array)
     return QWeight(di, codes, code_type, np.asarray(scale.array), scale.data_type,
                    None if zp is None else np.asarray(zp.array), axis, qi)
@@ -161,7 +162,7 @@ def plan(view, qw: QWeight, a: np.ndarray, out_axis: int, reflect: bool, what: s
                       f"{out_axis}: a per-output-channel map cannot be folded into them", Why.QUANTIZATION)
     zero = np.nonzero(a == 0)[0]
     if zero.size:
-        raise Refusal(f"the map is zero on channel {int(zero[0])}, which would make a zero scale")
+        raise Refusal(f"the map is zero on channel {int(zero[0])}, which would make a zero scale", Why.QUANTIZATION)
     rank = qw.codes.ndim
     lo, hi = INT_TYPES[qw.code_type]
     s = np.asarray(qw.scale, dtype=np.float64)
@@ -180,7 +181,7 @@ def plan(view, qw: QWeight, a: np.ndarray, out_axis: int, reflect: bool, what: s
             if np.any(moved[ch] == lo):
                 raise Refusal(f"channel {int(ch)} has a negative scale and a code {lo}, which has no negation in "
                               f"{TensorProto.DataType.Name(qw.code_type).lower()} with zero point 0 (the exact "
-                              "reflected encoding is opt-in: --qdq-reflect)")
+                              "reflected encoding is opt-in: --qdq-reflect)", Why.QUANTIZATION)
             if lo == 0:
                 raise Refusal(f"channel {int(ch)} has a negative scale: unsigned codes with zero point 0 cannot "
                               "be negated (--qdq-reflect gives the exact reflected encoding)", Why.QUANTIZATION)
@@ -195,9 +196,9 @@ def plan(view, qw: QWeight, a: np.ndarray, out_axis: int, reflect: bool, what: s
     try:
         new_scale = round_to(np.abs(a) * s, np_dtype(qw.scale_type))
     except FoldArithmeticError as e:
-        raise Refusal(f"folded scale: {e}") from None
+        raise Refusal(f"folded scale: {e}", e.code) from None
     if np.any(new_scale == 0):
-        raise Refusal("a folded scale underflows to zero")
+        raise Refusal("a folded scale underflows to zero", Why.OVERFLOW)
     uniform = qw.axis is None and np.all(new_scale == new_scale[0]) and np.all(new_zp == new_zp[0])
     if uniform:
         new_scale = new_scale[:1].reshape(np.shape(qw.scale))
