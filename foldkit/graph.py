@@ -25,7 +25,7 @@ from .attrs import (BadAttribute, all_names, attr_float, attr_int, count_uses, d
                     get_attr, iter_graphs, node_label, set_attr, subgraph_paths, subgraphs, value_types)
 from .math import ScaledChannels
 from .tensors import (_RAW_TYPES, FLOAT_TYPES, OpenFiles, make_tensor, materialize, memory_tensor,  # noqa: F401
-                      np_dtype, to_array as _to_array)
+                      np_dtype)
 
 
 @dataclass
@@ -42,24 +42,27 @@ class Const:
 class ModelIndex:
     """Model-wide facts: use counts, the names taken, opset, and what the passes released."""
 
-    DEFER_BYTES = 1 << 20
-
     def __init__(self, model: ModelProto, base_dir: Optional[str] = None, defer: bool = False,
                  spill_dir: Optional[str] = None):
-        from .payloads import MemoryPayloads, SpillPayloads
+        from .tensors import TensorStore
 
         self.model = model
         self.base_dir = base_dir
-        # defer: new top-level tensors of 1 MiB or more wait in ``payloads`` (the tensor is marked
-        # external at wire.MEMORY) until written, as arrays or (spill_dir) in an unlinked temp file
-        self.defer = defer or spill_dir is not None
-        self.files = OpenFiles()
-        self.payloads = SpillPayloads(spill_dir, self.files) if spill_dir is not None else MemoryPayloads(self.files)
+        # where tensor bytes live, and where new ones go: foldkit.tensors owns it
+        self.tensors = TensorStore(base_dir, defer, spill_dir)
         self.opset = default_opset(model)
         self.uses = count_uses(model)
         self.names = all_names(model)
         self.released: set = set()  # constant names whose last use a pass removed
         self._types: Optional[dict] = None
+
+    @property
+    def files(self):
+        return self.tensors.files
+
+    @property
+    def payloads(self):
+        return self.tensors.payloads
 
     def _type(self, name: str):
         if self._types is None:
@@ -171,7 +174,7 @@ class GraphView:
                 if name in view.inputs and (view.index.model.ir_version >= 4 or view.parent is not None):
                     return None  # an initializer that is also an input can be overridden at run time
                 t = view.inits[name]
-                return Const(name, _to_array(t, view.index), t.data_type, view, "initializer")
+                return Const(name, view.index.tensors.array(t), t.data_type, view, "initializer")
             if name in view.inputs:
                 return None
             view = view.parent
@@ -199,13 +202,10 @@ class GraphView:
         node = self.nodes[i]
         old = node.input[pos] if pos < len(node.input) else ""
         const = self.constant(old) if old else None
-        size = array.nbytes if isinstance(array, ScaledChannels) else np.asarray(array).nbytes
-        defer = self.index.defer and self.parent is None and size >= self.index.DEFER_BYTES
+        store = self.index.tensors
         if const is not None and const.owner is self and self.uses(old) == 1 and const.kind != "computed":
-            if const.kind == "initializer" and defer:
-                self.index.payloads.put(old, memory_tensor(array, data_type, self.inits[old]))
-            elif const.kind == "initializer":
-                make_tensor(array, data_type, into=self.inits[old])  # in place: no second copy
+            if const.kind == "initializer":
+                store.place(array, data_type, self.inits[old], top_level=self.parent is None)  # in place
             else:
                 tensor = make_tensor(array, data_type)
                 tensor.name = old
@@ -214,13 +214,9 @@ class GraphView:
                 cnode.attribute.append(onnx.helper.make_attribute("value", tensor))
             return old
         name = self.index.fresh(base)
-        if defer:
-            tensor = TensorProto()
-            tensor.name = name
-            self.index.payloads.put(name, memory_tensor(array, data_type, tensor))
-        else:
-            tensor = make_tensor(array, data_type)
-            tensor.name = name
+        tensor = TensorProto()
+        tensor.name = name
+        store.place(array, data_type, tensor, top_level=self.parent is None)
         self.add_constant(tensor, before=i if self.index.model.ir_version < 4 else None)
         while len(node.input) <= pos:
             node.input.append("")
@@ -449,7 +445,7 @@ def _dequantized(node: NodeProto, ins: list, view: GraphView) -> Optional[Const]
 def _constant_node_value(node: NodeProto, view: GraphView) -> Optional[Const]:
     for a in node.attribute:
         if a.name == "value" and a.type == AttributeProto.TENSOR:
-            return Const(node.output[0], _to_array(a.t, view.index), a.t.data_type, view, "constant")
+            return Const(node.output[0], view.index.tensors.array(a.t), a.t.data_type, view, "constant")
         if a.name == "value_float":
             return Const(node.output[0], np.array(a.f, np.float32), TensorProto.FLOAT, view, "constant")
         if a.name == "value_floats":

@@ -158,3 +158,43 @@ def make_tensor(array: np.ndarray, data_type: int, into: Optional[TensorProto] =
     return t
 
 
+
+
+class TensorStore:
+    """The one owner of a fold's tensor bytes: the mapped source files, the store folded tensors
+    wait in (memory or a spill file), and the policy that decides where a new tensor goes.
+
+    ``defer``: a new top-level tensor of ``DEFER_BYTES`` or more waits in the payload store (its
+    header marked external at wire.MEMORY) until written; with ``spill_dir`` the store is an
+    unlinked temp file there. Otherwise tensors go straight into the protobuf."""
+
+    DEFER_BYTES = 1 << 20
+
+    def __init__(self, base_dir: Optional[str] = None, defer: bool = False, spill_dir: Optional[str] = None):
+        from .payloads import MemoryPayloads, SpillPayloads
+
+        self.base_dir = base_dir
+        self.defer = defer or spill_dir is not None
+        self.files = OpenFiles()
+        self.payloads = SpillPayloads(spill_dir, self.files) if spill_dir is not None else MemoryPayloads(self.files)
+
+    def array(self, t: TensorProto) -> np.ndarray:
+        """The values of ``t``, wherever they are (read-only when mapped or held as a payload)."""
+        return to_array(t, self)
+
+    def place(self, array, data_type: int, into: TensorProto, top_level: bool) -> None:
+        """Make ``into`` hold ``array`` (already rounded): in the protobuf, or as a payload when the
+        policy defers it (a top-level tensor of DEFER_BYTES or more)."""
+        size = array.nbytes if isinstance(array, ScaledChannels) else np.asarray(array).nbytes
+        if self.defer and top_level and size >= self.DEFER_BYTES:
+            self.payloads.put(into.name, memory_tensor(array, data_type, into))
+        else:
+            self.payloads.discard(into.name)
+            make_tensor(array, data_type, into=into)
+
+    def release(self) -> None:
+        """Pages read since the last call leave the resident set (they stay in the page cache)."""
+        self.files.release(self.payloads)
+
+    def discard(self, name: str) -> None:
+        self.payloads.discard(name)

@@ -151,8 +151,8 @@ def test_lazy_model_with_subgraph_initializers(tmp_path):
 
 def test_deferred_payloads_give_identical_bytes(tmp_path, monkeypatch):
     """The CLI keeps folded tensors as arrays until writing (defer); the file must not change."""
-    from foldkit.graph import ModelIndex
-    monkeypatch.setattr(ModelIndex, "DEFER_BYTES", 1)
+    from foldkit.tensors import TensorStore
+    monkeypatch.setattr(TensorStore, "DEFER_BYTES", 1)
     m = conv_bn_model(2, c_in=16, c_out=32)
     m.graph.node.append(onnx.helper.make_node("Conv", ["X", "W2"], ["Y2"]))
     m.graph.initializer.append(numpy_helper.from_array(np.ones((32, 16, 3, 3), np.float32), "W2"))
@@ -177,8 +177,8 @@ def test_deferred_payloads_give_identical_bytes(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("verify", [False, True])
 def test_spilled_payloads_give_identical_bytes_and_leave_nothing(tmp_path, monkeypatch, verify):
-    from foldkit.graph import ModelIndex
-    monkeypatch.setattr(ModelIndex, "DEFER_BYTES", 1)
+    from foldkit.tensors import TensorStore
+    monkeypatch.setattr(TensorStore, "DEFER_BYTES", 1)
     m = conv_bn_model(2, c_in=16, c_out=32, group=2)
     src = tmp_path / "src"
     spill = tmp_path / "spill"
@@ -199,8 +199,8 @@ def test_interrupted_streaming_save_leaves_nothing(tmp_path, monkeypatch, extern
     """A SIGINT/SIGTERM (KeyboardInterrupt/SystemExit) in the middle of streaming tensors out leaves
     neither the model nor its data file, and keeps an existing output as it was."""
     from foldkit import wire
-    from foldkit.graph import ModelIndex
-    monkeypatch.setattr(ModelIndex, "DEFER_BYTES", 1)  # folded tensors stream through the writer too
+    from foldkit.tensors import TensorStore
+    monkeypatch.setattr(TensorStore, "DEFER_BYTES", 1)  # folded tensors stream through the writer too
     m = conv_bn_model(2, c_in=16, c_out=32)
     p = tmp_path / "m.onnx"
     onnx.save(m, str(p))
@@ -292,23 +292,23 @@ RECIPE_MODELS = {
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     import foldkit.math as fm
-    from foldkit.graph import ModelIndex
+    from foldkit.tensors import TensorStore
     monkeypatch.setattr(fm, "BLOCK_ELEMENTS", 16)
-    monkeypatch.setattr(ModelIndex, "DEFER_BYTES", 1)
+    monkeypatch.setattr(TensorStore, "DEFER_BYTES", 1)
     return fm
 
 
 @pytest.mark.parametrize("name", sorted(RECIPE_MODELS))
 def test_streamed_folds_equal_the_plain_formula(tmp_path, monkeypatch, name):
     import foldkit.math as fm
-    from foldkit.graph import ModelIndex
+    from foldkit.tensors import TensorStore
     m = RECIPE_MODELS[name]()
     plain = foldkit.fold(m, verify=False)  # small weights: the plain float64 formula, in memory
     expected = plain.model.SerializeToString(deterministic=True)
     p = tmp_path / "m.onnx"
     onnx.save(m, str(p))
     monkeypatch.setattr(fm, "BLOCK_ELEMENTS", 16)
-    monkeypatch.setattr(ModelIndex, "DEFER_BYTES", 1)
+    monkeypatch.setattr(TensorStore, "DEFER_BYTES", 1)
     made = []
     real_init = fm.ScaledChannels.__init__
     monkeypatch.setattr(fm.ScaledChannels, "__init__", lambda self, *a: (made.append(1), real_init(self, *a))[1])

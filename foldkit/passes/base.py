@@ -57,7 +57,7 @@ class Pass:
         changed = False
         for view, path in ctx.walk():
             changed |= self.run_graph(ctx, view, path)
-            ctx.index.files.release(ctx.index.payloads)
+            ctx.index.tensors.release()
         return changed
 
     def run_graph(self, ctx: FoldContext, view: GraphView, path: str) -> bool:

@@ -48,7 +48,7 @@ class Cleanup(Pass):
             dead = [k for k, t in enumerate(g.initializer)
                     if t.name in released and uses[t.name] == 0 and t.name not in keep_io]
             for k in reversed(dead):
-                ctx.index.payloads.discard(g.initializer[k].name)
+                ctx.index.tensors.discard(g.initializer[k].name)
                 del g.initializer[k]
             live = set(keep_io) | {t.name for t in g.initializer}
             for n in g.node:
