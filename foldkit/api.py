@@ -11,6 +11,7 @@ import onnx
 from onnx import ModelProto
 
 from . import io as fio
+from .data import files as data_files, source as data_source
 from .errors import InputError, VerificationError
 from .graph import iter_graphs, node_label, subgraph_paths
 from .passes import DEFAULT_PASSES, PASS_NAMES
@@ -150,9 +151,7 @@ _LEGACY_MEMORY = ("lazy", "defer", "spill_dir", "spill_above")
 
 
 def _memory(memory: Optional[MemoryPolicy], legacy: dict) -> MemoryPolicy:
-    unknown = set(legacy) - set(_LEGACY_MEMORY)
-    if unknown:
-        raise TypeError(f"fold() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+    """``memory``, with the deprecated keyword arguments (only _LEGACY_MEMORY names) applied."""
     if legacy:
         import warnings
 
@@ -249,7 +248,7 @@ def fold_file(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], fold_o
 
     src, dst = os.fspath(src), os.fspath(dst)
     data = options.get("data", fold_options.data if fold_options is not None else None)
-    fio.guard_outputs({"-o": dst, "--report": report}, fio.model_files(src) + _data_files(data),
+    fio.guard_outputs({"-o": dst, "--report": report}, fio.model_files(src) + data_files(data),
                       allow_same={"-o": src} if in_place else None)
     memory = MemoryPolicy(lazy=True, defer=True, spill_dir=os.path.dirname(os.path.abspath(dst)),
                           spill_above=0 if external else SPILL_ABOVE)
@@ -331,7 +330,7 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], options: Optional[FoldOp
                                "detail": "nothing was rewritten, so the output is the input's bytes; no run needed"}
     elif verify:
         options = dict(atol=atol, rtol=rtol, input_shapes=input_shapes, seed=seed, base_dir=base_dir,
-                       max_input_bytes=max_input_bytes, data=_data_source(data, m),
+                       max_input_bytes=max_input_bytes, data=data_source(data, m),
                        reference_label="inference-mode original" if ctx.converted_training else "original")
         if defer or needs_external(m):  # payloads stay out of the proto, or it cannot be one buffer
             result.verify_before_commit = functools.partial(_verify, result, reference_bytes, options)
@@ -339,32 +338,6 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], options: Optional[FoldOp
             result.materialize()  # ORT needs the payloads in the proto
             _verify(result, reference_bytes, options)
     return result
-
-
-def _data_files(data) -> list:
-    """The files a --data spec reads (so that no output can be one of them)."""
-    if data is None or callable(data):
-        return []
-    spec = os.fspath(data if isinstance(data, (str, os.PathLike)) else data[0])
-    if os.path.isdir(spec):
-        return [os.path.join(spec, f) for f in sorted(os.listdir(spec)) if f.endswith(".npz")]
-    if os.path.isfile(spec):
-        return [spec]
-    target = spec.rpartition(":")[0]
-    return [target] if os.path.isfile(target) else []
-
-
-def _data_source(data, model):
-    """``data`` (a --data spec string, with ``batch_size``/``max_samples`` as a tuple, or a callable
-    returning batches) as a callable that streams the batches anew each time; None stays None."""
-    if data is None or callable(data):
-        return data
-    from .data import batches, fixed_batch, model_inputs
-
-    spec, batch_size, max_samples = (data, None, None) if isinstance(data, (str, os.PathLike)) else data
-    inputs = model_inputs(model)
-    size = fixed_batch(model) or batch_size
-    return lambda: batches(os.fspath(spec), inputs, size, max_samples)
 
 
 def _freeze_initializer_inputs(m: ModelProto, report: Report) -> bool:

@@ -300,12 +300,10 @@ def _statistics_findings(model, base_dir) -> list:
 
 
 def _with_data(path, data) -> list:
-    from .data import batches as data_batches, fixed_batch, model_inputs
+    from .data import source
 
     full = fio.load_model(path)
-    spec, size, most = (data, None, None) if isinstance(data, (str, os.PathLike)) else data
-    inputs = model_inputs(full)
-    return drift_findings(full, lambda: data_batches(os.fspath(spec), inputs, fixed_batch(full) or size, most))
+    return drift_findings(full, source(data, full))
 
 
 def drift_findings(model, batches) -> list:

@@ -244,9 +244,9 @@ def check(models, fmt, fail_on, output, data, max_samples, batch_size, quiet, ve
     from .check import check_many, to_github, to_junit, to_markdown, to_text
     from .report import envelope
 
-    from .api import _data_files
+    from .data import files as data_files
 
-    inputs = [f for m in models if not os.path.isdir(m) for f in fio.model_files(m)] + _data_files(data)
+    inputs = [f for m in models if not os.path.isdir(m) for f in fio.model_files(m)] + data_files(data)
     fio.guard_outputs({"-o": output}, inputs)
     results = check_many(models, data=(data, batch_size, max_samples) if data else None)
     worst = max(r.exit_code(fail_on) for r in results)
@@ -406,10 +406,10 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
     except ImportError as e:
         raise InputError(f"foldkit export needs PyTorch: pip install 'foldkit-onnx[torch]' ({e})") from None
     factory_file = model_spec.rpartition(":")[0]
-    from .api import _data_files
+    from .data import files as data_files
 
     fio.guard_outputs({"-o": output, "--report": report_path},
-                      [checkpoint, factory_file if os.path.isfile(factory_file) else None] + _data_files(recalibrate_data))
+                      [checkpoint, factory_file if os.path.isfile(factory_file) else None] + data_files(recalibrate_data))
     from .verify import parse_dims
 
     shapes = [parse_dims(s) for s in input_shapes]

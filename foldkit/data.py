@@ -183,3 +183,29 @@ def fixed_batch(model) -> Optional[int]:
             return int(dims[0].dim_value)
         return None
     return None
+
+
+def files(data) -> list:
+    """The files a data spec reads (so that no output can be one of them); ``data`` as :func:`source`
+    takes it."""
+    if data is None or callable(data):
+        return []
+    spec = os.fspath(data if isinstance(data, (str, os.PathLike)) else data[0])
+    if os.path.isdir(spec):
+        return [os.path.join(spec, f) for f in sorted(os.listdir(spec)) if f.endswith(".npz")]
+    if os.path.isfile(spec):
+        return [spec]
+    target = spec.rpartition(":")[0]
+    return [target] if os.path.isfile(target) else []
+
+
+def source(data, model):
+    """``data`` (a spec, a (spec, batch_size, max_samples) tuple, or a callable returning batches) as
+    a callable that streams ``model``'s batches anew each time (a model with a fixed batch uses its
+    own); None stays None."""
+    if data is None or callable(data):
+        return data
+    spec, batch_size, max_samples = (data, None, None) if isinstance(data, (str, os.PathLike)) else data
+    inputs = model_inputs(model)
+    size = fixed_batch(model) or batch_size
+    return lambda: batches(os.fspath(spec), inputs, size, max_samples)

@@ -505,26 +505,23 @@ def recalibrate_file(src: str, dst: str, data, *, method: str = "batch", fold: b
     import os
 
     from . import io as fio
-    from .api import _data_files, fold as fold_api
-    from .data import batches as data_batches, fixed_batch, model_inputs
+    from .api import fold as fold_api
+    from .data import files as data_files, source as data_source
     from .errors import VerificationError
-    from .report import Report, envelope
+    from .report import Report
     from .text import to_json
 
     src, dst = os.fspath(src), os.fspath(dst)
     fio.guard_outputs({"-o": dst, "--report": report},
-                      fio.model_files(src) + _data_files(data) + _data_files(eval_data))
+                      fio.model_files(src) + data_files(data) + data_files(eval_data))
     model = fio.load_model(src)
     original = fio.serialize(model)
-    inputs = model_inputs(model)
-    size = fixed_batch(model) or batch_size
-    source = lambda: data_batches(os.fspath(data), inputs, size, max_samples)  # noqa: E731
+    source = data_source((data, batch_size, max_samples), model)
     dist = Distributed() if Distributed.requested() else None
     try:
         rec = recalibrate(model, source, method, only, skip, input_shapes=input_shapes, distributed=dist)
         if dist is not None and dist.rank != 0:
             return rec  # rank 0 alone writes
-        recalibrated = fio.serialize(model)
         if fold:
             result = fold_api(model, input_shapes=input_shapes)
             out_model, rep = result.model, result.report
@@ -535,11 +532,12 @@ def recalibrate_file(src: str, dst: str, data, *, method: str = "batch", fold: b
         rep.command, rep.inputs = "recalibrate", [src, os.fspath(data)] + ([os.fspath(eval_data)] if eval_data else [])
         d = rep.to_dict()
         d["recalibration"] = rec
+        out_bytes = fio.serialize(out_model)
         metric = None
         if eval_data is not None:
-            ev = lambda: data_batches(os.fspath(eval_data), inputs, size, None)  # noqa: E731
+            ev = data_source((eval_data, batch_size, None), model)
             before = classifier_metric(original, ev(), original)
-            after = classifier_metric(fio.serialize(out_model), ev(), original)
+            after = classifier_metric(out_bytes, ev(), original)
             if before is None or after is None:
                 metric = {"note": "--eval-data: the first output is not classifier-like ([N, K] scores)"}
             else:
@@ -547,7 +545,6 @@ def recalibrate_file(src: str, dst: str, data, *, method: str = "batch", fold: b
                           "samples": after["samples"],
                           "change_points": round(100 * (after["top1"] - before["top1"]), 6)}
         d["metric"] = metric
-        del recalibrated
         failed = (metric is not None and max_drop is not None and "change_points" in metric
                   and -metric["change_points"] > max_drop)
         if report:
@@ -557,8 +554,7 @@ def recalibrate_file(src: str, dst: str, data, *, method: str = "batch", fold: b
                 f"recalibration makes {metric['metric']} worse by {-metric['change_points']:.2f} points "
                 f"({100 * metric['before']:.2f}% -> {100 * metric['after']:.2f}%), over --max-drop {max_drop:g}; "
                 "nothing written but the report")
-        fio.atomic_write(dst, fio.serialize(out_model), durable=durable)
-        d.update(envelope("recalibrate", rep.inputs, input_shapes=d.get("input_shapes"), seed=d.get("seed")))
+        fio.atomic_write(dst, out_bytes, durable=durable)
         return d
     finally:
         if dist is not None:
