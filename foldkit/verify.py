@@ -420,7 +420,8 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
             why = f"the original does not run on {_backend_name(tried)} with generated inputs: {_first_line(e)}"
             run_failed = True
     if why is None:
-        nondet = _has_random_ops(reference)
+        random_ops = _has_random_ops(reference)
+        nondet = random_ops
         if not nondet:
             try:
                 again, _ = run(reference, feeds, reference_bytes, backend="onnxruntime" if backend == "onnxruntime-cpu"
@@ -442,7 +443,7 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
             diffs = [OutputDiff(n, 0.0, 0.0, np.shape(a) == np.shape(b) and np.asarray(a).dtype == np.asarray(b).dtype,
                                 "random outputs: compared by shape and type only")
                      for n, a, b in zip(names, ref_out, new_out)]
-            why = ("its outputs are random (" + ("it has random ops" if _has_random_ops(reference) else
+            why = ("its outputs are random (" + ("it has random ops" if random_ops else
                                                  "two runs of the original disagree") + "): compared by shape and type only")
             if not all(d.passed for d in diffs):
                 return VerificationResult(False, float("inf"), float("inf"), atol, rtol, backend, reference_label,
