@@ -242,7 +242,36 @@ def check_nodes(model: ModelProto, source: str = "model") -> None:
                 raise InputError(f"{source}: BatchNormalization node '{n.name}' has no output Y, which ONNX requires")
 
 
+def _bad_string(msg, path: str) -> Optional[str]:
+    """The path of the first string field of ``msg`` that is not valid UTF-8 (protobuf then hands
+    it over as bytes, and nothing can write it back), or None. Tensor payloads are never read."""
+    if isinstance(msg, TensorProto):
+        fields = [(f, getattr(msg, f.name)) for f in (msg.DESCRIPTOR.fields_by_name["name"],
+                                                       msg.DESCRIPTOR.fields_by_name["doc_string"]) if msg.HasField(f.name)]
+        fields.append((msg.DESCRIPTOR.fields_by_name["external_data"], msg.external_data))
+    else:
+        fields = msg.ListFields()
+    for fd, value in fields:
+        if fd.message_type is not None:
+            for k, sub in enumerate(value if fd.is_repeated else [value]):
+                bad = _bad_string(sub, f"{path}.{fd.name}" + (f"[{k}]" if fd.is_repeated else ""))
+                if bad:
+                    return bad
+        elif fd.type == fd.TYPE_STRING and any(isinstance(v, bytes) for v in (value if fd.is_repeated else [value])):
+            return f"{path}.{fd.name}"
+    return None
+
+
+def check_strings(model: ModelProto, source: str = "model") -> None:
+    """ONNX strings (names, doc strings, metadata) are UTF-8; a model with one that is not is
+    corrupt, and could not be written back."""
+    bad = _bad_string(model, "model")
+    if bad:
+        raise InputError(f"{source}: {bad} is not valid UTF-8 (ONNX strings are UTF-8; the file is corrupt)")
+
+
 def validate(model: ModelProto, source: str = "model") -> None:
+    check_strings(model, source)
     check_tensors(model, source)
     check_nodes(model, source)
     check_references(model, source)

@@ -336,3 +336,28 @@ def duplicate_initializer_names(folder):
     m = base_model()
     m.graph.initializer.append(tensor("W", np.zeros((8, 4, 3, 3), np.float32)))
     return save(m, folder)
+
+
+def _patched(m, placeholder: bytes, replacement: bytes, folder):
+    """``m`` serialized with ``placeholder`` (same length) replaced on the wire."""
+    data = m.SerializeToString()
+    assert data.count(placeholder) == 1 and len(placeholder) == len(replacement)
+    p = os.path.join(folder, "m.onnx")
+    with open(p, "wb") as f:
+        f.write(data.replace(placeholder, replacement))
+    return p
+
+
+@case
+def graph_name_not_utf8(folder):
+    """protobuf parses it and hands the name over as bytes; nothing can write it back."""
+    m = base_model()
+    m.graph.name = "GRAPHNAME"
+    return _patched(m, b"GRAPHNAME", b"GRAPHNAM\xe7", folder)
+
+
+@case
+def tensor_doc_string_not_utf8(folder):
+    m = base_model()
+    _init(m, "W").doc_string = "WEIGHTDOC"
+    return _patched(m, b"WEIGHTDOC", b"WEIGHT\xff\xfe\xfd", folder)
