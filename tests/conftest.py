@@ -22,3 +22,14 @@ def conv_bn_path(tmp_path):
     p = tmp_path / "model.onnx"
     onnx.save(conv_bn_model(2, group=2), str(p))
     return p
+
+
+@pytest.fixture(autouse=True)
+def _recount_uses_after_every_pass(monkeypatch):
+    """Every fold any test runs in this process checks, after each pass, that the use counts the
+    passes kept equal a recount of the model (foldkit keeps one count; cleanup trusts it)."""
+    import foldkit.api as api
+    from tests.helpers import Recounting
+
+    select = api._select
+    monkeypatch.setattr(api, "_select", lambda passes, skip: [Recounting(p) for p in select(passes, skip)])

@@ -358,3 +358,33 @@ def _classifier(c=4, k=10, seed=15):
              tensor("fc", r.standard_normal((k, c)).astype(np.float32)), tensor("fcb", r.standard_normal(k).astype(np.float32))]
     m = make_model(nodes, [("img", F32, ["N", 1, 8, 8])], [("logits", F32, ["N", k])], inits + bn)
     return m
+
+
+class UseCountDrift(AssertionError):
+    pass
+
+
+def recount_problem(ctx) -> str:
+    """How the use counts the passes kept (``ctx.index.uses``) differ from a recount of the model,
+    or '' when they agree. foldkit keeps one count, maintained by every GraphView edit; cleanup
+    trusts it to decide what is dead, so a drift would remove a tensor something still reads."""
+    from foldkit.attrs import count_uses
+
+    kept = {k: v for k, v in ctx.index.uses.items() if v}
+    real = {k: v for k, v in count_uses(ctx.model).items() if v}
+    diff = sorted((k, kept.get(k, 0), real.get(k, 0)) for k in set(kept) | set(real) if kept.get(k, 0) != real.get(k, 0))
+    return ", ".join(f"{k!r}: kept {a}, real {b}" for k, a, b in diff[:5])
+
+
+class Recounting:
+    """A pass that, after running, checks the kept use counts against a recount."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.stage = inner, inner.name, inner.stage
+
+    def run(self, ctx):
+        changed = self.inner.run(ctx)
+        problem = recount_problem(ctx)
+        if problem:
+            raise UseCountDrift(f"after pass {self.name!r}: {problem}")
+        return changed

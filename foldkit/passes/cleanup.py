@@ -12,7 +12,7 @@ never touched.
 
 from __future__ import annotations
 
-from ..graph import CONST_OPS, PURE_OPS, count_uses, iter_graphs
+from ..graph import CONST_OPS, PURE_OPS, iter_graphs
 from .base import Pass, is_op
 
 
@@ -21,7 +21,7 @@ class Cleanup(Pass):
     stage = "final"
 
     def run(self, ctx):
-        uses = count_uses(ctx.model)
+        uses = ctx.index.uses  # the one count, kept by every GraphView edit (tests recount it after each pass)
         released = ctx.index.released
         changed = False
         for g in iter_graphs(ctx.model.graph):
@@ -57,5 +57,4 @@ class Cleanup(Pass):
             for k in reversed(stale):
                 del g.value_info[k]
             changed |= bool(dead or dead_nodes or stale)
-        ctx.index.uses = uses
         return changed
