@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -17,6 +18,7 @@ from .graph import iter_graphs, node_label, subgraph_paths
 from .passes import DEFAULT_PASSES, PASS_NAMES
 from .passes.base import FoldContext, Pass, is_op
 from .report import Report
+from .tensors import TensorStore
 from .verify import verify as run_verify
 from .wire import needs_external, payload_nbytes
 
@@ -24,17 +26,32 @@ MAX_ROUNDS = 8
 
 
 @dataclass
+class PendingVerification:
+    """The verification fold() could not run in memory (its folded tensors wait in a TensorStore,
+    or the model is over protobuf's 2 GB): :meth:`FoldResult.save` runs it on the files as written,
+    before they take their names, and writes nothing if it fails."""
+
+    reference_bytes: bytes  # the model verification compares against, serialized
+    options: dict  # foldkit.verify.verify's keyword arguments
+
+    def run(self, result: "FoldResult", candidate_path: str) -> None:
+        """Verify the written model at ``candidate_path``; record the outcome in ``result.report``
+        and raise VerificationError on failure."""
+        _verify(result, self.reference_bytes, self.options, candidate_path)
+
+
+@dataclass
 class FoldResult:
     """The folded model and its report. When the input was loaded lazily, ``model`` still refers to
     the input file for the tensors it did not change (``base_dir`` is that file's folder): write it
-    with :meth:`save`, which streams them."""
+    with :meth:`save`, which streams them. ``tensors`` holds the folded tensors kept out of the proto
+    until saved (``memory=MemoryPolicy(defer=True)``); ``pending`` is the verification left to save()."""
 
     model: ModelProto
     report: Report
     base_dir: Optional[str] = None
-    payloads: Optional[dict] = None  # folded tensors kept out of the proto (defer=True) until saved
-    # verification that fold() left to save(): it runs on the written files before they are renamed
-    verify_before_commit: Optional[Callable[[str], None]] = None
+    tensors: Optional[TensorStore] = None
+    pending: Optional[PendingVerification] = None
 
     def save(self, path, input_path=None, in_place=False, external=None, durable=False):
         """Write atomically (temp file + rename: never a partial file); ``durable`` also fsyncs
@@ -47,9 +64,10 @@ class FoldResult:
                 return None  # nothing to write: the file already is the output
             fio.copy_atomic(input_path, path, durable=durable)
             return None
+        pending = self.pending
         return fio.save_model(self.model, path, input_path=input_path, in_place=in_place, base_dir=self.base_dir,
-                              external=external, payloads=self.payloads, durable=durable,
-                              before_commit=self.verify_before_commit)
+                              external=external, tensors=self.tensors, durable=durable,
+                              before_commit=(lambda written: pending.run(self, written)) if pending else None)
 
     def _single_file(self, input_path) -> bool:
         """The input holds all its tensors (a lazy load's references point into the file itself)."""
@@ -58,12 +76,25 @@ class FoldResult:
                    for t in fio.external_tensors(self.model))
 
     def materialize(self) -> ModelProto:
-        """Put payloads held in memory into ``model`` (a self-contained proto but for lazy tensors)."""
-        from .graph import materialize
-
-        if self.payloads:
-            materialize(self.model, self.payloads)
+        """Put the folded tensors ``tensors`` holds into ``model`` (a self-contained proto but for
+        tensors a lazy load left in the input file)."""
+        if self.tensors is not None:
+            self.tensors.materialize(self.model)
         return self.model
+
+    @property
+    def payloads(self):
+        """Deprecated: the payload store inside ``tensors`` (use ``tensors``, a TensorStore)."""
+        warnings.warn("FoldResult.payloads is deprecated; use FoldResult.tensors (a foldkit.tensors.TensorStore)",
+                      DeprecationWarning, stacklevel=2)
+        return self.tensors.payloads if self.tensors is not None else None
+
+    @property
+    def verify_before_commit(self) -> Optional[Callable[[str], None]]:
+        """Deprecated: the pending verification as a callable (use ``pending``)."""
+        warnings.warn("FoldResult.verify_before_commit is deprecated; use FoldResult.pending",
+                      DeprecationWarning, stacklevel=2)
+        return functools.partial(self.pending.run, self) if self.pending is not None else None
 
 
 def count_bn(model: ModelProto) -> int:
@@ -320,7 +351,7 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], options: Optional[FoldOp
 
     report.bn_after = count_bn(m)
     report.finish()
-    result = FoldResult(m, report, base_dir, ctx.index.payloads)
+    result = FoldResult(m, report, base_dir, ctx.index.tensors)
 
     if check and rewritten:
         _checker(m, reference_bytes, report)
@@ -333,7 +364,7 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], options: Optional[FoldOp
                        max_input_bytes=max_input_bytes, data=data_source(data, m),
                        reference_label="inference-mode original" if ctx.converted_training else "original")
         if defer or needs_external(m):  # payloads stay out of the proto, or it cannot be one buffer
-            result.verify_before_commit = functools.partial(_verify, result, reference_bytes, options)
+            result.pending = PendingVerification(reference_bytes, options)
         else:
             result.materialize()  # ORT needs the payloads in the proto
             _verify(result, reference_bytes, options)

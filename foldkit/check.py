@@ -31,6 +31,7 @@ import onnx
 
 from . import io as fio
 from .text import printable, xml_safe
+from .wire import is_memory
 
 SEVERITIES = ("warning", "error")
 FP16_MAX = 65504.0
@@ -172,27 +173,18 @@ def _tensor_risk(data_type: int, blocks) -> Optional[str]:
     return None
 
 
-def _numeric_risk(index: dict, action, base_dir=None, payloads=None, seen=None) -> Optional[str]:
-    """Risk in the tensors this fold wrote, each read once, one at a time (a deferred recipe
-    block by block, never whole): the model's other tensors are never read."""
-    from .wire import is_memory
-
+def _numeric_risk(index: dict, action, tensors, seen=None) -> Optional[str]:
+    """Risk in the tensors this fold wrote, each read once, one at a time, through the fold's
+    TensorStore (a deferred recipe block by block, never whole): the model's other tensors are
+    never read."""
     seen = {} if seen is None else seen
     for name in action.tensors:
         if name not in seen:
             t = index.get(name)
-            if t is None or (is_memory(t) and (payloads is None or name not in payloads)):
+            if t is None or (is_memory(t) and name not in tensors):
                 seen[name] = None
                 continue
-            if is_memory(t):
-                blocks = payloads.arrays(name)
-            else:
-                blocks = [onnx.numpy_helper.to_array(t, base_dir or "")]
-            seen[name] = _tensor_risk(t.data_type, blocks)
-            del blocks
-            files = getattr(payloads, "files", None)
-            if files is not None:
-                files.release()  # the source pages read for a recipe leave the resident set
+            seen[name] = _tensor_risk(t.data_type, tensors.blocks(t))
         if seen[name]:
             return seen[name]
     return None
@@ -250,7 +242,7 @@ def check(path: str, data=None) -> CheckResult:
                     "FK004": f"numeric risk: {a.reason}"}.get(fk, f"BatchNormalization cannot be folded: {a.reason}")
             result.findings.append(Finding(fk, severity, a.node, text, a.graph))
         if a.action in ("folded", "merged"):
-            risk = _numeric_risk(index, a, base_dir, folded.payloads, seen)
+            risk = _numeric_risk(index, a, folded.tensors, seen)
             if risk:
                 result.findings.append(Finding("FK004", "warning", a.node, f"numeric risk after folding: {risk}", a.graph))
     for b in report.branches:

@@ -24,7 +24,7 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 from .attrs import (BadAttribute, all_names, attr_float, attr_int, count_uses, default_opset, del_attr,  # noqa: F401
                     get_attr, iter_graphs, node_label, set_attr, subgraph_paths, subgraphs, value_types)
 from .math import ScaledChannels
-from .tensors import (_RAW_TYPES, FLOAT_TYPES, OpenFiles, make_tensor, materialize, memory_tensor,  # noqa: F401
+from .tensors import (_RAW_TYPES, FLOAT_TYPES, OpenFiles, TensorStore, make_tensor, memory_tensor,  # noqa: F401
                       np_dtype)
 
 
@@ -44,8 +44,6 @@ class ModelIndex:
 
     def __init__(self, model: ModelProto, base_dir: Optional[str] = None, defer: bool = False,
                  spill_dir: Optional[str] = None):
-        from .tensors import TensorStore
-
         self.model = model
         self.base_dir = base_dir
         # where tensor bytes live, and where new ones go: foldkit.tensors owns it
@@ -55,14 +53,6 @@ class ModelIndex:
         self.names = all_names(model)
         self.released: set = set()  # constant names whose last use a pass removed
         self._types: Optional[dict] = None
-
-    @property
-    def files(self):
-        return self.tensors.files
-
-    @property
-    def payloads(self):
-        return self.tensors.payloads
 
     def _type(self, name: str):
         if self._types is None:

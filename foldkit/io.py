@@ -563,10 +563,11 @@ def data_file_name(model_name: str, digest: str) -> str:
 
 def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, in_place: bool = False,
                base_dir: Optional[str] = None, external: Optional[bool] = None,
-               payloads: Optional[dict] = None, durable: bool = False,
+               tensors=None, durable: bool = False,
                before_commit: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """Write ``model`` atomically. Tensors left on disk by a lazy load (or in external data files,
-    relative to ``base_dir``) are streamed, never loaded whole.
+    relative to ``base_dir``) are streamed, never loaded whole, and so are the folded tensors that
+    ``tensors`` (the fold's foldkit.tensors.TensorStore) holds.
 
     ``before_commit(path)`` runs on the complete written files (``path``: the model's temp file,
     its data file beside it) before they take their final names; if it raises, nothing is written.
@@ -625,7 +626,7 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
             data.rename(data_file_name(os.path.basename(path), hashing.hexdigest()))
             return os.path.basename(data.path)
 
-        wire.write_model(m, out.file, base_dir or ".", hashing, data_name if data else None, payloads=payloads)
+        wire.write_model(m, out.file, base_dir or ".", hashing, data_name if data else None, tensors=tensors)
         for f in files:
             f.finish()
         if before_commit is not None:

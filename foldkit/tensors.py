@@ -10,13 +10,18 @@ A tensor's bytes are in one of these places (:func:`location_of` names it):
   block by block as it is written;
 - ``spilled``: the same, kept in an unlinked temp file (:class:`SpillPayloads`).
 
-The payload stores (:class:`MemoryPayloads`, :class:`SpillPayloads`) are in foldkit.payloads; this
-module is the one place that turns a TensorProto into an array and an array into a TensorProto.
+:class:`TensorStore` owns all of it for one fold: the graph index reads arrays through it, passes
+hand it new tensors (:meth:`TensorStore.place`: the policy deciding where they go lives there and
+nowhere else), and the writer streams every deferred payload from it as a typed
+:class:`foldkit.wire.Source`. This module is the one place that turns a TensorProto into an array
+and an array into a TensorProto.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import tempfile
 from enum import Enum
 from typing import Optional
 
@@ -26,7 +31,7 @@ from onnx import ModelProto, TensorProto, numpy_helper
 
 from .attrs import FLOAT_TYPES  # noqa: F401  (re-exported: one definition, in attrs)
 from .math import ScaledChannels
-from .wire import MEMORY, is_memory
+from .wire import MEMORY, Source, is_memory
 
 
 class Location(str, Enum):
@@ -37,16 +42,14 @@ class Location(str, Enum):
     SPILLED = "spilled"
 
 
-def location_of(t: TensorProto, payloads=None) -> Location:
-    """Where the bytes of ``t`` are (``payloads``: the model's payload store, if any)."""
+def location_of(t: TensorProto, store=None) -> Location:
+    """Where the bytes of ``t`` are (``store``: the model's TensorStore, if any)."""
     if t.data_location != TensorProto.EXTERNAL:
         return Location.INLINE
     if not is_memory(t):
         return Location.IN_FILE
-    if payloads is not None:
-        kind = getattr(payloads, "kind_of", None)
-        if kind is not None:
-            return Location(kind(t.name))
+    if store is not None:
+        return store.location(t.name)
     return Location.IN_MEMORY
 
 
@@ -75,11 +78,9 @@ class OpenFiles:
             raise ValueError(f"{path} ends before the tensor does")
         return memoryview(m)[offset:offset + length]
 
-    def release(self, payloads=None) -> None:
+    def release(self) -> None:
         import mmap
 
-        if payloads is not None and hasattr(payloads, "release"):
-            payloads.release()
         for m in self.maps.values():
             if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
                 m.madvise(mmap.MADV_DONTNEED)
@@ -93,11 +94,11 @@ class OpenFiles:
         self.maps.clear()
 
 
-def to_array(t: TensorProto, index) -> np.ndarray:
-    """The tensor's values (read-only when they come from external data or memory payloads)."""
-    base_dir, files = index.base_dir, index.files
-    if t.data_location == TensorProto.EXTERNAL and t.name in index.payloads:
-        return index.payloads[t.name]
+def to_array(t: TensorProto, store: "TensorStore") -> np.ndarray:
+    """The tensor's values (read-only when they come from external data or a payload store)."""
+    base_dir, files = store.base_dir, store.files
+    if t.data_location == TensorProto.EXTERNAL and t.name in store.payloads:
+        return store.payloads[t.name]
     if t.data_location == TensorProto.EXTERNAL and t.data_type in _RAW_TYPES:
         info = {e.key: e.value for e in t.external_data}
         try:
@@ -142,13 +143,6 @@ def memory_tensor(array: np.ndarray, data_type: int, into: TensorProto) -> np.nd
     return arr
 
 
-def materialize(model: ModelProto, payloads) -> None:
-    """Put in-memory payloads into their tensors (for code that needs a self-contained proto)."""
-    for t in model.graph.initializer:
-        if is_memory(t):
-            make_tensor(payloads.pop(t.name), t.data_type, into=t)
-
-
 def make_tensor(array: np.ndarray, data_type: int, into: Optional[TensorProto] = None) -> TensorProto:
     """A raw-data TensorProto (little-endian) of ``array`` (or a ScaledChannels) cast to
     ``data_type``, built in ``into`` when given (its name is kept; data, dims and external-data
@@ -158,6 +152,140 @@ def make_tensor(array: np.ndarray, data_type: int, into: Optional[TensorProto] =
     return t
 
 
+def _recipe_bytes(recipe: ScaledChannels):
+    """The recipe's bytes, block by block (never the whole folded weight)."""
+    for block in recipe.blocks():
+        yield memoryview(block.reshape(-1).view(np.uint8))
+
+
+class MemoryPayloads(dict):
+    """Deferred payloads as numpy arrays (about 1x the folded weights in RAM), or recipes."""
+
+    def put(self, name: str, arr) -> None:
+        super().__setitem__(name, arr)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        value = super().__getitem__(name)
+        if isinstance(value, ScaledChannels):
+            value = value.array()
+            super().__setitem__(name, value)
+        return value
+
+    def pop(self, name: str, *default):
+        value = super().pop(name, *default)
+        return value.array() if isinstance(value, ScaledChannels) else value
+
+    def discard(self, name: str) -> None:
+        super().pop(name, None)
+
+    def location(self, name: str) -> Location:
+        return Location.RECIPE if isinstance(dict.get(self, name), ScaledChannels) else Location.IN_MEMORY
+
+    def arrays(self, name: str):
+        """The payload as arrays in order: a recipe block by block (never whole), else the array."""
+        value = super().__getitem__(name)
+        if isinstance(value, ScaledChannels):
+            yield from value.blocks()
+        else:
+            yield value
+
+    def source(self, name: str) -> Source:
+        value = super().__getitem__(name)
+        if isinstance(value, ScaledChannels):
+            return Source(length=value.nbytes, blocks=_recipe_bytes(value))
+        return Source(data=memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8)))
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.clear()
+
+
+class SpillPayloads:
+    """Deferred payloads appended to a temp file that is unlinked as soon as it is created (read
+    back through its descriptor, so nothing is ever left behind, even after SIGKILL), for models in
+    the external-data regime: peak memory is then one tensor, not the model. Recipes are kept as
+    they are (they hold no folded bytes)."""
+
+    ALIGN = 4096
+
+    def __init__(self, folder: Optional[str] = None):
+        self.recipes = {}  # name -> ScaledChannels, never spilled: they hold no folded bytes
+        fd, path = tempfile.mkstemp(prefix=".foldkit-spill-", dir=folder)
+        os.unlink(path)  # the descriptor keeps it alive; no path, no leftovers
+        self.fd = fd
+        self.end = 0
+        self.index = {}  # name -> (offset, length, dtype, shape)
+        self._map = None
+
+    def __contains__(self, name) -> bool:
+        return name in self.index or name in self.recipes
+
+    def location(self, name: str) -> Location:
+        return Location.RECIPE if name in self.recipes else Location.SPILLED
+
+    def put(self, name: str, arr) -> None:
+        self.discard(name)
+        if isinstance(arr, ScaledChannels):
+            self.recipes[name] = arr
+            return
+        arr = np.ascontiguousarray(arr)
+        self.end += (-self.end) % self.ALIGN
+        data = memoryview(arr.reshape(-1).view(np.uint8))
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self.fd, data[written:], self.end + written)
+        self.index[name] = (self.end, arr.nbytes, arr.dtype, arr.shape)
+        self.end += arr.nbytes
+        self._map = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.recipes:
+            return self.recipes[name].array()
+        offset, length, dtype, shape = self.index[name]
+        if self._map is None or len(self._map) < self.end:
+            self._map = mmap.mmap(self.fd, self.end, access=mmap.ACCESS_READ) if self.end else None
+        return np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset).reshape(shape)
+
+    def pop(self, name: str, default=None):
+        if name not in self:
+            return default
+        arr = np.array(self[name])  # a private copy, not a view of the spill file
+        self.discard(name)
+        return arr
+
+    def arrays(self, name: str):
+        """The payload as arrays in order: a recipe block by block (never whole), else the array."""
+        if name in self.recipes:
+            yield from self.recipes[name].blocks()
+        else:
+            yield self[name]
+
+    def discard(self, name: str) -> None:
+        self.recipes.pop(name, None)
+        self.index.pop(name, None)  # its spilled bytes stay unused in the unlinked file
+
+    def source(self, name: str) -> Source:
+        if name in self.recipes:
+            recipe = self.recipes[name]
+            return Source(length=recipe.nbytes, blocks=_recipe_bytes(recipe))
+        offset, length, _, _ = self.index[name]
+        return Source(fd=self.fd, offset=offset, length=length)
+
+    def release(self) -> None:
+        if self._map is not None and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self._map = None
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+    def __del__(self):
+        self.close()
 
 
 class TensorStore:
@@ -171,30 +299,76 @@ class TensorStore:
     DEFER_BYTES = 1 << 20
 
     def __init__(self, base_dir: Optional[str] = None, defer: bool = False, spill_dir: Optional[str] = None):
-        from .payloads import MemoryPayloads, SpillPayloads
-
         self.base_dir = base_dir
         self.defer = defer or spill_dir is not None
         self.files = OpenFiles()
-        self.payloads = SpillPayloads(spill_dir, self.files) if spill_dir is not None else MemoryPayloads(self.files)
+        self.payloads = SpillPayloads(spill_dir) if spill_dir is not None else MemoryPayloads()
 
+    # -- reading -------------------------------------------------------------------------------
     def array(self, t: TensorProto) -> np.ndarray:
         """The values of ``t``, wherever they are (read-only when mapped or held as a payload)."""
         return to_array(t, self)
 
+    def blocks(self, t: TensorProto):
+        """The values of ``t`` as arrays in order: a recipe block by block (never whole), anything
+        else as one array. The pages read leave the resident set once the last block is out."""
+        try:
+            if is_memory(t) and t.name in self.payloads:
+                yield from self.payloads.arrays(t.name)
+            else:
+                yield self.array(t)
+        finally:
+            self.release()
+
+    def location(self, name: str) -> Location:
+        """Where a tensor marked external at wire.MEMORY waits (in memory, recipe or spilled)."""
+        return self.payloads.location(name) if name in self.payloads else Location.IN_MEMORY
+
+    def __contains__(self, name: str) -> bool:
+        """A payload is held here for ``name``."""
+        return name in self.payloads
+
+    # -- writing -------------------------------------------------------------------------------
     def place(self, array, data_type: int, into: TensorProto, top_level: bool) -> None:
         """Make ``into`` hold ``array`` (already rounded): in the protobuf, or as a payload when the
-        policy defers it (a top-level tensor of DEFER_BYTES or more)."""
+        policy defers it (a top-level tensor of DEFER_BYTES or more). The source pages read to
+        compute it then leave the resident set."""
         size = array.nbytes if isinstance(array, ScaledChannels) else np.asarray(array).nbytes
         if self.defer and top_level and size >= self.DEFER_BYTES:
             self.payloads.put(into.name, memory_tensor(array, data_type, into))
         else:
             self.payloads.discard(into.name)
             make_tensor(array, data_type, into=into)
+        self.release()
 
+    def source(self, t: TensorProto) -> Source:
+        """The deferred payload of ``t`` for the writer (foldkit.wire.write_model). A recipe is
+        computed block by block as it is written; then the pages it read leave the resident set."""
+        src = self.payloads.source(t.name)
+        if src.blocks is not None:
+            src.blocks = self._released_after(src.blocks)
+        return src
+
+    def _released_after(self, blocks):
+        yield from blocks
+        self.release()
+
+    def materialize(self, model: ModelProto) -> None:
+        """Put the deferred payloads into their tensors (for code that needs a self-contained proto)."""
+        for t in model.graph.initializer:
+            if is_memory(t) and t.name in self.payloads:
+                make_tensor(self.payloads.pop(t.name), t.data_type, into=t)
+
+    # -- memory --------------------------------------------------------------------------------
     def release(self) -> None:
         """Pages read since the last call leave the resident set (they stay in the page cache)."""
-        self.files.release(self.payloads)
+        self.payloads.release()
+        if self.files.maps:
+            self.files.release()
 
     def discard(self, name: str) -> None:
         self.payloads.discard(name)
+
+    def close(self) -> None:
+        self.payloads.close()
+        self.files.close()

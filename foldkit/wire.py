@@ -236,9 +236,11 @@ def _split_serialize(msg, field_number: int):
     return before.SerializeToString(deterministic=True), after.SerializeToString(deterministic=True)
 
 
-class _Source:
-    """A tensor payload: bytes in memory, (file, offset, length), or ``blocks`` (an iterable of
-    buffers, ``length`` bytes in all, computed as they are written)."""
+class Source:
+    """Where the writer copies one tensor payload from: ``data`` (bytes in memory), ``file`` or
+    ``fd`` (with ``offset`` and ``length``), or ``blocks`` (an iterable of buffers, ``length``
+    bytes in all, computed as they are written). foldkit.tensors.TensorStore hands these out for
+    the payloads it holds."""
 
     def __init__(self, data=None, file: str = None, offset: int = 0, length: int = 0, fd: Optional[int] = None,
                  blocks=None):
@@ -277,17 +279,11 @@ class _Source:
                 left -= len(chunk)
 
 
-def _tensor_source(t: TensorProto, base_dir: str, payloads: Optional[dict] = None) -> _Source:
+def _tensor_source(t: TensorProto, base_dir: str, tensors=None) -> Source:
     info = _ext_info(t)
-    if info.get("location") == MEMORY:
-        kind, *rest = payloads.source(t.name)
-        if kind == "data":
-            return _Source(data=rest[0])
-        if kind == "blocks":
-            return _Source(length=rest[0], blocks=rest[1])
-        fd, offset, length = rest
-        return _Source(fd=fd, offset=offset, length=length)
-    return _Source(file=os.path.join(base_dir, info["location"]), offset=int(info.get("offset", 0) or 0),
+    if info.get("location") == MEMORY:  # a deferred payload: its store says where it is
+        return tensors.source(t)
+    return Source(file=os.path.join(base_dir, info["location"]), offset=int(info.get("offset", 0) or 0),
                    length=int(info["length"]))
 
 
@@ -307,14 +303,15 @@ def needs_external(model: ModelProto) -> bool:
 
 
 def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_location=None,
-                align: int = 4096, payloads: Optional[dict] = None) -> None:
+                align: int = 4096, tensors=None) -> None:
     """Write ``model`` to the binary file ``out``.
 
     Top-level external initializers (read from ``base_dir``) are embedded, unless ``data_out`` (an
     open binary file whose name, relative to the model, is ``data_location``) is given: then every
     top-level initializer of at least 1 KiB goes there, each at an ``align``-aligned offset.
     ``data_location`` may be a callable, called once the data file is complete, that returns the
-    name (so the name can depend on the content).
+    name (so the name can depend on the content). ``tensors`` (foldkit.tensors.TensorStore)
+    gives the payloads of tensors marked external at MEMORY.
     """
     inits = list(model.graph.initializer)
     head, tail = _split_serialize(model.graph, INITIALIZER_FIELD)
@@ -323,8 +320,8 @@ def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_locat
     for t in inits:
         ext = t.data_location == TensorProto.EXTERNAL
         if data_out is not None:
-            src = _tensor_source(t, base_dir, payloads) if ext else (
-                _Source(data=t.raw_data) if t.HasField("raw_data") and payload_nbytes(t) >= 1024 else None)
+            src = _tensor_source(t, base_dir, tensors) if ext else (
+                Source(data=t.raw_data) if t.HasField("raw_data") and payload_nbytes(t) >= 1024 else None)
             if src is not None:
                 pad = (-data_pos) % align
                 data_out.write(b"\0" * pad)
@@ -343,7 +340,7 @@ def write_model(model: ModelProto, out, base_dir: str, data_out=None, data_locat
         if not ext and (not t.HasField("raw_data") or payload_nbytes(t) < CHUNK // 64):
             parts.append((t.SerializeToString(deterministic=True), None, b""))
             continue
-        src = _tensor_source(t, base_dir, payloads) if ext else _Source(data=t.raw_data)
+        src = _tensor_source(t, base_dir, tensors) if ext else Source(data=t.raw_data)
         h = _strip_external(t)
         before, after = _split_serialize(h, RAW_DATA_FIELD)
         raw_key = _encode_varint((RAW_DATA_FIELD << 3) | 2) + _encode_varint(src.length)

@@ -207,13 +207,13 @@ def test_interrupted_streaming_save_leaves_nothing(tmp_path, monkeypatch, extern
     res = foldkit.fold(str(p), verify=False, memory=MemoryPolicy(lazy=True, defer=True))
     out = tmp_path / "o.onnx"
     out.write_bytes(b"previous")
-    real = wire._Source.copy_to
+    real = wire.Source.copy_to
 
     def interrupted(self, f):
         real(self, f)
         raise SystemExit(143)
 
-    monkeypatch.setattr(wire._Source, "copy_to", interrupted)
+    monkeypatch.setattr(wire.Source, "copy_to", interrupted)
     with pytest.raises(SystemExit):
         res.save(str(out), external=external)
     assert out.read_bytes() == b"previous"
@@ -355,9 +355,9 @@ def test_streamed_fold_keeps_little_memory(tmp_path, tiny_blocks):
     onnx.save(m, str(p))
     res = foldkit.fold(str(p), verify=False, memory=MemoryPolicy(lazy=True, defer=True))
     held = [t.name for t in res.model.graph.initializer if is_memory(t)]
-    assert "W" in held and isinstance(dict.__getitem__(res.payloads, "W"), ScaledChannels)
+    assert "W" in held and isinstance(dict.__getitem__(res.tensors.payloads, "W"), ScaledChannels)
     res.save(str(tmp_path / "o.onnx"))
-    assert isinstance(dict.__getitem__(res.payloads, "W"), ScaledChannels)  # streamed, not materialized
+    assert isinstance(dict.__getitem__(res.tensors.payloads, "W"), ScaledChannels)  # streamed, not materialized
     assert (tmp_path / "o.onnx").read_bytes() == foldkit.fold(m, verify=False).model.SerializeToString(deterministic=True)
 
 
@@ -368,10 +368,10 @@ def test_deferred_verification_runs_on_the_written_files(tmp_path):
     p = tmp_path / "m.onnx"
     onnx.save(m, str(p))
     res = foldkit.fold(str(p), memory=MemoryPolicy(lazy=True, defer=True))
-    assert res.report.verification is None and res.verify_before_commit is not None
+    assert res.report.verification is None and res.pending is not None
     seen = []
-    real = res.verify_before_commit
-    res.verify_before_commit = lambda path: (seen.append(sorted(os.listdir(os.path.dirname(path)))), real(path))
+    real = res.pending.run
+    res.pending.run = lambda result, path: (seen.append(sorted(os.listdir(os.path.dirname(path)))), real(result, path))
     res.save(str(tmp_path / "o.onnx"), external=True)
     data = data_name(tmp_path / "o.onnx")
     assert seen == [sorted(["o.onnx", data])]  # the pair, under its final names, before the rename
@@ -438,8 +438,24 @@ def test_tensor_locations_are_named_by_one_function(tmp_path):
     lazy = fio.load_model(str(p), lazy=True)  # the big weight stays in the source file
     assert location_of(next(t for t in lazy.graph.initializer if t.name == "W")) is Location.IN_FILE
     deferred = foldkit.fold(str(p), verify=False, memory=MemoryPolicy(lazy=True, defer=True))
-    kinds = {location_of(t, deferred.payloads) for t in deferred.model.graph.initializer}
+    kinds = {location_of(t, deferred.tensors) for t in deferred.model.graph.initializer}
     assert kinds & {Location.RECIPE, Location.IN_MEMORY}, kinds
     spilled = foldkit.fold(str(p), verify=False, memory=MemoryPolicy(lazy=True, spill_dir=str(tmp_path)))
-    kinds = {location_of(t, spilled.payloads) for t in spilled.model.graph.initializer}
+    kinds = {location_of(t, spilled.tensors) for t in spilled.model.graph.initializer}
     assert kinds & {Location.RECIPE, Location.SPILLED}, kinds
+
+
+def test_deprecated_fold_result_attributes_still_work(tmp_path):
+    """FoldResult.payloads and .verify_before_commit became .tensors and .pending: the old names
+    still answer, with a DeprecationWarning."""
+    m = conv_bn_model(2, c_in=16, c_out=32)
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    res = foldkit.fold(str(p), memory=MemoryPolicy(lazy=True, defer=True))
+    with pytest.warns(DeprecationWarning, match="FoldResult.tensors"):
+        assert res.payloads is res.tensors.payloads
+    with pytest.warns(DeprecationWarning, match="FoldResult.pending"):
+        run = res.verify_before_commit
+    out = tmp_path / "o.onnx"
+    res.save(str(out))  # the pending verification runs on the written file
+    assert res.report.verification["passed"] and callable(run)

@@ -26,7 +26,8 @@ class FoldContext:
     def walk(self) -> Iterator[tuple]:
         """Yield (view, graph_path) for every graph, children before parents.
 
-        Each view is committed right after its consumer finishes with it (the generator resumes).
+        Each view is committed right after its consumer finishes with it (the generator resumes),
+        and the source pages the pass read there leave the resident set (foldkit.tensors).
         """
         yield from self._walk(self.model.graph, None, "main")
 
@@ -37,6 +38,7 @@ class FoldContext:
                 yield from self._walk(sub, view, sub_path)
         yield view, path
         view.commit()
+        self.index.tensors.release()
 
 
 STAGES = ("inference-mode", "fold", "final")
@@ -57,7 +59,6 @@ class Pass:
         changed = False
         for view, path in ctx.walk():
             changed |= self.run_graph(ctx, view, path)
-            ctx.index.tensors.release()
         return changed
 
     def run_graph(self, ctx: FoldContext, view: GraphView, path: str) -> bool:

@@ -81,7 +81,6 @@ class FoldIntoProducer(Pass):
                 entry.action, entry.target = "folded", target
                 entry.reason = f"folded into the preceding {target}"
                 entry.tensors = list(written)
-                view.index.tensors.release()  # mapped pages of this fold: out of our RSS
             else:
                 ctx.report.affine.append(Action(node=label, action="folded", target=target, graph=path,
                                                 reason=f"{node.op_type} by a constant folded into the preceding {target}",
