@@ -65,6 +65,21 @@ class Pass:
         raise NotImplementedError
 
 
+class BNPass(Pass):
+    """A rewrite of one BatchNormalization at a time: :meth:`run_bn` is called for every BN still
+    in the graph (one that an earlier call removed is not visited)."""
+
+    def run_graph(self, ctx: FoldContext, view: GraphView, path: str) -> bool:
+        changed = False
+        for i, bn in bn_nodes(view):
+            changed |= bool(self.run_bn(ctx, view, path, i, bn))
+        return changed
+
+    def run_bn(self, ctx: FoldContext, view: GraphView, path: str, i: int, bn: NodeProto) -> bool:
+        """Rewrite (or refuse, in the report) node ``i``; return True if it changed the graph."""
+        raise NotImplementedError
+
+
 def bn_nodes(view: GraphView):
     for i, node in enumerate(view.nodes):
         if i not in view.removed and is_op(node, "BatchNormalization"):

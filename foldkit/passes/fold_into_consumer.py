@@ -20,30 +20,27 @@ import onnx
 
 from ..graph import node_label, set_attr
 from ..math import fold_into_conv_consumer
-from .base import Pass, bn_nodes, is_op
+from .base import BNPass, is_op
 from ..codes import Why
 from .common import Refusal, bn_affine, float_attr, int_attr, rounded, weight
 
 
-class FoldIntoConsumer(Pass):
+class FoldIntoConsumer(BNPass):
     name = "consumer"
     stage = "fold"
 
-    def run_graph(self, ctx, view, path):
-        changed = False
-        for i, bn in bn_nodes(view):
-            label = node_label(bn)
-            try:
-                target, written = self._fold(view, i, bn)
-            except Refusal as r:
-                ctx.report.refuse(bn.output[0], label, path, "not folded into its consumer", str(r), r.code)
-                continue
-            entry = ctx.report.entry(bn.output[0], label, path)
-            entry.action, entry.target = "folded", target
-            entry.reason = f"folded into the following {target}"
-            entry.tensors = list(written)
-            changed = True
-        return changed
+    def run_bn(self, ctx, view, path, i, bn):
+        label = node_label(bn)
+        try:
+            target, written = self._fold(view, i, bn)
+        except Refusal as r:
+            ctx.report.refuse(bn.output[0], label, path, "not folded into its consumer", str(r), r.code)
+            return False
+        entry = ctx.report.entry(bn.output[0], label, path)
+        entry.action, entry.target = "folded", target
+        entry.reason = f"folded into the following {target}"
+        entry.tensors = list(written)
+        return True
 
     def _fold(self, view, i, bn):
         y = bn.output[0]

@@ -221,14 +221,8 @@ class FoldIntoProducer(Pass):
         b_new = rounded(b_new, b_type, "folded bias")
         scale_only = not np.any(t) and b is None
 
-        def apply():
-            written = []
-            written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
-            if not scale_only:
-                written.append(view.set_constant(
-                    pi, 2, b_new, b_type, f"{node_label(p)}_bias_folded" if b is None else f"{b.name}_folded"))
-            return f"{p.op_type} '{node_label(p)}'", True, written
-        return apply
+        bias = None if scale_only else (b_new, b_type, f"{node_label(p)}_bias_folded" if b is None else f"{b.name}_folded")
+        return _weight_and_bias(view, pi, p, w, w_new, bias)
 
     def _plan_Conv(self, view, pi, p, aff, i):
         return self._conv_like(view, pi, p, aff, "conv")
@@ -260,16 +254,8 @@ class FoldIntoProducer(Pass):
         c_new = rounded(c_new, c_type, "folded C")
         skip_c = c is None and not np.any(t)
 
-        def apply():
-            written = []
-            written.append(view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded"))
-            if not skip_c:
-                written.append(view.set_constant(
-                    pi, 2, c_new, c_type, f"{node_label(p)}_C_folded" if c is None else f"{c.name}_folded"))
-                if beta != 1.0:
-                    set_attr(p, "beta", 1.0)
-            return f"Gemm '{node_label(p)}'", True, written
-        return apply
+        bias = None if skip_c else (c_new, c_type, f"{node_label(p)}_C_folded" if c is None else f"{c.name}_folded")
+        return _weight_and_bias(view, pi, p, w, w_new, bias, after=(lambda: set_attr(p, "beta", 1.0)) if beta != 1.0 else None)
 
     def _plan_MatMul(self, view, pi, p, aff, i):
         if isinstance(aff, ArithAffine) and aff.shift_only:
@@ -325,3 +311,17 @@ class FoldIntoProducer(Pass):
             written.append(view.set_constant(pi, 1 - mpos, b_new, bias.data_type, f"{bias.name}_folded"))
             return f"MatMul '{node_label(m)}' + Add '{node_label(p)}'", True, written
         return apply
+
+
+def _weight_and_bias(view, pi, p, w, w_new, bias=None, after=None):
+    """A plan's apply() for a producer whose input 1 is the weight and input 2 the bias (Conv,
+    ConvTranspose, Gemm): ``w_new`` replaces ``w``; ``bias``, an (array, dtype, name) triple,
+    replaces or adds input 2 (None: left as it is); ``after`` runs once both are in place."""
+    def apply():
+        written = [view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded")]
+        if bias is not None:
+            written.append(view.set_constant(pi, 2, *bias))
+            if after is not None:
+                after()
+        return f"{p.op_type} '{node_label(p)}'", True, written
+    return apply

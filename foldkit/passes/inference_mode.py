@@ -16,40 +16,37 @@ from __future__ import annotations
 
 from ..graph import del_attr, node_label, set_attr
 from ..codes import Why
-from .base import Pass, bn_nodes
+from .base import BNPass
 from .common import Refusal, is_training
 
 
-class InferenceMode(Pass):
+class InferenceMode(BNPass):
     name = "inference-mode"
     stage = "inference-mode"
 
-    def run_graph(self, ctx, view, path):
-        changed = False
+    def run_bn(self, ctx, view, path, i, bn):
         opset = ctx.index.opset
-        for i, bn in bn_nodes(view):
-            label = node_label(bn)
-            try:
-                if not is_training(opset, bn):
-                    continue
-            except Refusal as r:
-                ctx.report.refuse(bn.output[0], label, path, "inference-mode", str(r), r.code)
-                continue
-            extra = [o for o in bn.output[1:] if o]
-            used = [o for o in extra if view.uses(o) > 0]
-            if used:
-                names = ", ".join(f"'{o}'" for o in used)
-                ctx.report.refuse(bn.output[0], label, path, "inference-mode",
-                                  f"it is in training mode and its running-statistics output {names} "
-                                  f"is read by the graph, so it cannot be converted to inference mode", Why.TRAINING_MODE)
-                continue
-            del bn.output[1:]
-            if opset >= 14:
-                del_attr(bn, "training_mode")
-            elif opset < 7:
-                set_attr(bn, "is_test", 1)
-            entry = ctx.report.entry(bn.output[0], label, path)
-            entry.steps.append("converted: training mode -> inference mode (running statistics)")
-            ctx.converted_training = True
-            changed = True
-        return changed
+        label = node_label(bn)
+        try:
+            if not is_training(opset, bn):
+                return False
+        except Refusal as r:
+            ctx.report.refuse(bn.output[0], label, path, "inference-mode", str(r), r.code)
+            return False
+        extra = [o for o in bn.output[1:] if o]
+        used = [o for o in extra if view.uses(o) > 0]
+        if used:
+            names = ", ".join(f"'{o}'" for o in used)
+            ctx.report.refuse(bn.output[0], label, path, "inference-mode",
+                              f"it is in training mode and its running-statistics output {names} "
+                              f"is read by the graph, so it cannot be converted to inference mode", Why.TRAINING_MODE)
+            return False
+        del bn.output[1:]
+        if opset >= 14:
+            del_attr(bn, "training_mode")
+        elif opset < 7:
+            set_attr(bn, "is_test", 1)
+        entry = ctx.report.entry(bn.output[0], label, path)
+        entry.steps.append("converted: training mode -> inference mode (running statistics)")
+        ctx.converted_training = True
+        return True
