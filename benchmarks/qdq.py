@@ -8,7 +8,6 @@ quantized by NNCF's ONNX post-training quantization (int8 weights per channel ->
 optional dev dependency nncf (`pip install nncf==3.4.0`). Writes benchmarks/results/qdq.md.
 """
 
-import argparse
 import os
 import subprocess
 import sys
@@ -30,11 +29,9 @@ def main():
     from foldkit.bench.core import to_markdown
     from zoo import export
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--runtime", default="ort-cpu,openvino")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "qdq"))
+    from options import latency_parser
+
+    ap = latency_parser("qdq")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     factory, _ = models.REGISTRY["resnet18"]

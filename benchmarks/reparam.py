@@ -10,7 +10,6 @@ reach at best); foldkit (branches merged); the package's own deploy-mode model (
 Also the BN and Conv counts each comparison tool leaves. Writes benchmarks/results/reparam.md.
 """
 
-import argparse
 import contextlib
 import copy
 import io
@@ -73,12 +72,10 @@ def main():
     from foldkit.bench import BenchConfig, run_bench
     from foldkit.bench.core import to_markdown
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
+    from options import latency_parser
+
+    ap = latency_parser("reparam")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--runtime", default="ort-cpu,openvino")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "reparam"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     md = ["# Re-parameterizable networks exported unmerged", "",

@@ -7,6 +7,7 @@ Used by tests/test_hostile.py, which runs every command on every case and checks
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -66,54 +67,37 @@ def raw_data_long(folder):
     return save(m, folder)
 
 
-@case
-def dims_claim_1e12(folder):
+def _dims_claim(folder, tensor_name, dims):
+    """The valid model with one tensor's dims replaced: the header claims values it does not hold."""
     m = base_model()
-    w = _init(m, "W")
-    del w.dims[:]
-    w.dims.extend([1000000, 1000000, 1, 1])
-    return save(m, folder)
-
-
-@case
-def small_tensor_dims_claim_1e12(folder):
-    m = base_model()
-    t = _init(m, "bn_var")
+    t = _init(m, tensor_name)
     del t.dims[:]
-    t.dims.extend([10 ** 12])
+    t.dims.extend(dims)
     return save(m, folder)
 
 
-@case
-def string_data_in_float_tensor(folder):
+CASES["dims_claim_1e12"] = functools.partial(_dims_claim, tensor_name="W", dims=[1000000, 1000000, 1, 1])
+CASES["small_tensor_dims_claim_1e12"] = functools.partial(_dims_claim, tensor_name="bn_var", dims=[10 ** 12])
+
+
+def _misfiled(folder, tensor_name, field, value, data_type=None):
+    """The valid model with one tensor's values moved from raw_data into the typed ``field``
+    (and its type changed to ``data_type``), where the reader would find none or misread them."""
     m = base_model()
-    t = _init(m, "bn_scale")
+    t = _init(m, tensor_name)
     n = t.dims[0]
     t.ClearField("raw_data")
-    t.string_data.extend([b"x"] * n)
+    if data_type is not None:
+        t.data_type = data_type
+    getattr(t, field).extend([value] * n)
     return save(m, folder)
 
 
-@case
-def int64_data_in_float_tensor(folder):
-    m = base_model()
-    t = _init(m, "bn_B")
-    n = t.dims[0]
-    t.ClearField("raw_data")
-    t.int64_data.extend([1] * n)
-    return save(m, folder)
-
-
-@case
-def float16_tensor_in_float_data(folder):
-    """FLOAT16 values belong in int32_data (as bits); float_data would be misread."""
-    m = base_model()
-    t = _init(m, "bn_mean")
-    n = t.dims[0]
-    t.ClearField("raw_data")
-    t.data_type = TensorProto.FLOAT16
-    t.float_data.extend([0.5] * n)
-    return save(m, folder)
+CASES["string_data_in_float_tensor"] = functools.partial(_misfiled, tensor_name="bn_scale", field="string_data", value=b"x")
+CASES["int64_data_in_float_tensor"] = functools.partial(_misfiled, tensor_name="bn_B", field="int64_data", value=1)
+# FLOAT16 values belong in int32_data (as bits); float_data would be misread
+CASES["float16_tensor_in_float_data"] = functools.partial(_misfiled, tensor_name="bn_mean", field="float_data", value=0.5,
+                                                          data_type=TensorProto.FLOAT16)
 
 
 @case
@@ -210,19 +194,13 @@ def external_data_valid(folder):
     return _external(folder)
 
 
-@case
-def external_negative_offset(folder):
-    return _external(folder, offset="-8")
-
-
-@case
-def external_negative_length(folder):
-    return _external(folder, length="-1152")
-
-
-@case
-def external_nul_in_location(folder):
-    return _external(folder, location="m.onnx\0.data")
+# external-data fields a file may state wrongly: each case is the valid pair with one field replaced
+for _name, _info in {"external_negative_offset": {"offset": "-8"},
+                     "external_negative_length": {"length": "-1152"},
+                     "external_nul_in_location": {"location": "m.onnx\0.data"},
+                     "external_length_disagrees_with_dims": {"length": "1000"},
+                     "external_offset_not_a_number": {"offset": "zero"}}.items():
+    CASES[_name] = functools.partial(_external, **_info)
 
 
 @case
@@ -231,16 +209,6 @@ def external_file_shorter_without_length(folder):
     with open(os.path.join(folder, "m.onnx.data"), "r+b") as f:
         f.truncate(100)
     return p
-
-
-@case
-def external_length_disagrees_with_dims(folder):
-    return _external(folder, length="1000")
-
-
-@case
-def external_offset_not_a_number(folder):
-    return _external(folder, offset="zero")
 
 
 @case

@@ -1,5 +1,7 @@
 """Property tests: the arithmetic on its own, and random Conv/BN chains on ONNX Runtime."""
 
+from types import SimpleNamespace
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,46 +38,54 @@ def test_producer_fold_equals_bn_after_linear(data, c, k, n):
     np.testing.assert_allclose(x @ w2[:, :, 0, 0].T + b2, expected, rtol=1e-10, atol=1e-10)
 
 
-@settings(max_examples=60, deadline=None)
-@given(data=st.data(), groups=st.integers(1, 3), cpg_in=st.integers(1, 3), cpg_out=st.integers(1, 3))
-def test_conv_transpose_layout(data, groups, cpg_in, cpg_out):
-    """ConvTranspose 1x1 with groups as a block-diagonal matmul: the scale must land on the right columns."""
+@st.composite
+def grouped_1x1(draw, bn_side):
+    """A grouped 1x1 layer's layout (groups, channels per group in and out, in all), BN parameters
+    for its ``bn_side`` ("in" or "out") channels and a seeded generator."""
+    groups, cpg_in, cpg_out = (draw(st.integers(1, 3)) for _ in range(3))
     c_in, c_out = groups * cpg_in, groups * cpg_out
-    g, b_, m, v = data.draw(bn_params(c_out))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
-    w = rng.standard_normal((c_in, cpg_out, 1, 1))
-    x = rng.standard_normal((3, c_in))
+    bn = draw(bn_params(c_in if bn_side == "in" else c_out))
+    return SimpleNamespace(groups=groups, cpg_in=cpg_in, cpg_out=cpg_out, c_in=c_in, c_out=c_out, bn=bn,
+                           rng=np.random.default_rng(draw(st.integers(0, 2**16))))
 
-    def convt(w, b):
-        y = np.zeros((3, c_out))
-        for gi in range(groups):
-            xi = x[:, gi * cpg_in:(gi + 1) * cpg_in]
-            y[:, gi * cpg_out:(gi + 1) * cpg_out] = xi @ w[gi * cpg_in:(gi + 1) * cpg_in, :, 0, 0]
-        return y + b
 
-    s, t = bn_scale_shift(g, b_, m, v, 1e-3)
-    w2, b2 = fold_into_producer(w, None, s, t, "conv_transpose", groups)
+def block_diagonal(x, layer, block):
+    """A grouped 1x1 layer as a block-diagonal matmul: group ``gi`` maps its input channels of
+    ``x`` by ``block(gi)`` (cpg_in x cpg_out) to its output channels."""
+    y = np.zeros((x.shape[0], layer.c_out))
+    for gi in range(layer.groups):
+        y[:, gi * layer.cpg_out:(gi + 1) * layer.cpg_out] = x[:, gi * layer.cpg_in:(gi + 1) * layer.cpg_in] @ block(gi)
+    return y
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer=grouped_1x1("out"))
+def test_conv_transpose_layout(layer):
+    """ConvTranspose 1x1 with groups as a block-diagonal matmul: the scale must land on the right columns."""
+    w = layer.rng.standard_normal((layer.c_in, layer.cpg_out, 1, 1))
+    x = layer.rng.standard_normal((3, layer.c_in))
+
+    def convt(w, b):  # ConvTranspose weights are (in, out per group): group gi's rows
+        return block_diagonal(x, layer, lambda gi: w[gi * layer.cpg_in:(gi + 1) * layer.cpg_in, :, 0, 0]) + b
+
+    s, t = bn_scale_shift(*layer.bn, 1e-3)
+    w2, b2 = fold_into_producer(w, None, s, t, "conv_transpose", layer.groups)
     np.testing.assert_allclose(convt(w2, b2), s * convt(w, 0) + t, rtol=1e-10, atol=1e-10)
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=st.data(), groups=st.integers(1, 3), cpg_in=st.integers(1, 3), cpg_out=st.integers(1, 3))
-def test_consumer_fold_grouped(data, groups, cpg_in, cpg_out):
-    c_in, c_out = groups * cpg_in, groups * cpg_out
-    g, b_, m, v = data.draw(bn_params(c_in))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
-    w = rng.standard_normal((c_out, cpg_in, 1, 1))
-    b = rng.standard_normal(c_out)
-    x = rng.standard_normal((3, c_in))
+@given(layer=grouped_1x1("in"))
+def test_consumer_fold_grouped(layer):
+    """A BN before a grouped 1x1 Conv folded into it: each group's weights take its own channels' scale."""
+    w = layer.rng.standard_normal((layer.c_out, layer.cpg_in, 1, 1))
+    b = layer.rng.standard_normal(layer.c_out)
+    x = layer.rng.standard_normal((3, layer.c_in))
 
-    def conv(x, w, b):
-        y = np.zeros((3, c_out))
-        for gi in range(groups):
-            y[:, gi * cpg_out:(gi + 1) * cpg_out] = x[:, gi * cpg_in:(gi + 1) * cpg_in] @ w[gi * cpg_out:(gi + 1) * cpg_out, :, 0, 0].T
-        return y + b
+    def conv(x, w, b):  # Conv weights are (out, in per group): group gi's rows, transposed
+        return block_diagonal(x, layer, lambda gi: w[gi * layer.cpg_out:(gi + 1) * layer.cpg_out, :, 0, 0].T) + b
 
-    s, t = bn_scale_shift(g, b_, m, v, 1e-5)
-    w2, b2 = fold_into_conv_consumer(w, b, s, t, groups)
+    s, t = bn_scale_shift(*layer.bn, 1e-5)
+    w2, b2 = fold_into_conv_consumer(w, b, s, t, layer.groups)
     np.testing.assert_allclose(conv(x, w2, b2), conv(s * x + t, w, b), rtol=1e-9, atol=1e-9)
 
 
