@@ -340,8 +340,50 @@ def test_random_qdq_folds_are_exact_or_refused_unchanged(seed, per_channel, refl
     a, b = ort_run(m, feeds)[0], ort_run(res.model, feeds)[0]
     if res.report.bn_after == 0:
         assert _qdq_counts(res.model)[1] == _qdq_counts(m)[1]
-        assert float(np.abs(a - b).max()) <= 8 * np.spacing(np.float32(np.abs(a).max()))
+        exact, magnitude, terms = _qconv_float64(m, feeds["x"])
+        folded, _, _ = _qconv_float64(res.model, feeds["x"])
+        eps = float(np.finfo(np.float32).eps)
+        # the fold itself, in exact arithmetic: one rounding of each scale and of the bias
+        assert np.all(np.abs(folded - exact) <= eps * (magnitude + np.abs(exact)))
+        # ONNX Runtime's float32 conv of the folded model: within float32's forward error bound of
+        # the exact values (a sum of `terms` products), as the original's own output is
+        bound = (terms + 2) * eps * magnitude
+        assert np.all(np.abs(a - exact) <= bound) and np.all(np.abs(b - exact) <= bound)
     else:
         (act,) = res.report.actions  # a quantization refusal, with its code, and the graph as it was
         assert act.code == "quantization" and res.model.SerializeToString() == m.SerializeToString()
         assert "channel" in act.reason
+
+
+def _qconv_float64(model, x):
+    """The qconv graph (x -> Q -> DQ -> Conv(DQ(codes)) [-> BN] -> Relu) in exact float64 from its
+    codes and float32 parameters: (y, the sum of the magnitudes of every term of each output,
+    the number of products in each output's sum)."""
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    op = {n.op_type: n for n in model.graph.node}
+    xs, xz = float(init["xs"]), int(init["xz"])
+    info = np.iinfo(init["xz"].dtype)
+    xd = (np.clip(np.rint(x.astype(np.float64) / xs) + xz, info.min, info.max) - xz) * xs
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "wq")
+    codes = init["wq"].astype(np.int64)
+    scale = init[dq.input[1]].astype(np.float64).reshape(-1, 1, 1, 1)
+    zp = init[dq.input[2]].astype(np.int64).reshape(-1, 1, 1, 1) if len(dq.input) > 2 else 0
+    w = (codes - zp) * scale
+    bias = init[op["Conv"].input[2]].astype(np.float64) if len(op["Conv"].input) > 2 else np.zeros(w.shape[0])
+    n, _, h, wd = xd.shape
+    pad = np.pad(xd, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    y = np.zeros((n, w.shape[0], h, wd))
+    mag = np.zeros_like(y)
+    for i in range(3):
+        for j in range(3):
+            patch = pad[:, :, i:i + h, j:j + wd]
+            y += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
+            mag += np.einsum("nchw,oc->nohw", np.abs(patch), np.abs(w[:, :, i, j]))
+    y += bias.reshape(1, -1, 1, 1)
+    mag += np.abs(bias).reshape(1, -1, 1, 1)
+    if "BatchNormalization" in op:
+        g, beta, mean, var = (init[k].astype(np.float64).reshape(1, -1, 1, 1) for k in op["BatchNormalization"].input[1:5])
+        a = g / np.sqrt(var + 1e-5)
+        y = a * (y - mean) + beta
+        mag = np.abs(a) * (mag + np.abs(mean)) + np.abs(beta)
+    return np.maximum(y, 0), mag, codes[0].size + 1
