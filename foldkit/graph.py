@@ -45,7 +45,6 @@ class ModelIndex:
     def __init__(self, model: ModelProto, base_dir: Optional[str] = None, defer: bool = False,
                  spill_dir: Optional[str] = None):
         self.model = model
-        self.base_dir = base_dir
         # where tensor bytes live, and where new ones go: foldkit.tensors owns it
         self.tensors = TensorStore(base_dir, defer, spill_dir)
         self.opset = default_opset(model)

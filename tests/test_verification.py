@@ -129,6 +129,49 @@ def test_random_model_is_detected_and_every_run_gives_the_same_exit_code(tmp_pat
     assert v["method"] == "local" and "random" in v["end_to_end"] and v["passed"]
 
 
+def _counting_runner(monkeypatch, noisy_reference=False):
+    """Wrap foldkit.verify.runner: count the runs of the original (the first model a verification
+    runs); with ``noisy_reference`` its outputs differ from run to run, as a nondeterministic
+    kernel's would, though the model has no random op."""
+    from foldkit import verify as fv
+
+    real, runs, first = fv.runner, [], []
+
+    def counting(model, model_bytes=None, *args, **kwargs):
+        go, name = real(model, model_bytes, *args, **kwargs)
+        if not first:
+            first.append(model_bytes)
+        if model_bytes is None or model_bytes != first[0]:
+            return go, name
+
+        def run_reference(feeds):
+            runs.append(1)
+            out = go(feeds)
+            return [o + np.float32(len(runs) * 1e-2) for o in out] if noisy_reference else out
+        return run_reference, name
+    monkeypatch.setattr(fv, "runner", counting)
+    return runs
+
+
+def test_a_passing_verification_runs_the_original_once(monkeypatch):
+    """Determinism is asked of the original only when the comparison fails: a passing check pays
+    for one run of each model."""
+    runs = _counting_runner(monkeypatch)
+    res = foldkit.fold(_conv_bn_plus([], [], []))
+    assert res.report.verification["method"] == "end-to-end" and res.report.verification["passed"]
+    assert len(runs) == 1
+
+
+def test_an_original_that_disagrees_with_itself_is_verified_locally(monkeypatch):
+    """No random op, but two runs of the original differ (a nondeterministic kernel): the output
+    comparison cannot decide, so each rewrite's region is checked instead, and it passes."""
+    runs = _counting_runner(monkeypatch, noisy_reference=True)
+    res = foldkit.fold(_conv_bn_plus([], [], []))
+    v = res.report.verification
+    assert len(runs) == 2 and v["method"] == "local" and v["passed"]
+    assert "two runs of the original disagree" in v["end_to_end"]
+
+
 # --- the noise floor: ill-conditioned but exact folds pass; wrong ones still fail -----------------
 
 
