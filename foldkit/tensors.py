@@ -368,7 +368,3 @@ class TensorStore:
 
     def discard(self, name: str) -> None:
         self.payloads.discard(name)
-
-    def close(self) -> None:
-        self.payloads.close()
-        self.files.close()

@@ -316,7 +316,7 @@ class FoldIntoProducer(Pass):
 def _weight_and_bias(view, pi, p, w, w_new, bias=None, after=None):
     """A plan's apply() for a producer whose input 1 is the weight and input 2 the bias (Conv,
     ConvTranspose, Gemm): ``w_new`` replaces ``w``; ``bias``, an (array, dtype, name) triple,
-    replaces or adds input 2 (None: left as it is); ``after`` runs once both are in place."""
+    replaces or adds input 2 (None: left as it is); ``after`` runs once that bias is in place."""
     def apply():
         written = [view.set_constant(pi, 1, w_new, w.data_type, f"{w.name}_folded")]
         if bias is not None:
