@@ -242,32 +242,40 @@ def check_nodes(model: ModelProto, source: str = "model") -> None:
                 raise InputError(f"{source}: BatchNormalization node '{n.name}' has no output Y, which ONNX requires")
 
 
-def _bad_string(msg, path: str) -> Optional[str]:
-    """The path of the first string field of ``msg`` that is not valid UTF-8 (protobuf then hands
-    it over as bytes, and nothing can write it back), or None. Tensor payloads are never read."""
-    if isinstance(msg, TensorProto):
-        fields = [(f, getattr(msg, f.name)) for f in (msg.DESCRIPTOR.fields_by_name["name"],
-                                                       msg.DESCRIPTOR.fields_by_name["doc_string"]) if msg.HasField(f.name)]
-        fields.append((msg.DESCRIPTOR.fields_by_name["external_data"], msg.external_data))
-    else:
-        fields = msg.ListFields()
-    for fd, value in fields:
+def _bad_string(msg) -> Optional[str]:
+    """Where in ``msg`` the first string field that is not valid UTF-8 is (protobuf then hands it
+    over as bytes, and nothing can write it back), as a field path, or None. Tensor payloads are
+    never read; the path is built only for the bad field."""
+    if type(msg) is TensorProto:  # its header only: ListFields would copy raw_data
+        for f in ("name", "doc_string"):
+            if type(getattr(msg, f)) is bytes:
+                return f".{f}"
+        for k, e in enumerate(msg.external_data):
+            if type(e.key) is bytes or type(e.value) is bytes:
+                return f".external_data[{k}]"
+        return None
+    for fd, value in msg.ListFields():
         if fd.message_type is not None:
-            for k, sub in enumerate(value if fd.is_repeated else [value]):
-                bad = _bad_string(sub, f"{path}.{fd.name}" + (f"[{k}]" if fd.is_repeated else ""))
+            if fd.is_repeated:
+                for k, sub in enumerate(value):
+                    bad = _bad_string(sub)
+                    if bad:
+                        return f".{fd.name}[{k}]{bad}"
+            else:
+                bad = _bad_string(value)
                 if bad:
-                    return bad
-        elif fd.type == fd.TYPE_STRING and any(isinstance(v, bytes) for v in (value if fd.is_repeated else [value])):
-            return f"{path}.{fd.name}"
+                    return f".{fd.name}{bad}"
+        elif fd.type == fd.TYPE_STRING and (bytes in map(type, value) if fd.is_repeated else type(value) is bytes):
+            return f".{fd.name}"
     return None
 
 
 def check_strings(model: ModelProto, source: str = "model") -> None:
     """ONNX strings (names, doc strings, metadata) are UTF-8; a model with one that is not is
     corrupt, and could not be written back."""
-    bad = _bad_string(model, "model")
+    bad = _bad_string(model)
     if bad:
-        raise InputError(f"{source}: {bad} is not valid UTF-8 (ONNX strings are UTF-8; the file is corrupt)")
+        raise InputError(f"{source}: model{bad} is not valid UTF-8 (ONNX strings are UTF-8; the file is corrupt)")
 
 
 def validate(model: ModelProto, source: str = "model") -> None:

@@ -464,3 +464,11 @@ def test_non_utf8_output_name_with_external_data(tmp_path):
     r = run_checked(["fold", model, "-o", out, "--external-data", "-q"], str(tmp_path))
     assert r.exit_code == 0, r.output
     onnx.checker.check_model(onnx.load(out))  # the data file it names is there, under a UTF-8 name
+
+
+@pytest.mark.parametrize("name, field", [("graph_name_not_utf8", "model.graph.name"),
+                                         ("tensor_doc_string_not_utf8", "model.graph.initializer[0].doc_string")])
+def test_a_string_that_is_not_utf8_is_named_in_the_error(tmp_path, name, field):
+    model = CASES[name](str(tmp_path))
+    r = run_checked(COMMANDS["fold"](model, str(tmp_path)), str(tmp_path))
+    assert r.exit_code == 2 and f"{field} is not valid UTF-8" in r.stderr
