@@ -20,7 +20,7 @@ from .passes.base import FoldContext, Pass, is_op
 from .report import Report
 from .tensors import TensorStore
 from .verify import verify as run_verify
-from .wire import needs_external, payload_nbytes
+from .wire import needs_external
 
 MAX_ROUNDS = 8
 
@@ -311,11 +311,8 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], options: Optional[FoldOp
     report.bn_before = count_bn(m)
     _register_bns(m, report)
     selected = _select(passes, skip)
-    if spill_dir is not None and spill_above > 0:  # sizes from the tensor headers: nothing is read
-        if sum(payload_nbytes(t) for t in m.graph.initializer) < spill_above:
-            spill_dir = None
-    ctx = FoldContext(m, report, base_dir, defer=defer, spill_dir=spill_dir, lower_standalone=lower_standalone,
-                      qdq_reflect=qdq_reflect)
+    ctx = FoldContext(m, report, base_dir, defer=defer, spill_dir=spill_dir, spill_above=spill_above,
+                      lower_standalone=lower_standalone, qdq_reflect=qdq_reflect)
     first = [p for p in selected if p.stage == "inference-mode"]
     folds = [p for p in selected if p.stage == "fold"]
     final = [p for p in selected if p.stage == "final"]

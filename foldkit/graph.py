@@ -43,10 +43,10 @@ class ModelIndex:
     """Model-wide facts: use counts, the names taken, opset, and what the passes released."""
 
     def __init__(self, model: ModelProto, base_dir: Optional[str] = None, defer: bool = False,
-                 spill_dir: Optional[str] = None):
+                 spill_dir: Optional[str] = None, spill_above: int = 0):
         self.model = model
         # where tensor bytes live, and where new ones go: foldkit.tensors owns it
-        self.tensors = TensorStore(base_dir, defer, spill_dir)
+        self.tensors = TensorStore(base_dir, defer, spill_dir, spill_above, model)
         self.opset = default_opset(model)
         self.uses = count_uses(model)
         self.names = all_names(model)

@@ -31,7 +31,7 @@ from onnx import ModelProto, TensorProto, numpy_helper
 
 from .attrs import FLOAT_TYPES  # noqa: F401  (re-exported: one definition, in attrs)
 from .math import ScaledChannels
-from .wire import MEMORY, Source, is_memory
+from .wire import MEMORY, Source, is_memory, payload_nbytes
 
 
 class Location(str, Enum):
@@ -294,11 +294,17 @@ class TensorStore:
 
     ``defer``: a new top-level tensor of ``DEFER_BYTES`` or more waits in the payload store (its
     header marked external at wire.MEMORY) until written; with ``spill_dir`` the store is an
-    unlinked temp file there. Otherwise tensors go straight into the protobuf."""
+    unlinked temp file there, when ``model``'s top-level tensors total ``spill_above`` bytes or
+    more (0: always; sizes from the headers, nothing is read). Otherwise tensors go straight into
+    the protobuf."""
 
     DEFER_BYTES = 1 << 20
 
-    def __init__(self, base_dir: Optional[str] = None, defer: bool = False, spill_dir: Optional[str] = None):
+    def __init__(self, base_dir: Optional[str] = None, defer: bool = False, spill_dir: Optional[str] = None,
+                 spill_above: int = 0, model: Optional[ModelProto] = None):
+        if spill_dir is not None and spill_above > 0 and model is not None:
+            if sum(payload_nbytes(t) for t in model.graph.initializer) < spill_above:
+                spill_dir = None
         self.base_dir = base_dir
         self.defer = defer or spill_dir is not None
         self.files = OpenFiles()

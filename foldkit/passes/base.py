@@ -16,12 +16,12 @@ def is_op(node: NodeProto, op_type: str) -> bool:
 
 class FoldContext:
     def __init__(self, model: ModelProto, report: Report, base_dir: Optional[str] = None, defer: bool = False,
-                 spill_dir: Optional[str] = None, **options):
+                 spill_dir: Optional[str] = None, spill_above: int = 0, **options):
         self.model = model
         self.report = report
         self.options = options
         self.converted_training = False  # set by the inference-mode pass when it converted a BN
-        self.index = ModelIndex(model, base_dir, defer=defer, spill_dir=spill_dir)
+        self.index = ModelIndex(model, base_dir, defer=defer, spill_dir=spill_dir, spill_above=spill_above)
 
     def walk(self) -> Iterator[tuple]:
         """Yield (view, graph_path) for every graph, children before parents.
