@@ -459,3 +459,25 @@ def test_deprecated_fold_result_attributes_still_work(tmp_path):
     out = tmp_path / "o.onnx"
     res.save(str(out))  # the pending verification runs on the written file
     assert res.report.verification["passed"] and callable(run)
+
+
+def test_spilling_waits_for_a_model_over_spill_above(tmp_path):
+    """spill_dir is used only when the model's tensors total spill_above bytes or more (decided
+    from the headers); below it the folded tensors wait in memory, and the bytes are the same."""
+    from foldkit.tensors import Location, location_of
+
+    m = conv_bn_model(2, c_in=64, c_out=256, k=5)  # a 1.6 MB weight: deferred
+    p = tmp_path / "m.onnx"
+    onnx.save(m, str(p))
+    from foldkit.wire import payload_nbytes
+
+    size = sum(payload_nbytes(t) for t in m.graph.initializer)
+    got = {}
+    for label, above in (("over", size), ("under", size + 1)):
+        res = foldkit.fold(str(p), verify=False,
+                           memory=MemoryPolicy(lazy=True, spill_dir=str(tmp_path), spill_above=above))
+        got[label] = {location_of(t, res.tensors) for t in res.model.graph.initializer}
+        res.save(str(tmp_path / f"{label}.onnx"))
+    assert Location.SPILLED in got["over"] or Location.RECIPE in got["over"]
+    assert Location.SPILLED not in got["under"]
+    assert (tmp_path / "over.onnx").read_bytes() == (tmp_path / "under.onnx").read_bytes()
