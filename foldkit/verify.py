@@ -265,6 +265,11 @@ def runner(model: Optional[ModelProto], model_bytes: Optional[bytes] = None, bac
     return go, "onnx-reference"
 
 
+def _same_backend(ran: str) -> str:
+    """The ``backend`` argument that runs a model where the one reported as ``ran`` ran."""
+    return "onnxruntime" if ran == "onnxruntime-cpu" else "reference"
+
+
 def run(model: Optional[ModelProto], feeds: dict, model_bytes: Optional[bytes] = None, backend: Optional[str] = None,
         base_dir: Optional[str] = None, path: Optional[str] = None):
     """Returns (outputs, backend_name). ``path``: run the model file there (``model`` unused)."""
@@ -420,9 +425,10 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
             why = f"the original does not run on {_backend_name(tried)} with generated inputs: {_first_line(e)}"
             run_failed = True
     if why is None:
+        same_backend = _same_backend(backend)
         try:
-            new_out, _ = run(candidate, feeds, candidate_bytes, backend="onnxruntime" if backend == "onnxruntime-cpu"
-                             else "reference", base_dir=base_dir, path=candidate_path)
+            new_out, _ = run(candidate, feeds, candidate_bytes, backend=same_backend, base_dir=base_dir,
+                             path=candidate_path)
         except Exception as e:  # the original ran, the rewritten model does not: that is a failed verification
             detail = _first_line(e)
             names = [o.name for o in reference.graph.output]
@@ -438,8 +444,7 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
                 # a difference means something only if the original gives the same outputs twice:
                 # only a verification that would fail pays for the second run (and its session)
                 try:
-                    again, _ = run(reference, feeds, reference_bytes, base_dir=base_dir,
-                                   backend="onnxruntime" if backend == "onnxruntime-cpu" else "reference")
+                    again, _ = run(reference, feeds, reference_bytes, base_dir=base_dir, backend=same_backend)
                     nondet = not _same_bits(ref_out, again)
                 except Exception:
                     nondet = True
@@ -491,7 +496,7 @@ def _verify_data(reference, candidate, reference_bytes, candidate_bytes, candida
         ref_run, backend = runner(reference, reference_bytes, base_dir=base_dir)
     except Exception as e:
         raise InputError(f"--data: the original model cannot be loaded: {_first_line(e)}") from None
-    cand_run, _ = runner(candidate, candidate_bytes, backend="onnxruntime" if backend == "onnxruntime-cpu" else "reference",
+    cand_run, _ = runner(candidate, candidate_bytes, backend=_same_backend(backend),
                          base_dir=base_dir, path=candidate_path)
     names = [o.name for o in reference.graph.output]
     worst = {n: [0.0, 0.0, True, ""] for n in names}  # max abs, scale, same non-finite, detail
@@ -568,7 +573,7 @@ def _run_regions(regions, seed, base_dir, cand_dir):
 
     feeds = feeds_for(regions, seed)
     ref_out, backend = run(regions.reference, feeds, base_dir=base_dir)
-    new_out, _ = run(regions.candidate, feeds, backend="onnxruntime" if backend == "onnxruntime-cpu" else "reference",
+    new_out, _ = run(regions.candidate, feeds, backend=_same_backend(backend),
                      base_dir=cand_dir if cand_dir is not None else base_dir)
     return feeds, ref_out, new_out, backend
 

@@ -284,7 +284,7 @@ def _tensor_source(t: TensorProto, base_dir: str, tensors=None) -> Source:
     if info.get("location") == MEMORY:  # a deferred payload: its store says where it is
         return tensors.source(t)
     return Source(file=os.path.join(base_dir, info["location"]), offset=int(info.get("offset", 0) or 0),
-                   length=int(info["length"]))
+                  length=int(info["length"]))
 
 
 def needs_external(model: ModelProto) -> bool:
