@@ -34,7 +34,7 @@ def world(tmp_path_factory):
     for kind in DAMAGE:
         paths[kind] = D.to_onnx(D.damaged(healthy, kind), d / f"{kind}.onnx")
     return {"dir": d, "paths": paths, "train": D.save_npz(d / "train.npz", x, y), "test": D.save_npz(d / "test.npz", xt, yt),
-            "healthy_acc": D.accuracy(healthy, xt, yt), "x": x, "healthy": healthy}
+            "x": x, "healthy": healthy}
 
 
 def invoke(*args):
@@ -97,31 +97,71 @@ def test_moments_merge_is_exact_over_unequal_batches_never_an_average_of_varianc
 
 # --- check --data ------------------------------------------------------------------------------------
 
+def _independent_drift(path, x):
+    """Per BN, (largest |mean shift| / running sd, largest var ratio either way) of its inputs in
+    inference mode over ``x``, computed here from ``_bn_inputs`` in float64."""
+    out = []
+    m = onnx.load(str(path))
+    eps = {n.name: next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+           for n in m.graph.node if n.op_type == "BatchNormalization"}
+    for (name, mean, var), v in zip(_stats(path), _bn_inputs(path, x)):
+        e = eps[name]
+        shift = np.max(np.abs(v.mean(axis=1) - mean) / np.sqrt(var + e))
+        r = (v.var(axis=1) + e) / (var + e)
+        out.append((shift, max(np.max(r), 1 / np.min(r))))
+    return out
+
+
 def test_check_data_flags_every_damage_and_not_the_healthy_model(world):
+    """FK012 exactly where an independent float64 measurement crosses the documented thresholds (the
+    verdict never rests on how far a trained model happens to be from them)."""
+    from foldkit.check import DRIFT_WARN_RATIO, DRIFT_WARN_SD
+
+    flagged = {}
     for kind in ("healthy",) + DAMAGE:
         r = invoke("check", world["paths"][kind], "--data", world["train"], "--format", "json")
-        codes = [f["code"] for f in json.loads(r.output)["models"][0]["findings"]]
+        findings = json.loads(r.output)["models"][0]["findings"]
+        got = sorted(f["node"] for f in findings if f["code"] == "FK012")
+        names = [n for n, _, _ in _stats(world["paths"][kind])]
+        drift = _independent_drift(world["paths"][kind], world["x"])
+        want = sorted(n for n, (shift, ratio) in zip(names, drift) if shift > DRIFT_WARN_SD or ratio > DRIFT_WARN_RATIO)
+        assert got == want, (kind, got, drift)
+        flagged[kind] = bool(got)
         if kind == "healthy":
-            assert "FK012" not in codes and "FK010" not in codes, (kind, r.output)
-        else:
-            assert "FK012" in codes, (kind, codes)
+            assert "FK010" not in [f["code"] for f in findings], r.output
+    assert flagged["reset"], flagged  # statistics of 0 and 1 on a trained model: never near the data's
     r = invoke("check", world["paths"]["reset"], "--format", "json")  # no data: the reset is still visible
     assert "FK010" in [f["code"] for f in json.loads(r.output)["models"][0]["findings"]]
 
 
 # --- recalibrate -------------------------------------------------------------------------------------
 
+def _ort_pred(path, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1)
+
+
 @pytest.mark.parametrize("kind", DAMAGE)
-def test_recalibrate_brings_held_out_accuracy_back(world, kind, tmp_path):
+def test_recalibrate_predicts_as_a_float64_precise_bn_of_the_same_model(world, kind, tmp_path):
+    """What recalibration can do, judged against an independent float64 precise BN of the same
+    damaged model over the same batches (never against a margin of a trained number): every held-out
+    prediction that is not a near-tie is the reference's, and the reported accuracy is the model's."""
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     r = invoke("recalibrate", world["paths"][kind], "--data", world["train"], "--eval-data", world["test"],
-               "-o", out, "--report", rep, "--max-drop", "1")
+               "-o", out, "--report", rep)
     assert r.exit_code == 0, r.output
     d = json.loads(rep.read_text())
     assert d["command"] == "recalibrate" and d["bn_after"] == 0 and d["verification"]["passed"]
-    assert d["metric"]["metric"] == "accuracy"
-    assert d["metric"]["after"] >= world["healthy_acc"] - 0.01, (d["metric"], world["healthy_acc"])
     assert d["recalibration"]["samples"] == len(world["x"]) and d["recalibration"]["batches"] == 41  # 1300 / 32
+    _, _, xt, yt = D.digits()
+    ref = D.precise_bn(D.damaged(world["healthy"], kind), world["x"], 32)
+    pred = _ort_pred(out, xt)
+    a = D.agrees(pred, D.logits(ref, xt), yt)
+    assert a["disagree"] == 0, a
+    assert a["acc"] >= a["ref_acc"] - a["allowed"], a
+    assert d["metric"]["metric"] == "accuracy" and abs(d["metric"]["after"] - a["acc"]) <= a["allowed"], (d["metric"], a)
 
 
 def test_exact_method_matches_its_definition(world, tmp_path):
@@ -154,12 +194,27 @@ def test_batch_method_matches_precise_bn_computed_in_float64_with_torch(world, t
 
 
 def test_the_gate_refuses_a_harmful_update(world, tmp_path):
-    shifted = D.save_npz(tmp_path / "shifted.npz", world["x"] * 4.0 + 1.0)  # not the deployment distribution
+    """Statistics from data that is not the deployment distribution harm the model. The gate is
+    judged against the drop an independent float64 precise BN shows on the same models: a --max-drop
+    of half that drop refuses the update, twice that drop lets it through (the same verdicts on any
+    machine, whatever the trained accuracies)."""
+    shifted_x = world["x"] * 4.0 + 1.0
+    shifted = D.save_npz(tmp_path / "shifted.npz", shifted_x)
+    _, _, xt, yt = D.digits()
+    ref = D.logits(D.float64(world["healthy"]), xt)
+    healthy = D.agrees(ref.argmax(1), ref, yt)
+    harmed = D.agrees(np.zeros_like(yt), D.logits(D.precise_bn(world["healthy"], shifted_x, 32), xt), yt)
+    drop = 100 * (healthy["ref_acc"] - harmed["ref_acc"])
+    slack = 100 * (healthy["allowed"] + harmed["allowed"])  # near-ties either way
+    assert drop > 2 * slack + 1, (drop, slack)  # the data does harm: a x4 + 1 shift of the pixels
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     r = invoke("recalibrate", world["paths"]["healthy"], "--data", shifted, "--eval-data", world["test"],
-               "--max-drop", "1", "-o", out, "--report", rep)
+               "--max-drop", f"{drop / 2:.4f}", "-o", out, "--report", rep)
     assert r.exit_code == 1 and "worse by" in r.output and not out.exists(), r.output
-    assert json.loads(rep.read_text())["metric"]["change_points"] < -1
+    assert abs(-json.loads(rep.read_text())["metric"]["change_points"] - drop) <= slack + 1e-6, (drop, slack)  # 6 decimals
+    r = invoke("recalibrate", world["paths"]["healthy"], "--data", shifted, "--eval-data", world["test"],
+               "--max-drop", f"{2 * drop:.4f}", "-o", out)
+    assert r.exit_code == 0 and out.exists(), r.output
 
 
 def test_only_and_skip_node(world, tmp_path):
@@ -212,7 +267,8 @@ def test_torch_recalibrate_in_place_matches_float64_and_restores_state(world):
         np.testing.assert_allclose(b_new.running_var.double().numpy(), x.var(axis=1), rtol=1e-6)
     model.eval()
     _, _, xt, yt = D.digits()
-    assert D.accuracy(model, xt, yt) >= world["healthy_acc"] - 0.01
+    a = D.agrees(D.logits(model, xt).argmax(1), D.logits(D.precise_bn(ref, world["x"], 100), xt), yt)
+    assert a["disagree"] == 0, a
 
 
 def test_torch_recalibrate_exact_and_syncbn(world):
@@ -253,7 +309,8 @@ def test_export_recalibrate(world, tmp_path):
 
     _, _, xt, yt = D.digits()
     pred = ort.InferenceSession(str(out)).run(None, {"input": xt})[0].argmax(1)
-    assert float((pred == yt).mean()) >= world["healthy_acc"] - 0.01
+    a = D.agrees(pred, D.logits(D.precise_bn(D.damaged(world["healthy"], "reset"), world["x"], 32), xt), yt)
+    assert a["disagree"] == 0, a
 
 
 def test_batch_method_before_opset_14_matches_the_runtimes_training_mode_bn(world, tmp_path):
