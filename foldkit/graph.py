@@ -205,8 +205,10 @@ class GraphView:
         name = self.index.fresh(base)
         tensor = TensorProto()
         tensor.name = name
-        store.place(array, data_type, tensor, top_level=self.parent is None)
-        self.add_constant(tensor, before=i if self.index.model.ir_version < 4 else None)
+        as_node = self.index.model.ir_version < 4  # see add_constant
+        # only a top-level initializer may hold a deferred payload: the writer fills those alone
+        store.place(array, data_type, tensor, top_level=self.parent is None and not as_node)
+        self.add_constant(tensor, before=i if as_node else None)
         while len(node.input) <= pos:
             node.input.append("")
         node.input[pos] = name
