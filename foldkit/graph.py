@@ -51,12 +51,42 @@ class ModelIndex:
         self.uses = count_uses(model)
         self.names = all_names(model)
         self.released: set = set()  # constant names whose last use a pass removed
+        # constants a pass gave new contents under their old name (maybe another shape): cleanup
+        # brings the value_info, graph input and output records of these names in line
+        self.rewritten: set = set()
         self._types: Optional[dict] = None
+        self.views: dict = {}  # id(graph) -> the GraphView over it, until that view commits
 
     def _type(self, name: str):
         if self._types is None:
-            self._types = value_types(self.model)
+            self._types = value_types(self._consistent())
         return self._types.get(name, (None, 0))
+
+    def _consistent(self) -> ModelProto:
+        """The model as shape inference should see it when the value types are first asked for.
+
+        Folds keep the type of every value that survives them, so the types can be computed on
+        the model with the pending edits applied, but not on the protobuf in the middle of a pass:
+        a removed node is still there (its output renamed onto its producer: two producers) and a
+        new Constant node (IR < 4) is not there yet, so inference could type nothing downstream of
+        them and the unknown ranks would stay cached for the whole fold. Views are edited one at a
+        time (children committed before their parent is yielded), so at most one has pending edits:
+        inference then runs on a skeleton (foldkit.wire.checker_view: no payload copied) with that
+        view's node list as commit will write it."""
+        dirty = [v for v in self.views.values() if v.pending()]
+        if not dirty:
+            return self.model
+        from .wire import checker_view
+
+        skeleton = checker_view(self.model)
+        view = dirty[0]
+        position = next((k for k, g in enumerate(iter_graphs(self.model.graph)) if g is view.graph), None)
+        if position is None:  # not reachable from the model (a view over a detached graph)
+            return self.model
+        target = list(iter_graphs(skeleton.graph))[position]
+        del target.node[:]
+        target.node.extend(view.pending_nodes())
+        return skeleton
 
     def rank(self, name: str) -> Optional[int]:
         return self._type(name)[0]
@@ -110,6 +140,7 @@ class GraphView:
         self.outputs = {o.name for o in graph.output}
         self.inits = {t.name: t for t in graph.initializer}
         self._consumers = None
+        index.views[id(graph)] = self
         self._evaluated: dict = {}  # values of CONST_OPS nodes on constants, computed once
 
     # -- structure ---------------------------------------------------------------------------
@@ -193,6 +224,9 @@ class GraphView:
         const = self.constant(old) if old else None
         store = self.index.tensors
         if const is not None and const.owner is self and self.uses(old) == 1 and const.kind != "computed":
+            self.index.rewritten.add(old)
+            if self.index._types is not None:
+                self.index._types[old] = (len(getattr(array, "shape", np.shape(array))), data_type)
             if const.kind == "initializer":
                 store.place(array, data_type, self.inits[old], top_level=self.parent is None)  # in place
             else:
@@ -281,20 +315,31 @@ class GraphView:
         node.output[pos] = new
         self.producer[new] = i
 
+    def pending(self) -> bool:
+        """Whether removals or insertions wait for :meth:`commit`."""
+        return bool(self.removed or self.inserted_before or self.inserted_after)
+
+    def pending_nodes(self) -> list:
+        """The node list :meth:`commit` will write (the live nodes themselves, not copies)."""
+        out = []
+        for i, node in enumerate(self.nodes):
+            out.extend(self.inserted_before.get(i, ()))
+            if i not in self.removed:
+                out.append(node)
+            out.extend(self.inserted_after.get(i, ()))
+        return out
+
     def commit(self) -> bool:
         """Apply removals and insertions to the protobuf. Returns True if the node list changed."""
-        if not self.removed and not self.inserted_before and not self.inserted_after:
+        if self.index.views.get(id(self.graph)) is self:
+            del self.index.views[id(self.graph)]
+        if not self.pending():
             return False
         new_nodes = []
-        for i, node in enumerate(self.nodes):
-            for extra in self.inserted_before.get(i, []):
-                new_nodes.append(extra)
-            if i not in self.removed:
-                copy = NodeProto()
-                copy.CopyFrom(node)
-                new_nodes.append(copy)
-            for extra in self.inserted_after.get(i, []):
-                new_nodes.append(extra)
+        for node in self.pending_nodes():
+            copy = NodeProto()
+            copy.CopyFrom(node)
+            new_nodes.append(copy)
         del self.graph.node[:]
         self.graph.node.extend(new_nodes)
         return True

@@ -4,7 +4,11 @@
   initializer, Mul(W, mask), ConstantOfShape, ...) whose last use a pass removed (``ModelIndex.released``), transitively, unless
   they are graph inputs or outputs; constants the input model already left unused stay;
 - ``value_info`` entries for values that no longer exist (renamed producer outputs, dropped
-  running-statistics outputs).
+  running-statistics outputs);
+- and the records of every constant a pass rewrote under its own name (a scalar bias widened to
+  one value per channel, a weight whose dtype a QDQ fold kept): its ``value_info``, graph input and
+  graph output entries take the tensor's element type and dims, so that no stale shape is left for
+  onnx.checker or a runtime to trip on (jax2onnx writes a value_info for every initializer).
 
 Graph input and output names, opset imports, metadata, doc strings and nodes of other domains are
 never touched.
@@ -56,5 +60,36 @@ class Cleanup(Pass):
             stale = [k for k, v in enumerate(g.value_info) if v.name not in live]
             for k in reversed(stale):
                 del g.value_info[k]
-            changed |= bool(dead or dead_nodes or stale)
+            retyped = _retype_records(g, ctx.index.rewritten)
+            changed |= bool(dead or dead_nodes or stale or retyped)
         return changed
+
+
+def _retype_records(g, rewritten: set) -> bool:
+    """Give the records (value_info, graph input, graph output) of the constants in ``rewritten``
+    that live in graph ``g`` the element type and dims of the tensor they now hold."""
+    if not rewritten:
+        return False
+    tensors = {t.name: t for t in g.initializer if t.name in rewritten}
+    for n in g.node:
+        if is_op(n, "Constant") and n.output and n.output[0] in rewritten:
+            value = next((a.t for a in n.attribute if a.name == "value"), None)
+            if value is not None:
+                tensors[n.output[0]] = value
+    changed = False
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        t = tensors.get(v.name)
+        if t is None or not v.type.HasField("tensor_type"):
+            continue
+        tt = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if tt.elem_type == t.data_type and tt.HasField("shape") and dims == list(t.dims):
+            continue
+        tt.elem_type = t.data_type
+        tt.ClearField("shape")
+        shape = tt.shape  # present, and empty for a scalar
+        shape.SetInParent()
+        for d in t.dims:
+            shape.dim.add().dim_value = d
+        changed = True
+    return changed
