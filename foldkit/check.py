@@ -14,6 +14,7 @@
 | FK010 | warning  | BN statistics that look never updated (every mean 0 and every var 1) |
 | FK011 | warning  | a channel whose running var is at most 10 x eps (near collapse: the folded scale explodes) |
 | FK012 | warning/error | (--data) running statistics far from the data's: `foldkit recalibrate` is the fix |
+| FK013 | error    | foldkit itself failed on this model (internal error, exit code 3: a bug in foldkit; the other models are still checked) |
 
 The check never runs the model and never writes: it runs the fold pipeline on an in-memory copy
 without verification and reads its report.
@@ -47,32 +48,51 @@ class Finding:
     graph: str = "main"
 
 
+UNREADABLE, INTERNAL = "FK008", "FK013"
+
+
 @dataclass
 class CheckResult:
-    """The findings for one model. ``error`` is set (with one FK008 finding) when the file could not
-    be read as a model at all: its exit code is then 2, not 1."""
+    """The findings for one model. ``error`` is set, with one finding of code ``error_code``, when
+    the model could not be checked at all: FK008 when the file cannot be read as a model (exit code
+    2), FK013 when foldkit failed on it (an internal error, exit code 3)."""
 
     path: str
     findings: list = field(default_factory=list)
     bn_count: int = 0
     error: Optional[str] = None
     time_s: float = 0.0
+    error_code: str = UNREADABLE
+
+    @classmethod
+    def failure(cls, path, message: str, code: str = UNREADABLE) -> "CheckResult":
+        r = cls(path=str(path), error=message, error_code=code)
+        r.findings.append(Finding(code, "error", "model", message))
+        return r
+
+    @property
+    def verdict(self) -> str:
+        """One word for a model that could not be checked."""
+        return "internal error" if self.error_code == INTERNAL else "unreadable"
 
     def failed(self, fail_on: str = "error") -> bool:
         level = SEVERITIES.index(fail_on)
         return any(SEVERITIES.index(f.severity) >= level for f in self.findings)
 
     def exit_code(self, fail_on: str = "error") -> int:
-        from .errors import EXIT_FAILED, EXIT_USAGE
+        from .errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_USAGE
 
-        return EXIT_USAGE if self.error is not None else EXIT_FAILED if self.failed(fail_on) else 0
+        if self.error is not None:
+            return EXIT_INTERNAL if self.error_code == INTERNAL else EXIT_USAGE
+        return EXIT_FAILED if self.failed(fail_on) else 0
 
     def counts(self) -> dict:
         return {s: sum(f.severity == s for f in self.findings) for s in ("error", "warning")}
 
     def to_dict(self, fail_on: str = "error") -> dict:
         return {"path": self.path, "passed": not self.failed(fail_on) and self.error is None,
-                "exit_code": self.exit_code(fail_on), "error": self.error, "bn_count": self.bn_count,
+                "exit_code": self.exit_code(fail_on), "error": self.error,
+                "error_code": self.error_code if self.error is not None else None, "bn_count": self.bn_count,
                 "time_s": round(self.time_s, 6), "findings": [asdict(f) for f in self.findings]}
 
 
@@ -105,12 +125,14 @@ def expand_models(paths) -> list:
     return out
 
 
-def check_many(paths, data=None) -> list:
-    """:func:`check` on every model (folders expanded); a model that cannot be read gives a result
-    with ``error`` set and one FK008 finding, and the others are still checked. ``data``: a
-    --data spec (or (spec, batch_size, max_samples)) for the FK012 statistics findings."""
+def check_many(paths, data=None, on_internal=None) -> list:
+    """:func:`check` on every model (folders expanded). One model never sinks the run: a model that
+    cannot be read gives a result with ``error`` set and one FK008 finding (exit code 2), one that
+    foldkit fails on (a bug) one FK013 finding (exit code 3), and the others are still checked.
+    ``on_internal(exception)`` is called first for such a bug and may raise it instead (--debug).
+    ``data``: a --data spec (or (spec, batch_size, max_samples)) for the FK012 statistics findings."""
     from .data import DataError
-    from .errors import FoldkitError
+    from .errors import FoldkitError, internal_message
 
     results = []
     for p in expand_models(paths):
@@ -120,8 +142,13 @@ def check_many(paths, data=None) -> list:
         except DataError:
             raise  # the data does not fit: a usage error for the whole command
         except FoldkitError as e:
-            r = CheckResult(path=str(p), error=str(e))
-            r.findings.append(Finding("FK008", "error", "model", str(e)))
+            r = CheckResult.failure(p, str(e))
+        except MemoryError:
+            r = CheckResult.failure(p, f"{p}: out of memory while checking it")
+        except Exception as e:  # a bug in foldkit met on this model: its result, not the run's end
+            if on_internal is not None:
+                on_internal(e)
+            r = CheckResult.failure(p, f"{p}: {internal_message(e)}", INTERNAL)
         r.time_s = time.perf_counter() - start
         results.append(r)
     return results
@@ -330,6 +357,8 @@ def _gh_property(s: str) -> str:
 
 def _summary(r: CheckResult, fail_on: str) -> str:
     if r.error is not None:
+        if r.error_code == INTERNAL:
+            return f"not checked: foldkit failed on it (a bug in foldkit, exit code 3): {r.error}"
         return f"cannot be read as an ONNX model: {r.error}"
     c = r.counts()
     codes = {}
@@ -353,7 +382,7 @@ def to_github(results, fail_on: str = "error") -> str:
         lines.append(f"::{kind} {props}::{_gh_data(printable(_summary(r, fail_on)))}")
     for r in results:
         for f in r.findings:
-            if f.code == "FK008":
+            if f.code in (UNREADABLE, INTERNAL) and r.error is not None:
                 continue  # the summary says it
             props = f"file={_gh_property(printable(r.path))},title={_gh_property(printable(f'{f.code} {f.node}'))}"
             lines.append(f"::{f.severity} {props}::{_gh_data(printable(f.message))}")
@@ -373,7 +402,7 @@ def to_markdown(results, fail_on: str = "error") -> str:
            "| model | result | errors | warnings | BatchNormalization |", "|---|---|---|---|---|"]
     for r in results:
         c = r.counts()
-        verdict = "unreadable" if r.error is not None else "FAILED" if r.failed(fail_on) else "ready"
+        verdict = r.verdict if r.error is not None else "FAILED" if r.failed(fail_on) else "ready"
         out.append(f"| {_md_cell(r.path)} | {verdict} | {c['error']} | {c['warning']} | {r.bn_count} |")
     rows = [(r, f) for r in results for f in r.findings]
     if rows:
@@ -394,7 +423,7 @@ def to_text(results, fail_on: str = "error", unreadable: bool = True) -> str:
         for f in r.findings:
             node = f.node if f.graph == "main" else f"{f.node} [{f.graph}]"
             lines.append(f"{printable(r.path)}: {f.severity} {f.code} {printable(node)}: {printable(f.message)}")
-        lines.append(f"{printable(r.path)}: {_summary(r, fail_on) if r.error is None else 'unreadable'} "
+        lines.append(f"{printable(r.path)}: {_summary(r, fail_on) if r.error is None else r.verdict} "
                      f"(fail-on {fail_on})")
     if len(results) > 1:
         bad = sum(bool(r.exit_code(fail_on)) for r in results)
@@ -413,7 +442,7 @@ def to_junit(results, fail_on: str = "error") -> str:
     totals = {"tests": 0, "failures": 0, "errors": 0}
     for r in results:
         path = xml_safe(r.path)
-        failing = [f for f in r.findings if SEVERITIES.index(f.severity) >= level and f.code != "FK008"]
+        failing = [f for f in r.findings if SEVERITIES.index(f.severity) >= level and r.error is None]
         tests = max(1, len(r.findings))
         errors = int(r.error is not None)
         suite = ET.SubElement(root, "testsuite", name=path, tests=str(tests), failures=str(len(failing)),
@@ -422,8 +451,9 @@ def to_junit(results, fail_on: str = "error") -> str:
         totals["failures"] += len(failing)
         totals["errors"] += errors
         if r.error is not None:
-            case = ET.SubElement(suite, "testcase", classname=path, name="readable ONNX model")
-            ET.SubElement(case, "error", type="FK008", message=xml_safe(r.error)).text = xml_safe(r.error)
+            name = "foldkit checks it" if r.error_code == INTERNAL else "readable ONNX model"
+            case = ET.SubElement(suite, "testcase", classname=path, name=name)
+            ET.SubElement(case, "error", type=r.error_code, message=xml_safe(r.error)).text = xml_safe(r.error)
             continue
         if not r.findings:
             ET.SubElement(suite, "testcase", classname=path, name="deployment-ready")

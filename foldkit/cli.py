@@ -14,10 +14,9 @@ import sys
 
 import click
 
-from .errors import EXIT_USAGE, FoldkitError
+from .errors import EXIT_INTERNAL, EXIT_USAGE, FoldkitError, internal_message  # noqa: F401 (EXIT_INTERNAL: API)
 from .text import printable, to_json
 
-EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -74,10 +73,20 @@ def handle_errors(fn):
         except Exception as e:  # a bug in foldkit (or a dependency) — still one line
             if debug:
                 raise
-            _die(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                 "(rerun with --debug for a traceback)", EXIT_INTERNAL)
+            _die(internal_message(e), EXIT_INTERNAL)
 
     return wrapper
+
+
+def _reraise_if_debug(e: BaseException) -> None:
+    """For commands that take many inputs: a bug met on one input is that input's result, unless
+    --debug asks for the traceback, or the error is an interrupt surfacing from a C extension."""
+    if _interrupted:
+        raise KeyboardInterrupt from None
+    if _terminated is not None:
+        raise SystemExit(_terminated) from None
+    if click.get_current_context().find_root().params.get("debug"):
+        raise e
 
 
 def input_shape_option(fn):
@@ -248,7 +257,7 @@ def check(models, fmt, fail_on, output, data, max_samples, batch_size, quiet, ve
 
     inputs = [f for m in models if not os.path.isdir(m) for f in fio.model_files(m)] + data_files(data)
     fio.guard_outputs({"-o": output}, inputs)
-    results = check_many(models, data=(data, batch_size, max_samples) if data else None)
+    results = check_many(models, data=(data, batch_size, max_samples) if data else None, on_internal=_reraise_if_debug)
     worst = max(r.exit_code(fail_on) for r in results)
     if fmt == "json":
         text = to_json({**envelope("check", [r.path for r in results], input_shapes=None, seed=None), "fail_on": fail_on, "passed": worst == 0,

@@ -7,6 +7,13 @@ and exits with ``error.exit_code``. Anything else is a bug in foldkit.
 EXIT_OK = 0
 EXIT_FAILED = 1  # verification failed, or `check` found problems at or above --fail-on
 EXIT_USAGE = 2  # bad usage or unreadable input
+EXIT_INTERNAL = 3  # a bug in foldkit
+
+
+def internal_message(e: BaseException) -> str:
+    """The one line that reports a bug in foldkit (exit code 3)."""
+    what = str(e).splitlines()[0] if str(e).strip() else ""
+    return f"internal error: {type(e).__name__}{': ' + what if what else ''} (rerun with --debug for a traceback)"
 
 
 class FoldkitError(Exception):

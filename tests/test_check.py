@@ -284,6 +284,46 @@ def test_check_unreadable_model_is_exit_2_but_the_others_are_still_checked_and_r
     assert r.exit_code == 2 and r.output.count("\n") == 1
 
 
+def test_a_bug_met_on_one_model_is_that_models_result_and_never_sinks_the_run(tmp_path, monkeypatch):
+    """An internal error in one model (pytorchcv's sinet_cityscapes once raised StopIteration in the
+    branch merge) is recorded for that model with exit code 3 and its message, in every format; the
+    others are still checked, every -o record is written, the run's exit code is the worst one, and
+    --debug still raises it."""
+    import foldkit.check as fc
+
+    d, bad, good, nested = _models(tmp_path)
+    real = fc.check
+
+    def buggy(path, data=None):
+        if os.path.samefile(path, bad):
+            raise StopIteration()
+        return real(path, data=data)
+
+    monkeypatch.setattr(fc, "check", buggy)
+    for fmt in ("json", "junit", "text", "github"):
+        out = tmp_path / f"r.{fmt}"
+        r = invoke("check", bad, good, nested, "--format", fmt, "-o", out)
+        assert r.exit_code == 3, (fmt, r.output)
+        assert r.output.count("\n") == 1 and "internal error: StopIteration" in r.output, r.output  # one stderr line
+        text = out.read_text()
+        assert str(good) in text and str(nested) in text, (fmt, text)
+        assert "FK013" in text or fmt in ("text", "github"), (fmt, text)  # those two: the summary line says it
+        assert "internal error" in text, (fmt, text)
+    js = json.loads((tmp_path / "r.json").read_text())
+    assert [m["exit_code"] for m in js["models"]] == [3, 0, 0] and js["exit_code"] == 3
+    assert js["models"][0]["error_code"] == "FK013" and js["models"][0]["findings"][0]["code"] == "FK013"
+    suites = ET.parse(tmp_path / "r.junit").getroot().findall("testsuite")
+    assert suites[0].get("errors") == "1" and suites[0].find("testcase/error").get("type") == "FK013"
+    assert [s.get("errors") for s in suites[1:]] == ["0", "0"]
+    # worst first: an unreadable model (2) beside it still leaves the run at 3
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    r = invoke("check", broken, bad, good)
+    assert r.exit_code == 3 and sum(line.startswith("foldkit: error:") for line in r.output.splitlines()) == 2, r.output
+    r = invoke("--debug", "check", bad, good)
+    assert isinstance(r.exception, StopIteration)
+
+
 def test_check_empty_folder_is_a_usage_error(tmp_path):
     (tmp_path / "empty").mkdir()
     r = invoke("check", tmp_path / "empty")
