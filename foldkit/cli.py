@@ -458,7 +458,9 @@ def export(model_spec, model_arg, checkpoint, trust_checkpoint, input_shapes, dy
 @click.option("--only", multiple=True, metavar="NODE", help="Recalibrate only this BN (repeatable).")
 @click.option("--skip-node", multiple=True, metavar="NODE", help="Leave this BN's statistics alone (repeatable).")
 @click.option("--max-samples", type=click.IntRange(1), default=None, help="Stop after this many samples.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Re-cut the data into batches of this size. Default: a FILE.py:FN's batches as it yields them "
+                   "(precise-BN statistics depend on the batches), .npz data in batches of 32.")
 @click.option("--eval-data", metavar="DATA", help="Held-out samples: top-1 accuracy (with a 'label' array) or agreement "
                                                   "with the original, before and after.")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
@@ -488,7 +490,7 @@ def recalibrate(model, data, output, method, no_fold, only, skip_node, max_sampl
         return
     r = d["recalibration"]
     click.echo(f"recalibrated {len(r['bns'])} BatchNormalization ({r['method']}, {r['passes']} pass(es) over "
-               f"{r['samples']} samples in {r['batches']} batches)")
+               f"{r['samples']} samples in {r['batches']} batches, {r['batching']})")
     rows = r["bns"] if verbose else sorted(r["bns"], key=lambda b: -b["max_abs_mean_change"])[:5]
     for b in rows:
         click.echo(f"  {one_line(b['node'])}: max |mean change| {b['max_abs_mean_change']:.3g}, var ratio "

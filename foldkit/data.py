@@ -10,8 +10,12 @@ DATA is one of:
 - ``FILE.py:FN`` (or ``MODULE:FN``): a function returning an iterable of {input name: array}
   dicts, samples along axis 0.
 
-Batches are consecutive slices of ``batch_size`` samples in data order (across file boundaries);
-the last one may be smaller. ``max_samples`` stops after that many samples. Arrays are cast to the
+Batches: a ``FILE.py:FN`` source's items are its batches, used as they come (DataLoader-style
+iterables whose batches the user chose: precise-BN statistics depend on them). ``.npz`` data has no
+batches of its own: it is cut into consecutive slices of ``DEFAULT_BATCH`` samples in data order
+(across file boundaries; the last one may be smaller). A ``batch_size`` given re-cuts any source
+into such slices (and a model that fixes its batch size takes slices of that size);
+:func:`batching` says which applies. ``max_samples`` stops after that many samples. Arrays are cast to the
 model input's dtype when that is lossless for floats (float64 data into a float32 model); any other
 mismatch is an error naming the input.
 """
@@ -32,6 +36,23 @@ class DataError(InputError):
     """``--data`` cannot be used with this model (exit 2): unreadable, missing arrays, wrong dtypes,
     or the model does not run on it."""
 DEFAULT_BATCH = 32
+
+
+def is_function(spec) -> bool:
+    """Whether ``spec`` names a ``FILE.py:FN`` / ``MODULE:FN`` source (not a file or folder)."""
+    spec = os.fspath(spec)
+    return not (os.path.isdir(spec) or spec.endswith(".npz") or os.path.isfile(spec)) and ":" in spec
+
+
+def batching(spec, batch_size: Optional[int] = None, fixed: Optional[int] = None) -> str:
+    """How the batches of ``spec`` are cut, in words (the reports say it)."""
+    if fixed:
+        return f"re-cut into slices of {fixed} samples: the model fixes its batch size"
+    if batch_size:
+        return f"re-cut into slices of {batch_size} samples (--batch-size)"
+    if is_function(spec):
+        return "as the function yields them"
+    return f"slices of {DEFAULT_BATCH} samples in data order (.npz data has no batches of its own; --batch-size sets the size)"
 
 
 def _sources(spec: str) -> Iterator[tuple]:
@@ -110,12 +131,16 @@ def _pick(where: str, arrays: dict, inputs: dict) -> dict:
 def batches(spec: str, inputs: dict, batch_size: Optional[int] = None, max_samples: Optional[int] = None
             ) -> Iterator[dict]:
     """{input name: array} batches (plus ``label`` when the data has labels). ``inputs``: {name:
-    numpy dtype} of the model's inputs, in order."""
-    size = int(batch_size or DEFAULT_BATCH)
-    if size < 1:
+    numpy dtype} of the model's inputs, in order. ``batch_size`` None: a function's batches as they
+    come, .npz data in slices of DEFAULT_BATCH (see the module doc)."""
+    if batch_size is not None and int(batch_size) < 1:
         raise DataError("--batch-size must be positive")
     if max_samples is not None and max_samples < 1:
         raise DataError("--max-samples must be positive")
+    if batch_size is None and is_function(spec):
+        yield from _as_they_come(spec, inputs, max_samples)
+        return
+    size = int(batch_size or DEFAULT_BATCH)
     pending, held, seen, any_data = [], 0, 0, False
     for where, arrays in _sources(spec):
         chunk = _pick(where, arrays, inputs)
@@ -137,6 +162,24 @@ def batches(spec: str, inputs: dict, batch_size: Optional[int] = None, max_sampl
     if held:
         yield _take(pending, held, held)[0]
     if not any_data:
+        raise DataError(f"--data {spec}: no samples")
+
+
+def _as_they_come(spec: str, inputs: dict, max_samples: Optional[int]) -> Iterator[dict]:
+    seen = 0
+    for where, arrays in _sources(spec):
+        chunk = _pick(where, arrays, inputs)
+        n = next(iter(chunk.values())).shape[0]
+        if n == 0:
+            continue
+        if max_samples is not None and seen + n > max_samples:
+            n = max_samples - seen
+            chunk = {k: v[:n] for k, v in chunk.items()}
+        seen += n
+        yield chunk
+        if max_samples is not None and seen >= max_samples:
+            return
+    if not seen:
         raise DataError(f"--data {spec}: no samples")
 
 

@@ -494,19 +494,21 @@ class Distributed:
 
 
 def recalibrate_file(src: str, dst: str, data, *, method: str = "batch", fold: bool = True, only=(), skip=(),
-                     batch_size: int = 32, max_samples: Optional[int] = None, eval_data=None,
+                     batch_size: Optional[int] = None, max_samples: Optional[int] = None, eval_data=None,
                      max_drop: Optional[float] = None, report: Optional[str] = None, durable: bool = False,
                      input_shapes: Optional[dict] = None) -> dict:
     """``foldkit recalibrate``: re-estimate ``src``'s BN statistics on ``data`` (see foldkit.data),
     fold (unless ``fold=False``) with verification, judge the result on ``eval_data`` and write
-    ``dst`` (and the JSON ``report``). Under torchrun, every rank measures its shard and rank 0
-    writes. Raises VerificationError (nothing written but the report) when the metric drops by
+    ``dst`` (and the JSON ``report``). ``batch_size`` None: a function's batches as it yields
+    them, .npz data in slices of 32; given, every source is re-cut (foldkit.data.batching). Under
+    torchrun, batch i (as cut here) goes to rank i mod world size; every rank measures its shard
+    and rank 0 writes. Raises VerificationError (nothing written but the report) when the metric drops by
     more than ``max_drop`` points."""
     import os
 
     from . import io as fio
     from .api import fold as fold_api
-    from .data import files as data_files, source as data_source
+    from .data import batching, files as data_files, fixed_batch, is_function, source as data_source
     from .errors import VerificationError
     from .report import Report
     from .text import to_json
@@ -520,6 +522,10 @@ def recalibrate_file(src: str, dst: str, data, *, method: str = "batch", fold: b
     dist = Distributed() if Distributed.requested() else None
     try:
         rec = recalibrate(model, source, method, only, skip, input_shapes=input_shapes, distributed=dist)
+        rec["batching"] = batching(data, batch_size, fixed_batch(model))
+        if is_function(data) and (batch_size or fixed_batch(model)):
+            rec["notes"].append(f"the function's batches were {rec['batching']}; precise-BN statistics depend on "
+                                "the batches (without --batch-size they are used as the function yields them)")
         if dist is not None and dist.rank != 0:
             return rec  # rank 0 alone writes
         if fold:
@@ -535,7 +541,7 @@ def recalibrate_file(src: str, dst: str, data, *, method: str = "batch", fold: b
         out_bytes = fio.serialize(out_model)
         metric = None
         if eval_data is not None:
-            ev = data_source((eval_data, batch_size, None), model)
+            ev = data_source((eval_data, batch_size or None, None), model)
             before = classifier_metric(original, ev(), original)
             after = classifier_metric(out_bytes, ev(), original)
             if before is None or after is None:

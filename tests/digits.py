@@ -100,8 +100,8 @@ def precise_bn(model, x, batch):
     """An independent float64 precise-BN recalibration of ``model`` (Wu & Johnson 2021), written
     here with torch's own BatchNorm: a float64 copy in which every BN normalizes with its batch's
     statistics (running statistics frozen; Dropout and every other module in inference mode) over
-    consecutive slices of ``batch`` samples, then takes the population mean and variance of all its
-    inputs. Returns the float64 copy in eval mode."""
+    consecutive slices of ``batch`` samples (or the [a, b) slices listed in ``batch``), then takes
+    the population mean and variance of all its inputs. Returns the float64 copy in eval mode."""
     import torch
 
     m = copy.deepcopy(model).double().eval()
@@ -112,9 +112,10 @@ def precise_bn(model, x, batch):
     for b in bns:
         b.train()
         b.momentum = 0.0
+    bounds = batch if isinstance(batch, (list, tuple)) else [(k, k + batch) for k in range(0, len(x), batch)]
     with torch.no_grad():
-        for k in range(0, len(x), batch):
-            m(torch.from_numpy(np.asarray(x[k:k + batch], np.float64)))
+        for a, b in bounds:
+            m(torch.from_numpy(np.asarray(x[a:b], np.float64)))
     for h in hooks:
         h.remove()
     with torch.no_grad():

@@ -243,6 +243,62 @@ def test_torchrun_two_ranks_equal_one(world, tmp_path):
         np.testing.assert_allclose(v2, v1, rtol=1e-9)
 
 
+CUTS = [0, 50, 67, 131, 300, 301, 700, 1000, 1300]  # uneven batches, as a user's loader may yield them
+
+
+def _uneven_source(world, tmp_path):
+    """FILE.py:FN yielding the training digits in the uneven batches CUTS, and, for a batch this
+    rank does not own (i mod WORLD_SIZE != RANK), garbage: a rank must never use such a batch."""
+    fn = tmp_path / "uneven.py"
+    fn.write_text(f"import os\nimport numpy as np\nCUTS = {CUTS!r}\n"
+                  "def batches():\n"
+                  f"    x = np.load({str(world['train'])!r})['image']\n"
+                  "    rank, size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))\n"
+                  "    for i, (a, b) in enumerate(zip(CUTS, CUTS[1:])):\n"
+                  "        yield {'image': x[a:b] if i % size == rank else np.full_like(x[a:b], 1e4)}\n")
+    return f"{fn}:batches"
+
+
+def test_a_functions_batches_are_used_as_they_come_unless_batch_size_is_given(world, tmp_path):
+    src = _uneven_source(world, tmp_path)
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    r = invoke("recalibrate", world["paths"]["reset"], "--data", src, "--no-fold", "-o", out, "--report", rep)
+    assert r.exit_code == 0, r.output
+    d = json.loads(rep.read_text())["recalibration"]
+    assert d["batches"] == len(CUTS) - 1 and d["batching"] == "as the function yields them", d
+    ref = D.precise_bn(D.damaged(world["healthy"], "reset"), world["x"], list(zip(CUTS, CUTS[1:])))
+    bns = [m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for (name, mean, var), b in zip(_stats(out), bns):
+        np.testing.assert_allclose(mean, b.running_mean.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(var, b.running_var.numpy(), rtol=1e-4)
+    r = invoke("recalibrate", world["paths"]["reset"], "--data", src, "--no-fold", "-o", out, "--report", rep,
+               "--batch-size", "32")
+    assert r.exit_code == 0 and "re-cut into slices of 32" in r.output, r.output
+    d = json.loads(rep.read_text())["recalibration"]
+    assert d["batches"] == 41 and any("re-cut" in n for n in d["notes"]), d
+    ref = D.precise_bn(D.damaged(world["healthy"], "reset"), world["x"], 32)
+    for (name, mean, var), b in zip(_stats(out), [m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)]):
+        np.testing.assert_allclose(mean, b.running_mean.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_gives_rank_r_the_batches_the_source_yields_for_it(world, tmp_path):
+    """Batch i, as the function yields it, goes to rank i mod world size: with a function that
+    yields garbage for the batches a rank does not own, 2 ranks still equal 1 process."""
+    src = _uneven_source(world, tmp_path)
+    one, two = tmp_path / "one.onnx", tmp_path / "two.onnx"
+    r = invoke("recalibrate", world["paths"]["batch2"], "--data", src, "--no-fold", "-o", one)
+    assert r.exit_code == 0, r.output
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "cli.py"), "recalibrate", str(world["paths"]["batch2"]), "--data",
+                        src, "--no-fold", "-o", str(two), "-q"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for (n1, m1, v1), (n2, m2, v2) in zip(_stats(one), _stats(two)):
+        np.testing.assert_allclose(m2, m1, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(v2, v1, rtol=1e-9)
+
+
 # --- PyTorch ------------------------------------------------------------------------------------------
 
 def test_torch_recalibrate_in_place_matches_float64_and_restores_state(world):

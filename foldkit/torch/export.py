@@ -129,7 +129,7 @@ def export(model_spec: str, output: str, input_shapes: Sequence[Sequence[int]], 
            model_args: Optional[dict] = None, trust_checkpoint: bool = False, dynamic_batch: bool = False,
            opset: Optional[int] = None, exporter: str = "legacy", fold: bool = True, atol=None, rtol=None,
            seed: int = 0, in_place_ok: bool = False, durable: bool = False, recalibrate_data=None,
-           recalibrate_method: str = "batch", batch_size: int = 32, max_samples=None) -> ExportResult:
+           recalibrate_method: str = "batch", batch_size: Optional[int] = None, max_samples=None) -> ExportResult:
     """Build, load, revert SyncBN, eval, export, fold (unless fold=False), check parity, write
     atomically (and fsynced before the rename when ``durable``)."""
     import torch
