@@ -31,7 +31,7 @@ from onnx import ModelProto, TensorProto, numpy_helper
 
 from .attrs import FLOAT_TYPES  # noqa: F401  (re-exported: one definition, in attrs)
 from .math import ScaledChannels
-from .wire import MEMORY, Source, is_memory, payload_nbytes
+from .wire import MEMORY, Source, external_size, is_memory, payload_nbytes
 
 
 class Location(str, Enum):
@@ -102,7 +102,7 @@ def to_array(t: TensorProto, store: "TensorStore") -> np.ndarray:
     if t.data_location == TensorProto.EXTERNAL and t.data_type in _RAW_TYPES:
         info = {e.key: e.value for e in t.external_data}
         try:
-            offset, length = int(info.get("offset", 0) or 0), int(info["length"])
+            offset, length = int(info.get("offset", 0) or 0), external_size(t)
             dtype = np.dtype(np_dtype(t.data_type)).newbyteorder("<")
             count = 1
             for d in t.dims:

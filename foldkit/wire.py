@@ -161,20 +161,31 @@ def payload_nbytes(t: TensorProto) -> int:
     """Payload size from the header alone: reading ``raw_data`` would copy it (upb returns new bytes)."""
     if t.data_location == TensorProto.EXTERNAL:
         return external_size(t)
+    n = _dims_nbytes(t)
+    return t.ByteSize() if n is None else n
+
+
+def _dims_nbytes(t: TensorProto) -> Optional[int]:
+    """What ``t``'s dims and data type take, in bytes (None for a type without a fixed item size)."""
     from onnx.helper import tensor_dtype_to_np_dtype
 
     try:
-        itemsize = tensor_dtype_to_np_dtype(t.data_type).itemsize
+        n = tensor_dtype_to_np_dtype(t.data_type).itemsize
     except (KeyError, TypeError, ValueError):
-        return t.ByteSize()
-    n = itemsize
+        return None
     for d in t.dims:
         n *= d
     return n
 
 
 def external_size(t: TensorProto) -> int:
-    return int(_ext_info(t).get("length", 0))
+    """The bytes an external tensor's payload takes in its file: its ``length``, or, where none is
+    given (the field is optional), what its dims and data type take from ``offset`` on; never the
+    rest of the file, which may hold more after it."""
+    length = _ext_info(t).get("length")
+    if length not in (None, ""):
+        return int(length)
+    return _dims_nbytes(t) or 0
 
 
 def _strip_external(t: TensorProto) -> TensorProto:
@@ -284,7 +295,7 @@ def _tensor_source(t: TensorProto, base_dir: str, tensors=None) -> Source:
     if info.get("location") == MEMORY:  # a deferred payload: its store says where it is
         return tensors.source(t)
     return Source(file=os.path.join(base_dir, info["location"]), offset=int(info.get("offset", 0) or 0),
-                  length=int(info["length"]))
+                  length=external_size(t))
 
 
 def needs_external(model: ModelProto) -> bool:

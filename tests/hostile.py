@@ -212,6 +212,16 @@ def external_file_shorter_without_length(folder):
 
 
 @case
+def external_no_length_file_longer(folder):
+    """Valid (the length field is optional; ONNX Runtime reads the dims' bytes from the offset): no
+    length, and the data file holds more after the tensor (a shared file, say)."""
+    p = _external(folder, length=None)
+    with open(os.path.join(folder, "m.onnx.data"), "ab") as f:
+        f.write(b"\x7f" * 262144)
+    return p
+
+
+@case
 def external_missing_file(folder):
     p = _external(folder)
     os.unlink(os.path.join(folder, "m.onnx.data"))

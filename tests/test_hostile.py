@@ -27,7 +27,7 @@ COMMANDS = {
     "check-github": lambda m, d: ["check", m, "--format", "github"],
     "bench": lambda m, d: ["bench", m, "--iters", "2", "--warmup", "0", "--json", os.path.join(d, "b.json")],
 }
-VALID = {"valid", "sparse_initializer", "external_data_valid", "control_characters_in_names",
+VALID = {"valid", "sparse_initializer", "external_data_valid", "external_no_length_file_longer", "control_characters_in_names",
          "markup_and_emoji_codes_in_names", "non_utf8_file_name"}
 # valid, but end-to-end verification cannot generate their inputs within the cap: verified locally, exit 0
 TOO_BIG_TO_VERIFY = {"many_large_inputs", "input_dims_2_pow_32"}  # (the second also fails onnx.checker)
@@ -442,6 +442,36 @@ def test_unsafe_checkpoint_refusal_is_one_line(tmp_path):
     r = run_checked(["export", "--model", f"{tmp_path}/net.py:build", "--input-shape", "1,3,8,8",
                      "--checkpoint", str(tmp_path / "evil.pt"), "-o", str(tmp_path / "o.onnx")], str(tmp_path))
     assert r.exit_code == 2 and "--trust-checkpoint" in r.stderr and "pwned" not in r.output
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_external_data_without_length_reads_the_dims_bytes_not_the_rest_of_the_file(tmp_path, external):
+    """The tensor's payload is what its dims take from the offset, as ONNX Runtime reads it; the
+    folded output gives the original's numbers (the BN's weight was read right), and an external
+    tensor no fold touches is copied with its own bytes only."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from tests.hostile import CASES
+
+    model = CASES["external_no_length_file_longer"](str(tmp_path))
+    out = tmp_path / "out.onnx"
+    r = run_checked(["fold", model, "-o", out] + (["--external-data"] if external else []), str(tmp_path))
+    assert r.exit_code == 0, r.output
+    (i,) = ort.InferenceSession(model).get_inputs()
+    x = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)}
+    ref = ort.InferenceSession(model).run(None, x)[0]
+    got = ort.InferenceSession(str(out)).run(None, x)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    from foldkit.passes import PASS_NAMES
+
+    kept = tmp_path / "kept.onnx"  # every pass skipped: the writer copies the external weight untouched
+    r = run_checked(["fold", model, "-o", kept] + [a for p in PASS_NAMES for a in ("--skip", p)]
+                    + (["--external-data"] if external else []), str(tmp_path))
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(ort.InferenceSession(str(kept)).run(None, x)[0], ref)
 
 
 def test_output_named_like_the_inputs_data_file_keeps_it(tmp_path):
