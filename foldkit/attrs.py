@@ -135,8 +135,14 @@ def value_types(model: ModelProto) -> dict:
                     and payload_nbytes(t) > 4096:
                 stash.append((t, t.raw_data))
                 t.ClearField("raw_data")
+    target = model
+    if len(model.graph.sparse_initializer):  # typed as inputs (shape inference ignores them), not copied
+        from .wire import GRAPH_FIELD, copy_without, without_payloads
+
+        target = copy_without(model, GRAPH_FIELD)
+        target.graph.CopyFrom(without_payloads(model.graph, lambda t: False))
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(target, strict_mode=False)
     except Exception:  # a model shape inference cannot handle: ranks stay unknown
         inferred = model
     finally:

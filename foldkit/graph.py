@@ -24,7 +24,7 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 from .attrs import (BadAttribute, all_names, attr_float, attr_int, count_uses, default_opset, del_attr,  # noqa: F401
                     get_attr, iter_graphs, node_label, set_attr, subgraph_paths, subgraphs, value_types)
 from .math import ScaledChannels
-from .tensors import (_RAW_TYPES, FLOAT_TYPES, OpenFiles, TensorStore, make_tensor, memory_tensor,  # noqa: F401
+from .tensors import (_RAW_TYPES, FLOAT_TYPES, OpenFiles, TensorStore, make_tensor, memory_tensor, sparse_to_array,  # noqa: F401
                       np_dtype)
 
 
@@ -36,7 +36,7 @@ class Const:
     array: np.ndarray  # native dtype (float16, bfloat16 via ml_dtypes, ...)
     data_type: int  # TensorProto.DataType
     owner: "GraphView"  # the graph that defines it
-    kind: str  # "initializer" or "constant"
+    kind: str  # "initializer", "constant" (a Constant node), "sparse" (a sparse initializer) or "computed"
 
 
 class ModelIndex:
@@ -139,6 +139,7 @@ class GraphView:
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
         self.inits = {t.name: t for t in graph.initializer}
+        self.sparse = {t.values.name: t for t in graph.sparse_initializer}
         self._consumers = None
         index.views[id(graph)] = self
         self._evaluated: dict = {}  # values of CONST_OPS nodes on constants, computed once
@@ -190,11 +191,17 @@ class GraphView:
                         view._evaluated[name] = _evaluated_value(node, view, depth)
                     return view._evaluated[name]
                 return None
-            if name in view.inits:
+            if name in view.inits or name in view.sparse:
                 if name in view.inputs and (view.index.model.ir_version >= 4 or view.parent is not None):
                     return None  # an initializer that is also an input can be overridden at run time
-                t = view.inits[name]
-                return Const(name, view.index.tensors.array(t), t.data_type, view, "initializer")
+                if name in view.inits:
+                    t = view.inits[name]
+                    return Const(name, view.index.tensors.array(t), t.data_type, view, "initializer")
+                if name not in view._evaluated:  # densified once, only when a pass asks
+                    sp = view.sparse[name]
+                    view._evaluated[name] = Const(name, sparse_to_array(sp, view.index.tensors), sp.values.data_type,
+                                                  view, "sparse")
+                return view._evaluated[name]
             if name in view.inputs:
                 return None
             view = view.parent
@@ -223,7 +230,7 @@ class GraphView:
         old = node.input[pos] if pos < len(node.input) else ""
         const = self.constant(old) if old else None
         store = self.index.tensors
-        if const is not None and const.owner is self and self.uses(old) == 1 and const.kind != "computed":
+        if const is not None and const.owner is self and self.uses(old) == 1 and const.kind not in ("computed", "sparse"):
             self.index.rewritten.add(old)
             if self.index._types is not None:
                 self.index._types[old] = (len(getattr(array, "shape", np.shape(array))), data_type)

@@ -115,6 +115,40 @@ def to_array(t: TensorProto, store: "TensorStore") -> np.ndarray:
     return numpy_helper.to_array(t, base_dir or "")
 
 
+def sparse_to_array(sp: onnx.SparseTensorProto, store: "TensorStore", source: str = "model") -> np.ndarray:
+    """The dense values of the sparse tensor ``sp`` (zeros where it stores nothing), after checking
+    its layout as ONNX states it: values 1-D with NNZ entries; indices int64, [NNZ] linear indices or
+    [NNZ, rank] coordinates, each within the dims. A bad one is an InputError naming the tensor."""
+    from .errors import InputError
+
+    name, dims = sp.values.name, [int(d) for d in sp.dims]
+    where = f"{source}: sparse initializer '{name}'"
+    if any(d < 0 for d in dims):
+        raise InputError(f"{where} has a negative dimension {dims}")
+    if len(sp.values.dims) != 1:
+        raise InputError(f"{where} has values of shape {list(sp.values.dims)}, not 1-D")
+    nnz = int(sp.values.dims[0])
+    if sp.indices.data_type != TensorProto.INT64 or list(sp.indices.dims) not in ([nnz], [nnz, len(dims)]):
+        raise InputError(f"{where} has indices of type {sp.indices.data_type} and shape {list(sp.indices.dims)} "
+                         f"for {nnz} values of a rank-{len(dims)} tensor (ONNX wants int64 [NNZ] or [NNZ, rank])")
+    try:
+        values = np.asarray(to_array(sp.values, store)).reshape(-1)
+        indices = np.asarray(to_array(sp.indices, store), dtype=np.int64)
+    except (ValueError, OSError) as e:
+        raise InputError(f"{where} cannot be read ({e})") from None
+    size = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    if indices.ndim == 2:
+        bad = (indices < 0) | (indices >= np.asarray(dims, np.int64).reshape(1, -1))
+        if bad.any():
+            raise InputError(f"{where} has an index outside its dims {dims}")
+        indices = np.ravel_multi_index(tuple(indices.T), dims) if nnz else indices.reshape(-1)
+    elif nnz and (indices.min() < 0 or indices.max() >= size):
+        raise InputError(f"{where} has a linear index outside its {size} values")
+    dense = np.zeros(size, dtype=values.dtype)
+    dense[indices] = values
+    return dense.reshape(dims)
+
+
 def np_dtype(data_type: int):
     return onnx.helper.tensor_dtype_to_np_dtype(data_type)
 

@@ -28,6 +28,7 @@ from onnx import ModelProto, TensorProto
 CHUNK = 64 << 20
 GRAPH_FIELD = 7  # ModelProto.graph
 INITIALIZER_FIELD = 5  # GraphProto.initializer
+SPARSE_INITIALIZER_FIELD = 15  # GraphProto.sparse_initializer
 RAW_DATA_FIELD = 9  # TensorProto.raw_data
 TWO_GB = 2 ** 31 - 1
 
@@ -206,11 +207,11 @@ def _assign(target, fd, value) -> None:
         setattr(target, fd.name, value)
 
 
-def copy_without(msg, field_number: int):
-    """A copy of ``msg`` without one field (so a graph's payloads are not copied along)."""
+def copy_without(msg, *field_numbers: int):
+    """A copy of ``msg`` without the given fields (so a graph's payloads are not copied along)."""
     out = type(msg)()
     for fd, value in msg.ListFields():
-        if fd.number != field_number:
+        if fd.number not in field_numbers:
             _assign(out, fd, value)
     return out
 
@@ -218,20 +219,33 @@ def copy_without(msg, field_number: int):
 def checker_view(model: ModelProto) -> ModelProto:
     """The model as onnx.checker should see it: every top-level initializer of 1 KiB or more (or on
     disk) becomes a graph input of the same type and shape. Structure, types and shapes are checked
-    as before; payloads (validated by foldkit.io.check_tensors) are neither read nor copied."""
+    as before; payloads (validated by foldkit.io.check_tensors) are neither read nor copied.
+
+    Top-level sparse initializers become typed graph inputs too (their dense type and dims): onnx's
+    shape inference does not type a sparse initializer, so its full check fails on a valid model
+    whose weights are sparse (which ONNX Runtime runs); and their payloads are not copied. Their
+    layout is checked by foldkit.tensors.sparse_to_array when a fold reads them."""
+    view = copy_without(model, GRAPH_FIELD)
+    view.graph.CopyFrom(without_payloads(model.graph, lambda t: payload_nbytes(t) >= 1024))
+    return view
+
+
+def without_payloads(graph, big) -> "onnx.GraphProto":
+    """A copy of ``graph`` in which every sparse initializer, and every initializer on disk or for
+    which ``big(tensor)`` holds, is a graph input of its type and dims instead (no payload copied)."""
     from onnx import helper
 
-    view = copy_without(model, GRAPH_FIELD)
-    graph = copy_without(model.graph, INITIALIZER_FIELD)
-    inputs = {i.name for i in graph.input}
-    for t in model.graph.initializer:
-        big = t.data_location == TensorProto.EXTERNAL or payload_nbytes(t) >= 1024
-        if not big:
-            graph.initializer.add().CopyFrom(t)
+    out = copy_without(graph, INITIALIZER_FIELD, SPARSE_INITIALIZER_FIELD)
+    inputs = {i.name for i in out.input}
+    for t in graph.initializer:
+        if not (t.data_location == TensorProto.EXTERNAL or big(t)):
+            out.initializer.add().CopyFrom(t)
         elif t.name not in inputs:
-            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    view.graph.CopyFrom(graph)
-    return view
+            out.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for sp in graph.sparse_initializer:
+        if sp.values.name not in inputs:
+            out.input.append(helper.make_tensor_value_info(sp.values.name, sp.values.data_type, list(sp.dims)))
+    return out
 
 
 def _split_serialize(msg, field_number: int):

@@ -1,6 +1,6 @@
 """Remove what the rewrites made dead, and nothing else.
 
-- initializers, Constant nodes and the ops that computed a weight from constants (Transpose of an
+- initializers (sparse ones too), Constant nodes and the ops that computed a weight from constants (Transpose of an
   initializer, Mul(W, mask), ConstantOfShape, ...) whose last use a pass removed (``ModelIndex.released``), transitively, unless
   they are graph inputs or outputs; constants the input model already left unused stay;
 - ``value_info`` entries for values that no longer exist (renamed producer outputs, dropped
@@ -54,7 +54,12 @@ class Cleanup(Pass):
             for k in reversed(dead):
                 ctx.index.tensors.discard(g.initializer[k].name)
                 del g.initializer[k]
-            live = set(keep_io) | {t.name for t in g.initializer}
+            dead_sparse = [k for k, t in enumerate(g.sparse_initializer)
+                           if t.values.name in released and uses[t.values.name] == 0 and t.values.name not in keep_io]
+            for k in reversed(dead_sparse):
+                del g.sparse_initializer[k]
+            dead += dead_sparse
+            live = set(keep_io) | {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
             for n in g.node:
                 live.update(n.output)
             stale = [k for k, v in enumerate(g.value_info) if v.name not in live]
