@@ -1,6 +1,6 @@
 """Run foldkit from a checkout: `python cli.py fold model.onnx -o out.onnx`."""
 
-from foldkit.cli import main
+from foldkit.entry import run
 
 if __name__ == "__main__":
-    main()
+    run()

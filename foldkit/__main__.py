@@ -1,6 +1,6 @@
 """`python -m foldkit ...`: the same command line as the `foldkit` script."""
 
-from .cli import main
+from .entry import run
 
 if __name__ == "__main__":
-    main(prog_name="foldkit")
+    run(prog_name="foldkit")

@@ -47,7 +47,7 @@ def handle_errors(fn):
         debug = bool(click.get_current_context().find_root().params.get("debug"))
         try:
             try:
-                return fn(*args, **kwargs)
+                return _warnings_after(fn, debug, *args, **kwargs)
             except Exception:
                 # a SIGINT inside a C extension (ORT's import, say) surfaces as another error
                 if _interrupted:
@@ -76,6 +76,27 @@ def handle_errors(fn):
             _die(internal_message(e), EXIT_INTERNAL)
 
     return wrapper
+
+
+def _warnings_after(fn, debug: bool, *args, **kwargs):
+    """Run ``fn``, holding back the Python warnings its libraries emit (torch's unpickler, say): they
+    are shown once it has succeeded, or with --debug, never beside a failure's one line."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        ok = False
+        try:
+            result = fn(*args, **kwargs)
+            ok = True
+            return result
+        except SystemExit as e:  # a command's own exit code: a failure unless 0
+            ok = not e.code
+            raise
+        finally:
+            if ok or debug:
+                for w in caught:
+                    click.echo(warnings.formatwarning(w.message, w.category, w.filename, w.lineno).rstrip("\n"), err=True)
 
 
 def _reraise_if_debug(e: BaseException) -> None:
@@ -132,7 +153,20 @@ def _sigint(signum, frame):
 
 
 class _Group(click.Group):
-    """Usage errors as one line too (click prints three: usage, a hint, the error)."""
+    """Usage errors as one line too (click prints three: usage, a hint, the error), and an interrupt
+    while click parses or dispatches is our one line (click's main prints an empty line first)."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            _interrupted_exit()
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _interrupted_exit()
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -169,6 +203,40 @@ def main(debug):
             signal.signal(signal.SIGINT, _sigint)
     except ValueError:  # not the main thread (e.g. embedded): leave signals alone
         pass
+    _import_extensions(click.get_current_context().invoked_subcommand)
+
+
+# The compiled extensions each command needs. A signal whose handler raises inside an extension
+# module's initialisation leaves it half built, and CPython then crashes (SIGSEGV, seen under load
+# with protobuf's upb): they are imported here with SIGINT and SIGTERM blocked, so that a signal
+# is delivered right after, between two bytecodes, where KeyboardInterrupt is safe.
+_EXTENSIONS = ("numpy", "onnx")
+_COMMAND_EXTENSIONS = {"fold": ("onnxruntime",), "bench": ("onnxruntime",), "recalibrate": ("onnxruntime",),
+                       "export": ("torch", "onnxruntime")}
+
+
+def _import_extensions(command) -> None:
+    import importlib
+
+    names = _EXTENSIONS + _COMMAND_EXTENSIONS.get(command, ())
+    if all(n in sys.modules for n in names):
+        return
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, ValueError, OSError):  # no pthread_sigmask here: import as usual
+        old = None
+    try:
+        for n in names:
+            try:
+                importlib.import_module(n)
+            except ImportError:  # an optional extra: the command says so in its one line
+                pass
+    finally:
+        if old is not None:
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal is delivered here
+            except KeyboardInterrupt:  # our one line (click would print an empty line before it)
+                _interrupted_exit()
 
 
 @main.command()

@@ -33,7 +33,9 @@ def load_checkpoint(path: str, trust: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported global"
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        # torch's first line is a paragraph about its defaults; the line that names the global says why
+        first = next((ln for ln in lines if ln.lower().startswith("unsupported")), lines[0] if lines else "unsupported global")
         if trust:
             raise InputError(f"{path}: cannot unpickle checkpoint: {first}") from None
         raise InputError(f"{path}: checkpoint needs arbitrary unpickling, which can run code "
