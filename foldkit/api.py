@@ -53,11 +53,16 @@ class FoldResult:
     tensors: Optional[TensorStore] = None
     pending: Optional[PendingVerification] = None
 
-    def save(self, path, input_path=None, in_place=False, external=None, durable=False):
+    def save(self, path, input_path=None, in_place=False, external=None, durable=False, inputs_state=None):
         """Write atomically (temp file + rename: never a partial file); ``durable`` also fsyncs
         before the rename, so the file survives a power loss. Raises VerificationError, writing
         nothing, when the verification fold() left to this call fails. When nothing was rewritten,
-        the output is a byte-for-byte copy of ``input_path`` (a single-file model)."""
+        the output is a byte-for-byte copy of ``input_path`` (a single-file model).
+        ``inputs_state`` (foldkit.io.file_state of the input's files when they were read): checked
+        before writing and again right before the output takes its name; an input that changed
+        since is an InputError."""
+        unchanged = (lambda: fio.check_unchanged(inputs_state)) if inputs_state else (lambda: None)
+        unchanged()  # before the write reads the mapped input again (a truncated map faults: SIGBUS)
         if (self.report.unchanged and input_path is not None and not external and os.path.isfile(input_path)
                 and self._single_file(input_path)):
             if in_place and fio.same_file(path, input_path):
@@ -65,9 +70,14 @@ class FoldResult:
             fio.copy_atomic(input_path, path, durable=durable)
             return None
         pending = self.pending
+
+        def before_commit(written):
+            if pending:
+                pending.run(self, written)
+            unchanged()
+
         return fio.save_model(self.model, path, input_path=input_path, in_place=in_place, base_dir=self.base_dir,
-                              external=external, tensors=self.tensors, durable=durable,
-                              before_commit=(lambda written: pending.run(self, written)) if pending else None)
+                              external=external, tensors=self.tensors, durable=durable, before_commit=before_commit)
 
     def _single_file(self, input_path) -> bool:
         """The input holds all its tensors (a lazy load's references point into the file itself)."""
@@ -279,15 +289,17 @@ def fold_file(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], fold_o
 
     src, dst = os.fspath(src), os.fspath(dst)
     data = options.get("data", fold_options.data if fold_options is not None else None)
-    fio.guard_outputs({"-o": dst, "--report": report}, fio.model_files(src) + data_files(data),
+    src_files = fio.model_files(src)
+    fio.guard_outputs({"-o": dst, "--report": report}, src_files + data_files(data),
                       allow_same={"-o": src} if in_place else None)
     memory = MemoryPolicy(lazy=True, defer=True, spill_dir=os.path.dirname(os.path.abspath(dst)),
                           spill_above=0 if external else SPILL_ABOVE)
+    state = fio.file_state(src_files)  # the files as read: the commit checks them again
     try:
         result = fold(src, fold_options, memory=memory, **options)
         if external is False and wire_needs_external(result.model):
             raise InputError(f"{dst}: the folded model exceeds protobuf's 2 GB limit; it needs --external-data")
-        result.save(dst, input_path=src, in_place=in_place, external=external, durable=durable)
+        result.save(dst, input_path=src, in_place=in_place, external=external, durable=durable, inputs_state=state)
     except VerificationError as e:
         if e.result is not None:
             e.result.report.inputs = [src]

@@ -406,6 +406,29 @@ def _write_through(path: str) -> bool:
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
+def file_state(paths) -> list:
+    """(path, size, mtime in ns, inode) of each file: what :func:`check_unchanged` compares."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((p, st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            out.append((p, None, None, None))
+    return out
+
+
+def check_unchanged(state: list) -> None:
+    """Raise InputError when a file of ``state`` (:func:`file_state`) changed since: another
+    process rewrote, truncated or replaced an input while foldkit read it, so what was read (and
+    verified against) may not be what the file holds."""
+    for path, *before in state:
+        now = file_state([path])[0][1:]
+        if list(now) != list(before):
+            raise InputError(f"{path}: changed while foldkit read it (another process rewrote, truncated or "
+                             "replaced it); nothing was written")
+
+
 def atomic_write(path: str, data: bytes, durable: bool = False) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and a rename.
 

@@ -70,12 +70,19 @@ class OpenFiles:
     def view(self, path: str, length: int, offset: int) -> memoryview:
         import mmap
 
+        from .errors import InputError
+
         m = self.maps.get(path)
         if m is None:
-            with open(path, "rb") as f:
-                m = self.maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        if offset + length > len(m):
-            raise ValueError(f"{path} ends before the tensor does")
+            try:
+                with open(path, "rb") as f:
+                    m = self.maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:  # gone, or emptied (mmap refuses an empty file)
+                raise InputError(f"{path}: changed while foldkit read it ({getattr(e, 'strerror', None) or e}); "
+                                 "another process rewrote or removed it?") from None
+        if offset + length > len(m):  # validated at load: the file changed since
+            raise InputError(f"{path}: changed while foldkit read it: it now ends at {len(m)} bytes, before the "
+                             f"tensor data at {offset}..{offset + length}; another process truncated or rewrote it?")
         return memoryview(m)[offset:offset + length]
 
     def release(self) -> None:

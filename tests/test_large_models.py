@@ -481,3 +481,42 @@ def test_spilling_waits_for_a_model_over_spill_above(tmp_path):
     assert Location.SPILLED in got["over"] or Location.RECIPE in got["over"]
     assert Location.SPILLED not in got["under"]
     assert (tmp_path / "over.onnx").read_bytes() == (tmp_path / "under.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("when", ["before it is mapped", "after it is read", "while the output is written"])
+def test_an_input_truncated_while_it_is_read_never_leaves_a_partial_output(tmp_path, when):
+    """A model file truncated by another process while `fold` reads it: before its tensors are
+    memory-mapped, or any time before the output takes its name, a one-line exit 2 naming the file
+    (the input's state is checked again right before the commit); while a folded weight is being
+    computed from the mapped original into the output, the documented limit: the process ends with
+    SIGBUS, as SIGKILL would. The output path is never written, partially or at all."""
+    import signal
+    import subprocess
+    import sys
+
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(conv_bn_model(c_in=512, c_out=512, seed=5), str(src))  # 9.4 MB: folded block by block as it is written
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = f"""
+import os, sys
+sys.path.insert(0, {root!r})
+import foldkit.math
+from foldkit.passes.cleanup import Cleanup
+from foldkit.passes.fold_into_producer import FoldIntoProducer
+cls, attr = {{"before it is mapped": (FoldIntoProducer, "run_graph"), "after it is read": (Cleanup, "run"),
+              "while the output is written": (foldkit.math.ScaledChannels, "blocks")}}[{when!r}]
+real = getattr(cls, attr)
+def truncating(self, *a, **k):
+    os.truncate({str(src)!r}, 64)  # another process rewrote the model
+    return real(self, *a, **k)
+setattr(cls, attr, truncating)
+from foldkit.entry import run
+sys.argv = ["foldkit", "fold", {str(src)!r}, "-o", {str(dst)!r}]
+run()
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    if when != "while the output is written":
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "changed while foldkit read it" in p.stderr, p.stderr
+    else:
+        assert p.returncode == -signal.SIGBUS, (p.returncode, p.stderr[-500:])
+    assert not dst.exists()
