@@ -218,9 +218,30 @@ def feeds_for(regions: Regions, seed: int) -> dict:
 SHRUNK_DIM = 16
 
 
+def _consistent(regions: Regions) -> bool:
+    """Whether both region models pass strict shape inference with their current input sizes (a
+    cut that breaks what a weight fixes, a MatMul's K or a kernel larger than the cut, does not)."""
+    try:
+        for m in (regions.reference, regions.candidate):
+            onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True)
+    except Exception:
+        return False
+    return True
+
+
+def _declare(regions: Regions, name: str) -> None:
+    for m in (regions.reference, regions.candidate):  # the region models declare the new sizes
+        for i in m.graph.input:
+            if i.name == name:
+                i.CopyFrom(helper.make_tensor_value_info(i.name, *regions.inputs[i.name]))
+
+
 def shrink(regions: Regions, max_bytes: int) -> None:
-    """Regions whose inputs would exceed ``max_bytes`` run on inputs whose spatial dimensions (2 and
-    up) are cut to SHRUNK_DIM: the rewritten weights are the same, and Conv-like regions are
+    """Regions whose inputs would exceed ``max_bytes`` run on smaller inputs: every dim the rewrite
+    does not depend on is cut, the batch (dim 0) first, to 1, then each other dim to SHRUNK_DIM, until
+    the inputs fit. A dim is cut only if both region models still pass strict shape inference, so a
+    dim the weights fix (channels, a MatMul's K, room for a kernel) is kept. The rewritten weights
+    are the same, ops are independent along the batch, and Conv-like regions are
     translation-equivariant, so the check still covers every folded value. Said in ``skipped``."""
     from .graph import np_dtype
 
@@ -228,13 +249,27 @@ def shrink(regions: Regions, max_bytes: int) -> None:
         return sum(int(np.prod(d, dtype=np.float64)) * np.dtype(np_dtype(et)).itemsize for et, d in regions.inputs.values())
     if total() <= max_bytes:
         return
-    regions.inputs = {n: (et, [d if k < 2 else min(d, SHRUNK_DIM) for k, d in enumerate(dims)])
-                      for n, (et, dims) in regions.inputs.items()}
-    for m in (regions.reference, regions.candidate):  # the region models declare the new sizes
-        for i in m.graph.input:
-            if i.name in regions.inputs:
-                i.CopyFrom(helper.make_tensor_value_info(i.name, *regions.inputs[i.name]))
-    regions.skipped.append(f"region inputs over the --max-input-mb cap: their spatial sizes were cut to {SHRUNK_DIM}")
+    checked = _consistent(regions)  # else (inference cannot judge these regions) cut by position, as before
+    cut = []
+    rank = max((len(d) for _, d in regions.inputs.values()), default=0)
+    for k in range(rank):
+        for name, (et, dims) in sorted(regions.inputs.items()):
+            if k >= len(dims) or total() <= max_bytes or (not checked and k < 2):
+                continue
+            to = 1 if k == 0 else min(dims[k], SHRUNK_DIM)
+            if to == dims[k]:
+                continue
+            old = list(dims)
+            regions.inputs[name] = (et, dims[:k] + [to] + dims[k + 1:])
+            _declare(regions, name)
+            if checked and not _consistent(regions):
+                regions.inputs[name] = (et, old)
+                _declare(regions, name)
+                continue
+            cut.append(f"{name}[{k}] {old[k]} -> {to}")
+    if cut:
+        regions.skipped.append("region inputs over the --max-input-mb cap: the dims the rewrites do not depend on "
+                               f"were cut ({', '.join(cut[:6])}{', ...' if len(cut) > 6 else ''})")
     if total() > max_bytes:
         regions.count = 0
         regions.skipped.append("even so the region inputs exceed the --max-input-mb cap")

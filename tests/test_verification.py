@@ -375,3 +375,41 @@ def test_a_wrong_fold_fails_on_real_data(tmp_path, monkeypatch):
     np.savez(tmp_path / "d.npz", img=rng(17).standard_normal((8, 1, 8, 8)).astype(np.float32))
     res, p, out, rep = fold_cli(tmp_path, _classifier(), "--data", tmp_path / "d.npz")
     assert res.exit_code == 1 and not out.exists() and not rep["verification"]["passed"]
+
+
+def _symbolic(m, dims):
+    """``m`` with the named dims of its first input and output symbolic."""
+    for v in (m.graph.input[0], m.graph.output[0]):
+        for k in dims:
+            v.type.tensor_type.shape.dim[k].dim_param = f"d{k}"
+    return m
+
+
+def _matmul_mul(r):
+    from tests.helpers import F32, make_model, tensor
+
+    w = r.standard_normal((64, 5)).astype(np.float32)  # K = 64: over the cut size, fixed by the weight
+    s = r.uniform(0.5, 2, 5).astype(np.float32)
+    return make_model([helper.make_node("MatMul", ["X", "W"], ["m"]), helper.make_node("Mul", ["m", "s"], ["Y"])],
+                      [("X", F32, [2, 3, 64])], [("Y", F32, [2, 3, 5])], [tensor("W", w), tensor("s", s)])
+
+
+@pytest.mark.parametrize("case", ["conv", "matmul"])
+def test_local_verification_cuts_every_dim_the_rewrite_does_not_depend_on(tmp_path, case):
+    """Sizes far over --max-input-mb (a batch of 2**32): the region runs at batch 1 with its other free
+    dims cut, and the dims the weights fix (channels, the MatMul's K) kept; verified, not 'NOT POSSIBLE'."""
+    from tests.helpers import conv_bn_model, rng
+
+    if case == "conv":
+        m, shape, fixed = _symbolic(conv_bn_model(seed=1), (0, 2, 3)), "X=4294967296,4,4294967296,8", {1: 4}
+    else:
+        m, shape, fixed = _symbolic(_matmul_mul(rng(2)), (0, 1)), "X=4294967296,4294967296,64", {2: 64}
+    src, dst, rep = tmp_path / "m.onnx", tmp_path / "f.onnx", tmp_path / "r.json"
+    onnx.save(m, str(src))
+    r = CliRunner().invoke(main, ["fold", str(src), "-o", str(dst), "--input-shape", shape, "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    v = json.loads(rep.read_text())["verification"]
+    assert v["method"] == "local" and v["passed"], v
+    dims = [int(d) for d in v["local"].split("X[")[1].split("]")[0].split(",")]
+    assert dims[0] == 1 and all(dims[k] == n for k, n in fixed.items()), v["local"]
+    assert all(d <= 16 for k, d in enumerate(dims) if k not in fixed), v["local"]
