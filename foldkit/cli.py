@@ -435,8 +435,9 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
                       fp16=fp16, torch_model=torch_model, torch_model_args=model_args, cache_dir=cache_dir,
                       max_input_bytes=int(max_input_mb * 2 ** 20))
     with progress_bar() as make_tick:
-        result = run_bench(cfg, progress=make_tick)
-    if not result.rows:
+        result = run_bench(cfg, progress=make_tick, on_internal=_reraise_if_debug)
+    bugs = [u for u in result.unavailable if u.get("internal")]
+    if not result.rows and not bugs:
         why = "; ".join(f"{u['runtime']} (batch {u['batch']}): {u['reason']}" for u in result.unavailable[:3])
         raise InputError(f"nothing was measured: {why or 'no runtime ran'}")
     if json_path:
@@ -445,8 +446,12 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
         fio.atomic_write(md_path, to_markdown(result).encode())
     if plot_path and result.rows:
         fio.atomic_write(plot_path, plot_png(result))
-    if not quiet:
+    if not quiet and result.rows:
         print_bench(result, verbose=verbose)
+    for u in bugs:  # every other group was measured and written; the run's exit code is the worst
+        click.echo(f"foldkit: error: {one_line(u['runtime'])} (batch {u['batch']}): {one_line(u['reason'])}", err=True)
+    if bugs:
+        sys.exit(EXIT_INTERNAL)
 
 
 @main.command()

@@ -320,3 +320,32 @@ def test_run_bench_deactivates_every_runner_when_one_fails(pair, monkeypatch):
     res = run_bench(BenchConfig(models=[str(a), str(b)], ort_opt_levels=["disable"], batches=[1], warmup=1, iters=4))
     assert res.unavailable and "boom" in res.unavailable[0]["reason"]
     assert states and not any(s.is_active for s in states)
+
+
+def test_a_bug_in_one_group_is_its_result_and_the_others_are_measured_and_written(pair, tmp_path, monkeypatch):
+    """As for check: an internal error met in one runtime/batch group is that group's entry (reason,
+    internal), every other group is measured, --json and --markdown are written, the run exits 3 with
+    one stderr line per bug, and --debug raises it."""
+    import foldkit.bench.core as core
+
+    a, b = pair
+    real = core._measure
+
+    def buggy(runners, warmup, iters, tick):
+        if any(getattr(r, "opt_level", None) == "disable" for r in runners):
+            raise KeyError("a bug")
+        return real(runners, warmup, iters, tick)
+
+    monkeypatch.setattr(core, "_measure", buggy)
+    j, md = tmp_path / "b.json", tmp_path / "b.md"
+    r = CliRunner().invoke(main, ["bench", str(a), str(b), "--iters", "4", "--warmup", "1", "--ort-opt-level",
+                                  "disable,all", "--json", str(j), "--markdown", str(md), "-q"])
+    assert r.exit_code == 3, r.output
+    assert r.stderr.count("\n") == 1 and "internal error: KeyError" in r.stderr and "ort-cpu[disable]" in r.stderr
+    d = json.loads(j.read_text())
+    assert {row["runtime"] for row in d["rows"]} == {"ort-cpu[all]"} and len(d["rows"]) == 2
+    (u,) = d["unavailable"]
+    assert u["internal"] and u["runtime"] == "ort-cpu[disable]" and "internal error" in u["reason"]
+    assert "ort-cpu[disable]" in md.read_text()
+    r = CliRunner().invoke(main, ["--debug", "bench", str(a), str(b), "--iters", "4", "--ort-opt-level", "disable"])
+    assert isinstance(r.exception, KeyError)

@@ -134,8 +134,12 @@ def _torch_modules(cfg: BenchConfig):
     return [(f"pytorch {cfg.torch_model}", module), (f"pytorch {cfg.torch_model} (fold_bn)", folded)]
 
 
-def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None) -> BenchResult:
-    """Measure every model on every runtime (x ORT opt level) and batch; A/B interleaved."""
+def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None, on_internal: Optional[Callable] = None
+              ) -> BenchResult:
+    """Measure every model on every runtime (x ORT opt level) and batch; A/B interleaved. A group
+    that a runtime cannot run, or that foldkit fails on (a bug: ``internal`` set, after
+    ``on_internal(exception)``, which may raise it instead), is an ``unavailable`` entry with its
+    reason; the other groups are still measured."""
     if cfg.iters < 2:
         raise InputError("--iters must be at least 2")
     for m in cfg.models:
@@ -175,9 +179,19 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None) -> BenchRes
             with contextlib.ExitStack() as stack:  # every runner deactivated, whatever fails
                 active = [(label, stack.enter_context(r)) for label, r in entries]
                 samples = _measure([r for _, r in active], cfg.warmup, cfg.iters, tick)
-        except (Unavailable, RuntimeError, ValueError) as e:  # a runtime that cannot run this model
-            reason = str(e) if isinstance(e, Unavailable) else f"failed: {str(e).strip().splitlines()[0][:200]}"
+        except (Unavailable, RuntimeError, ValueError, InputError) as e:  # a runtime that cannot run this model
+            reason = str(e) if isinstance(e, (Unavailable, InputError)) else f"failed: {str(e).strip().splitlines()[0][:200]}"
             result.unavailable.append({"runtime": group, "batch": batch if batch is not None else "-", "reason": reason})
+            for _ in range(cfg.iters):
+                tick()
+            continue
+        except Exception as e:  # a bug in foldkit met in this group: its result, not the run's end
+            from ..errors import internal_message
+
+            if on_internal is not None:
+                on_internal(e)
+            result.unavailable.append({"runtime": group, "batch": batch if batch is not None else "-",
+                                       "reason": internal_message(e), "internal": True})
             for _ in range(cfg.iters):
                 tick()
             continue
