@@ -222,6 +222,7 @@ class FoldOptions:
     freeze_initializer_inputs: bool = False
     data: object = None
     qdq_reflect: bool = False
+    merge_larger_kernels: bool = False
 
 
 def _options(options: Optional[FoldOptions], kwargs: dict, who: str = "fold") -> FoldOptions:
@@ -251,7 +252,9 @@ def fold(model: Union[str, os.PathLike, ModelProto, bytes], options: Optional[Fo
     max_samples) tuple, or a callable returning {input: array} batches; see foldkit.data).
     ``freeze_initializer_inputs``: drop initializers from the graph inputs so that they fold (the
     interface changes; reported). ``qdq_reflect``: the exact reflected encoding for quantized
-    weights where plain negation cannot be used (see foldkit.passes.qdq).
+    weights where plain negation cannot be used (see foldkit.passes.qdq). ``merge_larger_kernels``:
+    merge parallel convolutions even where the merged kernel costs more multiply-adds than the
+    branches together (1x5 + 5x1 into 5x5; left as they are by default, with the reason).
 
     Raises InputError for unusable input and VerificationError (with ``.result`` holding the
     FoldResult) when the folded model does not match the original within (atol, rtol) on ONNX
@@ -318,13 +321,15 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], options: Optional[FoldOp
     verify, atol, rtol, input_shapes, skip, passes = o.verify, o.atol, o.rtol, o.input_shapes, o.skip, o.passes
     seed, lower_standalone, check, max_input_bytes = o.seed, o.lower_standalone, o.check, o.max_input_bytes
     freeze_initializer_inputs, data, qdq_reflect = o.freeze_initializer_inputs, o.data, o.qdq_reflect
+    merge_larger_kernels = o.merge_larger_kernels
     report = Report(seed=seed, input_shapes={("" if k is None else k): list(v) for k, v in (input_shapes or {}).items()}
                     or None)
     report.bn_before = count_bn(m)
     _register_bns(m, report)
     selected = _select(passes, skip)
     ctx = FoldContext(m, report, base_dir, defer=defer, spill_dir=spill_dir, spill_above=spill_above,
-                      lower_standalone=lower_standalone, qdq_reflect=qdq_reflect)
+                      lower_standalone=lower_standalone, qdq_reflect=qdq_reflect,
+                      merge_larger_kernels=merge_larger_kernels)
     first = [p for p in selected if p.stage == "inference-mode"]
     folds = [p for p in selected if p.stage == "fold"]
     final = [p for p in selected if p.stage == "final"]

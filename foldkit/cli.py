@@ -249,6 +249,9 @@ def _import_extensions(command) -> None:
 @max_input_option
 @click.option("--skip", multiple=True, metavar="PASS", help="Skip a pass by name (repeatable).")
 @click.option("--lower-standalone", is_flag=True, help="Turn BNs nothing can absorb into Mul + Add.")
+@click.option("--merge-larger-kernels", is_flag=True,
+              help="Merge parallel convolutions even where the merged kernel costs more multiply-adds than the "
+                   "branches together (1x5 + 5x1 into 5x5).")
 @click.option("--in-place", is_flag=True, help="Allow the output path to be the input path.")
 @click.option("--data", "data", metavar="DATA",
               help="Real inputs for the end-to-end check: a .npz (arrays named after the inputs, samples on axis 0), "
@@ -270,8 +273,9 @@ def _import_extensions(command) -> None:
                    "(costs the disk's write time). Either way it is never a partial file.")
 @verbosity_options
 @handle_errors
-def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_input_mb, skip, lower_standalone, in_place, data,
-         max_samples, batch_size, qdq_reflect, freeze, external, fsync, quiet, verbose):
+def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_input_mb, skip, lower_standalone,
+         merge_larger_kernels, in_place, data, max_samples, batch_size, qdq_reflect, freeze, external, fsync, quiet,
+         verbose):
     """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT.
 
     On a verification failure the model is not written, but --report is: it says what differed."""
@@ -283,7 +287,8 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_inp
     try:
         result = fold_file(model, output, report=report_path, external=external, durable=fsync, in_place=in_place,
                            verify=not no_verify, atol=atol, rtol=rtol, input_shapes=shapes, skip=skip,
-                           lower_standalone=lower_standalone, max_input_bytes=int(max_input_mb * 2 ** 20),
+                           lower_standalone=lower_standalone, merge_larger_kernels=merge_larger_kernels,
+                           max_input_bytes=int(max_input_mb * 2 ** 20),
                            freeze_initializer_inputs=freeze, qdq_reflect=qdq_reflect,
                            data=(data, batch_size, max_samples) if data else None)
     except VerificationError as e:

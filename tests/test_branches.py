@@ -276,3 +276,80 @@ def test_random_branch_structures_merge_exactly_or_are_left_unchanged(kernels, s
     else:
         assert res.model.SerializeToString() == m.SerializeToString() or res.report.bn_after == 0
         assert_close(ort_run(m, feeds), ort_run(res.model, feeds), 1e-5, 1e-5)
+
+
+# --- asymmetric kernels (ACNet, SINet) ----------------------------------------------------------------
+
+def _asym(kernels, c=4, h=9, bn=True, seed=5, pads=None):
+    """Sum of Convs (each + BN) of one x with per-dim kernel shapes, each centred ('same' padding)."""
+    r = rng(seed)
+    nodes, inits, names = [], [], []
+    for n, k in enumerate(kernels):
+        p = pads[n] if pads else [(kk - 1) // 2 for kk in k] * 2
+        inits.append(tensor(f"w{n}", (r.standard_normal((c, c) + tuple(k)) * 0.3).astype(np.float32)))
+        nodes.append(helper.make_node("Conv", ["x", f"w{n}"], [f"c{n}"], name=f"conv{n}", pads=list(p)))
+        out = f"c{n}"
+        if bn:
+            bn_names, t = bn_inits(f"bn{n}", c, r)
+            inits += t
+            nodes.append(helper.make_node("BatchNormalization", [out] + bn_names, [f"b{n}"], name=f"bn{n}"))
+            out = f"b{n}"
+        names.append(out)
+    nodes.append(helper.make_node("Sum", names, ["y"], name="sum"))
+    return make_model(nodes, [("x", F32, [1, c, h, h])], [("y", F32, None)], inits)
+
+
+def test_sinet_1x5_plus_5x1_is_left_with_its_cost_unless_asked():
+    """pytorchcv's sinet_cityscapes sums 1x5 + 5x1 (and 1x3 + 3x1) on one input: foldkit crashed with
+    StopIteration looking for a branch of the merged size. A 5x5 costs 25 multiply-adds per output
+    where the branches take 10: left, with the reason; merged when asked, and exact either way."""
+    m = _asym([(1, 5), (5, 1)])
+    res = fold_and_compare(m)  # the BNs fold into their convs; both convs stay
+    assert op_count(res.model, "Conv") == 2
+    (kept,) = [b for b in res.report.branches if b.action == "kept"]
+    assert "multiply-adds" in kept.reason and "25" in kept.reason and "10" in kept.reason and kept.code, kept
+    asked = fold_and_compare(m, merge_larger_kernels=True)
+    assert op_count(asked.model, "Conv") == 1 and op_count(asked.model, "Sum") == 0
+    (conv,) = [n for n in asked.model.graph.node if n.op_type == "Conv"]
+    w = next(t for t in asked.model.graph.initializer if t.name == conv.input[1])
+    assert list(w.dims[2:]) == [5, 5]
+
+
+def test_acnet_3x3_1x3_3x1_becomes_one_3x3():
+    res = fold_and_compare(_asym([(3, 3), (1, 3), (3, 1)]))
+    _merged(res)
+
+
+def test_asymmetric_kernels_merge_into_the_first_branch_when_no_costlier():
+    """3x1 + 1x3 + 3x1 + 1x3: no branch is 3x3, and one 3x3 (9) costs less than the four (12)."""
+    res = fold_and_compare(_asym([(3, 1), (1, 3), (3, 1), (1, 3)]))
+    _merged(res)
+    (conv,) = [n for n in res.model.graph.node if n.op_type == "Conv"]
+    w = next(t for t in res.model.graph.initializer if t.name == conv.input[1])
+    assert list(w.dims[2:]) == [3, 3]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kernels=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=2, max_size=4),
+       off=st.lists(st.sampled_from([0, 0, 0, 1]), min_size=4, max_size=4), larger=st.booleans(),
+       seed=st.integers(0, 10 ** 6))
+def test_random_kernel_shapes_per_dim_never_crash(kernels, off, larger, seed):
+    """Any kernel shape per dim (odd and even, asymmetric), padded 'same' or off by one: merged and
+    equal on ONNX Runtime, or left with a reason; never an exception."""
+    from tests.helpers import assert_close, ort_run, random_feeds
+
+    h = 9
+    pads, sizes = [], set()
+    for n, (kh, kw) in enumerate(kernels):
+        p = [(kh - 1) // 2 + off[n], (kw - 1) // 2, kh - 1 - (kh - 1) // 2 + off[n], kw - 1 - (kw - 1) // 2]
+        pads.append(p)
+        sizes.add((h + p[0] + p[2] - kh + 1, h + p[1] + p[3] - kw + 1))
+    if len(sizes) != 1:
+        return  # not a valid sum: the output shapes differ
+    m = _asym(kernels, bn=False, seed=seed, pads=pads)
+    res = foldkit.fold(m, verify=False, merge_larger_kernels=larger)
+    feeds = random_feeds(m, rng(seed + 1))
+    assert_close(ort_run(m, feeds), ort_run(res.model, feeds), 1e-5, 1e-5)
+    if not any(b.action == "merged" for b in res.report.branches):
+        assert res.model.SerializeToString() == m.SerializeToString()
+        assert all(b.reason and b.code for b in res.report.branches if b.action == "kept")

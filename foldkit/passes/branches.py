@@ -22,7 +22,11 @@ Likewise ConvTranspose branches (same group, strides, dilations, output_padding,
 MatMul branches (x @ W1 + x @ W2 + s * x + t = x @ (W1 + W2 + diag(s)) + t) and Gemm branches
 (transA = 0; alpha and beta are multiplied in). All sums are float64, rounded once to the weight's
 dtype. The first branch with the largest kernel survives: it gets the merged weight and bias and the
-Add's output name; the other branches and the Adds are removed.
+Add's output name; the other branches and the Adds are removed. Asymmetric kernels merge where the
+merged kernel costs no more multiply-adds than the branches together (ACNet's 3x3 + 1x3 + 3x1 is one
+3x3; 3x1 + 1x3 + 3x1 + 1x3 is one 3x3, into the first branch); where it would cost more (SINet's
+1x5 + 5x1 into a 5x5: 25 against 10), the branches are left, with the reason, unless the option
+``merge_larger_kernels`` asks for it.
 
 Refused (graph unchanged, reason in the report) when a branch output is read elsewhere or is a graph
 output, the branches differ in group, strides, dilations or padding mode, a kernel cannot be
@@ -58,6 +62,7 @@ class BranchMerge(Pass):
     stage = "fold"
 
     def run_graph(self, ctx, view, path):
+        self.options = ctx.options
         changed = False
         for i in range(len(view.nodes) - 1, -1, -1):  # outermost Add first; its inner Adds go with it
             node = view.nodes[i]
@@ -72,7 +77,7 @@ class BranchMerge(Pass):
             try:
                 done = plan(ctx, path, i, inner)
             except Refusal as r:
-                self._refused(ctx, view, path, node, leaves, str(r))
+                self._refused(ctx, view, path, node, leaves, str(r), r.code)
                 continue
             changed |= done
         return changed
@@ -181,14 +186,16 @@ class BranchMerge(Pass):
             raise Refusal(reason)
         return raise_it
 
-    def _refused(self, ctx, view, path, node, leaves, reason):
-        ctx.report.branches.append(Action(node=node_label(node), action="kept", graph=path,
-                                          reason=f"parallel branches not merged: {reason}"))
+    def _refused(self, ctx, view, path, node, leaves, reason, code):
+        kept = Action(node=node_label(node), action="kept", graph=path, reason=f"parallel branches not merged: {reason}",
+                      code=code.value)
+        if kept not in ctx.report.branches:  # the fold loop meets it again each round: said once
+            ctx.report.branches.append(kept)
         for name in leaves:
             j = view.producer_of(name)
             if j is not None and is_op(view.nodes[j], "BatchNormalization"):
                 ctx.report.refuse(view.nodes[j].output[0], node_label(view.nodes[j]), path,
-                                  "not merged with its parallel branches", reason)  # not_applicable
+                                  "not merged with its parallel branches", reason, code)
 
     # -- the merge --------------------------------------------------------------------------
     def _merge(self, ctx, view, path, root, inner, leaves, branches, x, kind) -> bool:
@@ -279,8 +286,20 @@ class BranchMerge(Pass):
         group, strides, dil = first[5][0], first[5][1], first[5][2]
         nd = first[2].array.ndim - 2
         big = [max(inf[2].array.shape[2 + d] for inf in info) for d in range(nd)]
-        survivor = next(inf for inf in info if list(inf[2].array.shape[2:]) == big)
-        target = survivor[4]
+        survivor = next((inf for inf in info if list(inf[2].array.shape[2:]) == big), None)
+        if survivor is not None:
+            target = survivor[4]
+        else:  # asymmetric kernels (1x5 + 5x1): the merged one is larger than every branch's
+            merged, apart = int(np.prod(big)), sum(int(np.prod(inf[2].array.shape[2:])) for inf in info)
+            if merged > apart and not self.options.get("merge_larger_kernels"):
+                shapes = " + ".join("x".join(map(str, inf[2].array.shape[2:])) for inf in info)
+                raise Refusal(f"the {shapes} kernels would merge into one {'x'.join(map(str, big))} kernel, "
+                              f"{merged} multiply-adds per output and channel where the branches take {apart}: "
+                              "left as they are (--merge-larger-kernels merges them anyway)")
+            survivor = info[0]
+            # each dim's pads come from a branch whose kernel has the merged size in that dim
+            at = [next(inf for inf in info if inf[2].array.shape[2 + d] == big[d])[4] for d in range(nd)]
+            target = [at[d][d] for d in range(nd)] + [at[d][nd + d] for d in range(nd)]
         total = np.zeros(first[2].array.shape[:2] + tuple(big), dtype=np.float64)
         bias = None
         for j, n, w, b, pads, _ in info:
