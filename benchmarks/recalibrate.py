@@ -1,14 +1,19 @@
-"""Recalibration cost: throughput as a ratio to plain ONNX Runtime inference over the same data,
-and peak memory as the data grows (it must stay flat: the data is streamed).
+"""Recalibration cost at real sizes: `foldkit recalibrate --method batch --no-fold` against plain ONNX
+Runtime inference over the same batches of the same data, both as whole processes on this machine
+(process start, model load and data reading included in both), as time and peak-memory ratios.
+Goal: at most 1.2x the time and 1.5x the peak memory of plain inference, at every size and batch.
 
-    python benchmarks/recalibrate.py [--size 112] [--files 4,16]
+    python benchmarks/recalibrate.py [--models resnet18,resnet50] [--sizes 112,224] [--batches 8,32]
+                                     [--samples 128] [--exact]
 
-ResNet-18 from models/ exported unfolded, synthetic data in a folder of .npz files (64 samples
-each). Writes benchmarks/results/recalibrate.md.
+Reference networks from models/, exported unfolded with a dynamic batch; synthetic data in a folder
+of .npz files (32 samples each), streamed. Writes benchmarks/results/recalibrate.md.
 """
 
 import argparse
+import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -22,6 +27,8 @@ FOLDKIT = os.path.join(os.path.dirname(sys.executable), "foldkit")
 
 
 def plain_inference(model_path, folder, batch):
+    """The baseline, run in its own process: ONNX Runtime (the session foldkit uses) over the batches
+    foldkit's data reader yields."""
     import onnx
 
     from foldkit.data import batches, model_inputs
@@ -29,15 +36,12 @@ def plain_inference(model_path, folder, batch):
 
     run = _ort_session(model_path)
     inputs = model_inputs(onnx.load(model_path))
-    t = time.perf_counter()
-    n = 0
     for b in batches(folder, inputs, batch):
         run(b)
-        n += next(iter(b.values())).shape[0]
-    return time.perf_counter() - t, n
 
 
 def timed(cmd):
+    """(seconds, peak RSS in MB) of a whole process."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(p.pid, 0)
@@ -48,52 +52,73 @@ def timed(cmd):
     return time.perf_counter() - t, usage.ru_maxrss / 1024
 
 
-def main():
+def _model(name, size, out):
+    import onnx
+
     import models
     from zoo import export
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=112)
-    ap.add_argument("--files", default="4,16")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "recalibrate"))
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    factory, _ = models.REGISTRY["resnet18"]
-    model = os.path.join(args.out, "resnet18.onnx")
-    export(factory(), (1, 3, args.size, args.size), model)
-    import onnx
+    path = os.path.join(out, f"{name}_{size}.onnx")
+    if not os.path.exists(path):
+        factory, _ = models.REGISTRY[name]
+        export(factory(), (1, 3, size, size), path)
+        m = onnx.load(path)  # a dynamic batch for the data
+        m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+        m.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+        onnx.save(m, path)
+    return path
 
-    m = onnx.load(model)  # a dynamic batch for the data
-    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
-    m.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
-    onnx.save(m, model)
+
+def _data(size, samples, out):
+    folder = os.path.join(out, f"data_{size}_{samples}")
+    os.makedirs(folder, exist_ok=True)
     r = np.random.default_rng(0)
-    rows = ["| data | samples | plain ORT inference s | recalibrate --method batch s | ratio | peak RSS MB (batch) | "
-            "recalibrate --method exact s (passes) |", "|---|---|---|---|---|---|---|"]
-    for nfiles in (int(f) for f in args.files.split(",")):
-        folder = os.path.join(args.out, f"data{nfiles}")
-        os.makedirs(folder, exist_ok=True)
-        for k in range(nfiles):
-            p = os.path.join(folder, f"part{k:03d}.npz")
-            if not os.path.exists(p):
-                np.savez(p, input=r.standard_normal((64, 3, args.size, args.size)).astype(np.float32))
-        plain, n = plain_inference(model, folder, args.batch)
-        out = os.path.join(args.out, "rec.onnx")
-        t_batch, rss = timed([FOLDKIT, "recalibrate", model, "--data", folder, "-o", out, "--no-fold", "-q",
-                              "--batch-size", str(args.batch)])
-        t_exact, _ = timed([FOLDKIT, "recalibrate", model, "--data", folder, "-o", out, "--no-fold", "-q",
-                            "--method", "exact", "--batch-size", str(args.batch), "--report",
-                            os.path.join(args.out, "exact.json")])
-        import json
+    for k in range(0, samples, 32):
+        p = os.path.join(folder, f"part{k // 32:03d}.npz")
+        if not os.path.exists(p):
+            np.savez(p, input=r.standard_normal((min(32, samples - k), 3, size, size)).astype(np.float32))
+    return folder
 
-        passes = json.load(open(os.path.join(args.out, "exact.json")))["recalibration"]["passes"]
-        rows.append(f"| {nfiles} files | {n} | {plain:.2f} | {t_batch:.2f} | {t_batch / plain:.2f} | {rss:.0f} | "
-                    f"{t_exact:.2f} ({passes}) |")
-        print(rows[-1], flush=True)
-    md = ["# Recalibration cost (ResNet-18, unfolded, {0}x{0}, batch {1})".format(args.size, args.batch), "",
-          f"`python benchmarks/recalibrate.py --size {args.size} --files {args.files}`; the recalibrate times include "
-          "the process start and the model load.", "", *rows]
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet18,resnet50")
+    ap.add_argument("--sizes", default="112,224")
+    ap.add_argument("--batches", default="8,32")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--exact", action="store_true", help="also time --method exact")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "recalibrate"))
+    ap.add_argument("--plain", nargs=3, metavar=("MODEL", "DATA", "BATCH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.plain:
+        return plain_inference(args.plain[0], args.plain[1], int(args.plain[2]))
+    os.makedirs(args.out, exist_ok=True)
+    rows = ["| model | resolution | batch | plain ORT inference s | recalibrate s | time ratio | plain peak MB | "
+            "recalibrate peak MB | memory ratio |" + (" exact s (passes) |" if args.exact else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if args.exact else "")]
+    for name in args.models.split(","):
+        for size in (int(s) for s in args.sizes.split(",")):
+            model, folder = _model(name, size, args.out), _data(size, args.samples, args.out)
+            for batch in (int(b) for b in args.batches.split(",")):
+                out = os.path.join(args.out, "rec.onnx")
+                t_plain, m_plain = timed([sys.executable, os.path.abspath(__file__), "--plain", model, folder, str(batch)])
+                t_rec, m_rec = timed([FOLDKIT, "recalibrate", model, "--data", folder, "-o", out, "--no-fold", "-q",
+                                      "--batch-size", str(batch)])
+                row = (f"| {name} | {size}x{size} | {batch} | {t_plain:.2f} | {t_rec:.2f} | {t_rec / t_plain:.2f}x | "
+                       f"{m_plain:.0f} | {m_rec:.0f} | {m_rec / m_plain:.2f}x |")
+                if args.exact:
+                    rep = os.path.join(args.out, "exact.json")
+                    t_exact, _ = timed([FOLDKIT, "recalibrate", model, "--data", folder, "-o", out, "--no-fold", "-q",
+                                        "--method", "exact", "--batch-size", str(batch), "--report", rep])
+                    with open(rep) as f:
+                        row += f" {t_exact:.2f} ({json.load(f)['recalibration']['passes']}) |"
+                rows.append(row)
+                print(row, flush=True)
+    md = [f"# Recalibration cost ({args.samples} samples, `--method batch --no-fold`)", "",
+          f"`python benchmarks/recalibrate.py --models {args.models} --sizes {args.sizes} --batches {args.batches} "
+          f"--samples {args.samples}`, on {platform.processor() or platform.machine()} ({os.cpu_count()} cores). "
+          "Both columns are whole processes (start, model load and data reading included) over the same batches; "
+          "goal: at most 1.2x the time and 1.5x the peak memory.", "", *rows]
     with open(os.path.join(ROOT, "benchmarks", "results", "recalibrate.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))

@@ -173,7 +173,10 @@ def instrumented(model: ModelProto, bns: list, batch_mode: set, rank_of: Callabl
     nodes = list(g.node)
     new_nodes, extra_inits = [], []
     replace = {bns[k].index: k for k in batch_mode}
+    stat_at = {b.index: k for k, b in enumerate(bns)}
     for i, n in enumerate(nodes):
+        if i in stat_at:  # the statistics of the BN's input right where it is: it is freed as usual after
+            new_nodes += _moment_ops(bns[stat_at[i]], stat_at[i], rank_of, opset, extra_inits)
         if i not in replace:
             new_nodes.append(n)
             continue
@@ -219,30 +222,50 @@ def instrumented(model: ModelProto, bns: list, batch_mode: set, rank_of: Callabl
     del g.node[:]
     g.node.extend(new_nodes)
     del g.output[:]
-    # per BN, the batch's per-channel mean and M2 computed in the graph, in float64 (so only 2 x C
-    # numbers per BN leave ONNX Runtime, not the activations), and the input's shape for the count
-    for k, b in enumerate(bns):
-        rank = rank_of(b.x)
-        if rank is None:
-            raise InputError(f"{b.name}: the rank of its input is unknown; give --input-shape")
-        axes = [0] + list(range(2, rank))
+    for k in range(len(bns)):
         tag = f"foldkit_stat{k}"
-        ops = [helper.make_node("Cast", [b.x], [f"{tag}_x64"], to=onnx.TensorProto.DOUBLE)]
-        _reduce_mean(f"{tag}_x64", f"{tag}_mean", axes, opset, ops, extra_inits, f"{tag}_ma")
-        ops += [helper.make_node("Sub", [f"{tag}_x64", f"{tag}_mean"], [f"{tag}_d"]),
-                helper.make_node("Mul", [f"{tag}_d", f"{tag}_d"], [f"{tag}_d2"])]
-        if opset >= 13:
-            extra_inits.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{tag}_sa"))
-            ops.append(helper.make_node("ReduceSum", [f"{tag}_d2", f"{tag}_sa"], [f"{tag}_m2"], keepdims=0))
-        else:
-            ops.append(helper.make_node("ReduceSum", [f"{tag}_d2"], [f"{tag}_m2"], axes=axes, keepdims=0))
-        ops.append(helper.make_node("Shape", [b.x], [f"{tag}_shape"]))
-        g.node.extend(ops)
         g.output.extend([helper.make_tensor_value_info(f"{tag}_mean", onnx.TensorProto.DOUBLE, None),
                          helper.make_tensor_value_info(f"{tag}_m2", onnx.TensorProto.DOUBLE, None),
                          helper.make_tensor_value_info(f"{tag}_shape", onnx.TensorProto.INT64, None)])
     g.initializer.extend(extra_inits)
     return m
+
+
+def _moment_ops(b: "BNInfo", k: int, rank_of, opset: int, extra_inits: list) -> list:
+    """The batch's per-channel mean and M2 of BN ``b``'s input, computed in the graph in float64 (so
+    only 2 x C numbers per BN leave ONNX Runtime, not the activations), and the input's shape for
+    the count. Placed just before the BN, so that the float64 temporaries (one cast copy, one
+    deviation; ReduceSumSquare squares as it sums) live only while this one input does."""
+    rank = rank_of(b.x)
+    if rank is None:
+        raise InputError(f"{b.name}: the rank of its input is unknown; give --input-shape")
+    spatial = list(range(2, rank))
+    tag = f"foldkit_stat{k}"
+    ops = [helper.make_node("Cast", [b.x], [f"{tag}_x64"], to=onnx.TensorProto.DOUBLE)]
+    # in two stages: over the contiguous spatial axes of each (sample, channel) row first (every
+    # row holds as many values, so the mean of the row means is the mean), then over the samples
+    mean_in = f"{tag}_x64"
+    if spatial:
+        _reduce_mean(mean_in, f"{tag}_rm", spatial, opset, ops, extra_inits, f"{tag}_ra")
+        mean_in = f"{tag}_rm"
+    _reduce_mean(mean_in, f"{tag}_mean", [0], opset, ops, extra_inits, f"{tag}_ma")
+    ops.append(helper.make_node("Sub", [f"{tag}_x64", f"{tag}_mean"], [f"{tag}_d"]))
+    sq_axes = spatial or [0]
+    if opset >= 18:
+        extra_inits.append(numpy_helper.from_array(np.array(sq_axes, dtype=np.int64), f"{tag}_sa"))
+        ops.append(helper.make_node("ReduceSumSquare", [f"{tag}_d", f"{tag}_sa"], [f"{tag}_sq"], keepdims=0))
+    else:
+        ops.append(helper.make_node("ReduceSumSquare", [f"{tag}_d"], [f"{tag}_sq"], axes=sq_axes, keepdims=0))
+    if spatial:  # [N, C] row sums: the samples' sum
+        if opset >= 13:
+            extra_inits.append(numpy_helper.from_array(np.array([0], dtype=np.int64), f"{tag}_s0"))
+            ops.append(helper.make_node("ReduceSum", [f"{tag}_sq", f"{tag}_s0"], [f"{tag}_m2"], keepdims=0))
+        else:
+            ops.append(helper.make_node("ReduceSum", [f"{tag}_sq"], [f"{tag}_m2"], axes=[0], keepdims=0))
+    else:
+        ops.append(helper.make_node("Identity", [f"{tag}_sq"], [f"{tag}_m2"]))
+    ops.append(helper.make_node("Shape", [b.x], [f"{tag}_shape"]))
+    return ops
 
 
 def _measure(model_bytes: bytes, bns: list, batches: Iterable[dict], reduce: Callable[[list], list]) -> tuple:
@@ -251,7 +274,7 @@ def _measure(model_bytes: bytes, bns: list, batches: Iterable[dict], reduce: Cal
 
     from .data import DataError
 
-    run = _ort_session(model_bytes)
+    run = _ort_session(model_bytes, mem_pattern=False)  # the statistics graph: see _ort_session
     acc = [Moments() for _ in bns]
     samples = nb = 0
     for feeds in batches:

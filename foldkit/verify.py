@@ -206,13 +206,16 @@ def ort_source(path: str, base_dir: Optional[str] = None):
             return f.read(), os.path.dirname(os.path.abspath(path))
 
 
-def _ort_session(source, base_dir: Optional[str] = None):
-    """``source``: serialized bytes, or a model file's path (its external data beside it)."""
+def _ort_session(source, base_dir: Optional[str] = None, mem_pattern: bool = True):
+    """``source``: serialized bytes, or a model file's path (its external data beside it).
+    ``mem_pattern=False``: no pre-planned memory pattern (ORT plans one block for every intermediate
+    of a run, which for foldkit's statistics graph is 1.7x the memory the tensors need at once)."""
     import onnxruntime as ort
 
     if isinstance(source, str):
         source, base_dir = ort_source(source, base_dir)
     so = ort.SessionOptions()
+    so.enable_mem_pattern = mem_pattern
     if base_dir and not isinstance(source, str):  # tensors left on disk are read from the model's folder
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

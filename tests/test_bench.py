@@ -94,7 +94,9 @@ def test_cli_bench_outputs(pair, tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads(j.read_text())
     assert len(d["rows"]) == 8 and d["machine"]["cpu_count"] >= 1
-    assert "| ort-cpu[disable] | 1 | a.onnx |" in md.read_text()
+    m = d["machine"]  # every latency table names the CPU, its int8 features and the threads
+    assert m["cpu_model"] and isinstance(m["int8_features"], list) and "runtime default" in str(m["threads"])
+    assert "| ort-cpu[disable] | 1 | a.onnx |" in md.read_text() and "int8 features:" in md.read_text()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = CliRunner().invoke(main, ["bench", str(a), "--runtime", "nope"])
     assert r.exit_code == 2 and "--runtime 'nope'" in r.output

@@ -387,17 +387,18 @@ def test_batch_method_before_opset_14_matches_the_runtimes_training_mode_bn(worl
                            helper.make_node("BatchNormalization", ["c2"] + n2, ["y"], name="bn2")],
                           [("image", F32, ["n", 1, 8, 8])], [("y", F32, ["n", 5, 8, 8])],
                           [tensor("w1", w1), tensor("w2", w2)] + b1 + b2, opset=opset)
-    old, new = build(13), build(15)
     outs = []
-    for m, name in ((old, "o13"), (new, "o15")):
+    for m, name in ((build(13), "o13"), (build(15), "o15"), (build(11), "o11")):  # 11: reduction axes as attributes
         p = tmp_path / f"{name}.onnx"
         onnx.save(m, str(p))
         res = invoke("recalibrate", p, "--data", world["train"], "--no-fold", "-o", tmp_path / f"{name}.rec.onnx")
         assert res.exit_code == 0, res.output
         outs.append(_stats(tmp_path / f"{name}.rec.onnx"))
-    for (_, m13, v13), (_, m15, v15) in zip(*outs):
+    for (_, m13, v13), (_, m15, v15), (_, m11, v11) in zip(*outs):
         np.testing.assert_allclose(m13, m15, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(v13, v15, rtol=1e-5)
+        np.testing.assert_array_equal(m11, m13)  # the same subgraph, the same float64 sums
+        np.testing.assert_array_equal(v11, v13)
 
 
 def test_data_the_model_cannot_take_is_one_line_exit_2(world, tmp_path):

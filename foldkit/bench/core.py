@@ -48,9 +48,32 @@ class BenchResult:
                 "machine": self.machine, "config": self.config, "rows": self.rows, "unavailable": self.unavailable}
 
 
-def machine_info() -> dict:
+# CPU features that decide int8 (QLinearConv, MatMulInteger) speed: VNNI, AMX, ARM's dot products
+INT8_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+                 "asimddp", "i8mm", "sve")
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and its int8-relevant features, from /proc/cpuinfo where there is one."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip() or model
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "int8_features": [f for f in INT8_FEATURES if f in flags]}
+
+
+def machine_info(threads: Optional[int] = None) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), **cpu_description(),
+            "threads": threads if threads else f"runtime default ({os.cpu_count()} cores)"}
     try:
         import onnxruntime as ort
         info["onnxruntime"] = ort.__version__
@@ -145,7 +168,7 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None, on_internal
     for m in cfg.models:
         if not os.path.isfile(m):
             raise InputError(f"{m}: no such file")
-    result = BenchResult(inputs=list(cfg.models), seed=cfg.seed, machine=machine_info(), config={
+    result = BenchResult(inputs=list(cfg.models), seed=cfg.seed, machine=machine_info(cfg.threads), config={
         "runtimes": cfg.runtimes, "ort_opt_levels": cfg.ort_opt_levels, "batches": cfg.batches,
         "warmup": cfg.warmup, "iters": cfg.iters, "threads": cfg.threads, "fp16": cfg.fp16,
         "models": [os.path.basename(m) for m in cfg.models]})
@@ -217,7 +240,8 @@ def to_markdown(result: BenchResult) -> str:
         lines.append(f"| {u['runtime']} | {u['batch']} | unavailable: {u['reason']} | | | | | | | |")
     m = result.machine
     lines.append("")
-    lines.append(f"Measured on {m.get('processor')} ({m.get('cpu_count')} cores), {m.get('platform')}, "
+    lines.append(f"Measured on {m.get('cpu_model') or m.get('processor')} ({m.get('cpu_count')} cores; int8 features: "
+                 f"{', '.join(m.get('int8_features') or []) or 'none'}; threads: {m.get('threads')}), {m.get('platform')}, "
                  f"onnxruntime {m.get('onnxruntime', '-')}" + (f", GPU {m['gpu']}" if m.get("gpu") else "") +
                  ". Ratio = median of per-round latency ratios (lower is faster); ~ = not distinguishable from 1.")
     return "\n".join(lines) + "\n"
