@@ -540,7 +540,7 @@ def recalibrate_file(src: str, dst: str, data, *, method: str = "batch", fold: b
     fio.guard_outputs({"-o": dst, "--report": report},
                       fio.model_files(src) + data_files(data) + data_files(eval_data))
     model = fio.load_model(src)
-    original = fio.serialize(model)
+    original = fio.serialize(model) if eval_data is not None else None  # the --eval-data reference only
     source = data_source((data, batch_size, max_samples), model)
     dist = Distributed() if Distributed.requested() else None
     try:
