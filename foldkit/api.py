@@ -19,6 +19,7 @@ from .passes import DEFAULT_PASSES, PASS_NAMES
 from .passes.base import FoldContext, Pass, is_op
 from .report import Report
 from .tensors import TensorStore
+from .checker import checker_error  # noqa: F401 (foldkit.api.checker_error, as before)
 from .verify import verify as run_verify
 from .wire import needs_external
 
@@ -149,17 +150,6 @@ def load(model_or_path: Union[str, os.PathLike, ModelProto, bytes], lazy: Option
     if lazy is None:
         lazy = os.path.isfile(path) and os.path.getsize(path) > LAZY_ABOVE
     return fio.load_model(path, lazy=lazy), os.path.dirname(os.path.abspath(path))
-
-
-def checker_error(model: ModelProto) -> Optional[str]:
-    """The first line of onnx.checker's full-check complaint, or None when the model passes."""
-    from .wire import checker_view
-
-    try:
-        onnx.checker.check_model(checker_view(model), full_check=True)
-    except Exception as e:  # checker raises ValidationError, shape inference InferenceError
-        return (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return None
 
 
 def _checker(m: ModelProto, original_bytes: Optional[bytes], report: Report) -> None:

@@ -233,7 +233,7 @@ def check(path: str, data=None) -> CheckResult:
         return result  # nothing below can be trusted without the weights
     fio.validate(model, str(path))
 
-    from .api import checker_error
+    from .checker import checker_error
 
     err = checker_error(model)
     if err:

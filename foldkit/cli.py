@@ -554,7 +554,7 @@ def recalibrate(model, data, output, method, no_fold, only, skip_node, max_sampl
 
     Under torchrun (RANK, WORLD_SIZE in the environment) the batches are sharded across ranks, the
     statistics merged exactly, and rank 0 writes."""
-    from .stats import recalibrate_file
+    from .recalibration import recalibrate_file
     from .verify import parse_input_shapes
 
     if max_drop is not None and not eval_data:

@@ -130,12 +130,13 @@ def test_random_model_is_detected_and_every_run_gives_the_same_exit_code(tmp_pat
 
 
 def _counting_runner(monkeypatch, noisy_reference=False):
-    """Wrap foldkit.verify.runner: count the runs of the original (the first model a verification
-    runs); with ``noisy_reference`` its outputs differ from run to run, as a nondeterministic
-    kernel's would, though the model has no random op."""
-    from foldkit import verify as fv
+    """Wrap foldkit.backends.runner (every run of a model goes through it, verify's included):
+    count the runs of the original (the first model a verification runs); with ``noisy_reference``
+    its outputs differ from run to run, as a nondeterministic kernel's would, though the model has
+    no random op."""
+    from foldkit import backends as fb, verify as fv
 
-    real, runs, first = fv.runner, [], []
+    real, runs, first = fb.runner, [], []
 
     def counting(model, model_bytes=None, *args, **kwargs):
         go, name = real(model, model_bytes, *args, **kwargs)
@@ -149,7 +150,8 @@ def _counting_runner(monkeypatch, noisy_reference=False):
             out = go(feeds)
             return [o + np.float32(len(runs) * 1e-2) for o in out] if noisy_reference else out
         return run_reference, name
-    monkeypatch.setattr(fv, "runner", counting)
+    monkeypatch.setattr(fb, "runner", counting)
+    monkeypatch.setattr(fv, "runner", counting)  # verify's own streaming comparison calls it by this name
     return runs
 
 

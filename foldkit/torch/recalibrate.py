@@ -1,7 +1,7 @@
 """``foldkit.torch.recalibrate``: BN running statistics re-estimated on data, in place, for any
 ``torch.nn.modules.batchnorm._BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, and foldkit's BatchNormNd).
 
-The same estimators as the ONNX side (foldkit.stats): float64 per-channel (count, mean, M2) merged
+The same estimators as the ONNX side (foldkit.recalibration): float64 per-channel (count, mean, M2) merged
 exactly, never an average of per-batch variances.
 
 - ``batch``: one pass; every BN normalizes with its batch's statistics (as in training: the BN
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..stats import METHODS, Moments
+from ..moments import METHODS, Moments
 
 
 def _bns(model: torch.nn.Module) -> list:

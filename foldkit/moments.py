@@ -1,0 +1,304 @@
+"""BN input moments over real data (ONNX models): which BNs, a copy of the model instrumented to
+compute each one's per-channel batch mean and M2 in float64 in the graph, and the exact merge.
+
+Statistics are accumulated per channel in float64 as (count, mean, M2) and merged with Chan et
+al.'s parallel formula, so the result is the exact population mean and variance of every value a BN
+saw (``var = M2 / count``), never an average of per-batch variances, whatever the batch sizes.
+foldkit.recalibration re-estimates running statistics from them; foldkit.stats judges them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import onnx
+from onnx import ModelProto, helper, numpy_helper
+
+from .errors import InputError
+
+METHODS = ("batch", "exact")
+
+
+@dataclass
+class Moments:
+    """Per-channel count, mean and M2 (sum of squared deviations), float64."""
+
+    count: int = 0
+    mean: Optional[np.ndarray] = None
+    m2: Optional[np.ndarray] = None
+
+    def add(self, x: np.ndarray, axis: int = 1) -> None:
+        """Every value of ``x`` on channel axis ``axis`` (samples and positions alike)."""
+        x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, 0)
+        c = x.shape[0]
+        flat = x.reshape(c, -1)
+        n = flat.shape[1]
+        if n == 0:
+            return
+        mb = flat.mean(axis=1)
+        m2b = ((flat - mb[:, None]) ** 2).sum(axis=1)
+        self.merge(Moments(n, mb, m2b))
+
+    def merge(self, other: "Moments") -> None:
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.count, self.mean, self.m2 = other.count, other.mean.copy(), other.m2.copy()
+            return
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / n)
+        self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
+        self.count = n
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.m2 / self.count
+
+
+@dataclass
+class BNInfo:
+    index: int  # node index in the main graph
+    name: str  # node label
+    x: str  # input value
+    params: list  # [scale, B, mean, var] initializer names
+    eps: float
+    channels: int
+    old_mean: np.ndarray = None
+    old_var: np.ndarray = None
+    upstream: set = field(default_factory=set)  # indices (into the BN list) of BNs that feed this one
+
+
+def _label(node) -> str:
+    return node.name or f"{node.op_type}({node.output[0]})"
+
+
+def find_bns(model: ModelProto, only=(), skip=()) -> tuple:
+    """(the BNs to recalibrate, notes on the ones left alone): main-graph BNs in inference mode whose
+    parameters are initializers."""
+    from .graph import attr_float
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    inputs = {i.name for i in g.input}
+    out, notes = [], []
+    labels = {_label(n) for n in g.node if n.op_type == "BatchNormalization"}
+    unknown = [n for n in list(only) + list(skip) if n not in labels]
+    if unknown:
+        raise InputError(f"--only/--skip-node names {unknown[0]!r}, which is not a BatchNormalization of the main graph")
+    for k, n in enumerate(g.node):
+        if n.op_type != "BatchNormalization" or n.domain not in ("", "ai.onnx"):
+            continue
+        label = _label(n)
+        if (only and label not in only) or label in skip:
+            continue
+        if len(n.input) < 5 or any(p not in inits or p in inputs for p in n.input[1:5]):
+            notes.append(f"{label}: its parameters are not all initializers; left as it is")
+            continue
+        if any(a.name == "training_mode" and a.i for a in n.attribute) or len([o for o in n.output if o]) > 1:
+            notes.append(f"{label}: in training mode; `foldkit fold` converts it first")
+            continue
+        mean = numpy_helper.to_array(inits[n.input[3]])
+        var = numpy_helper.to_array(inits[n.input[4]])
+        out.append(BNInfo(k, label, n.input[0], list(n.input[1:5]), attr_float(n, "epsilon", 1e-5), int(mean.size),
+                          mean.astype(np.float64), var.astype(np.float64)))
+    subs = sum(1 for n in g.node for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS))
+    if subs:
+        notes.append("BatchNormalization inside If/Loop/Scan bodies is not recalibrated")
+    _upstream(model, out)
+    return out, notes
+
+
+def _upstream(model: ModelProto, bns: list) -> None:
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    by_output = {model.graph.node[b.index].output[0]: k for k, b in enumerate(bns)}
+    memo = {}
+
+    def ancestors(value, seen):
+        if value in memo:
+            return memo[value]
+        acc = set()
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            if v in by_output:
+                acc.add(by_output[v])
+            p = producer.get(v)
+            if p is not None:
+                stack.extend(i for i in p.input if i)
+        memo[value] = acc
+        return acc
+    for b in bns:
+        b.upstream = ancestors(b.x, set())
+
+
+def _reduce_mean(x: str, out: str, axes: list, opset: int, nodes: list, inits: list, tag: str) -> None:
+    if opset >= 18:
+        inits.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{tag}_axes"))
+        nodes.append(helper.make_node("ReduceMean", [x, f"{tag}_axes"], [out], keepdims=1))
+    else:
+        nodes.append(helper.make_node("ReduceMean", [x], [out], axes=axes, keepdims=1))
+
+
+def instrumented(model: ModelProto, bns: list, batch_mode: set, rank_of: Callable[[str], Optional[int]],
+                 elem_of: Callable[[str], int] = lambda v: onnx.TensorProto.FLOAT) -> ModelProto:
+    """A copy of ``model`` whose outputs are the inputs of ``bns`` (in order); the BNs whose list
+    index is in ``batch_mode`` normalize with their batch's statistics instead of their running ones."""
+    from .graph import default_opset
+
+    m = ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    opset = default_opset(m)
+    nodes = list(g.node)
+    new_nodes, extra_inits = [], []
+    replace = {bns[k].index: k for k in batch_mode}
+    stat_at = {b.index: k for k, b in enumerate(bns)}
+    for i, n in enumerate(nodes):
+        if i in stat_at:  # the statistics of the BN's input right where it is: it is freed as usual after
+            new_nodes += _moment_ops(bns[stat_at[i]], stat_at[i], rank_of, opset, extra_inits)
+        if i not in replace:
+            new_nodes.append(n)
+            continue
+        b = bns[replace[i]]
+        if opset >= 14:  # the runtime's own training-mode BN: it normalizes with the batch's statistics
+            t = onnx.NodeProto()
+            t.CopyFrom(n)
+            del t.output[1:]
+            t.output.extend([f"foldkit_pbn{replace[i]}_rm", f"foldkit_pbn{replace[i]}_rv"])  # required, unused
+            keep = [a for a in t.attribute if a.name != "training_mode"]
+            del t.attribute[:]
+            t.attribute.extend(keep + [helper.make_attribute("training_mode", 1)])
+            new_nodes.append(t)
+            continue
+        rank = rank_of(b.x)
+        if rank is None:
+            raise InputError(f"{b.name}: the rank of its input is unknown; give --input-shape or use --method exact")
+        axes = [0] + list(range(2, rank))
+        tag = f"foldkit_pbn{replace[i]}"
+        gamma, beta = b.params[0], b.params[1]
+        shape = [1, b.channels] + [1] * (rank - 2)
+        extra_inits.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), f"{tag}_shape"))
+        extra_inits.append(numpy_helper.from_array(np.array(b.eps, dtype=np.float32), f"{tag}_eps"))
+        ops = []
+        _reduce_mean(b.x, f"{tag}_mean", axes, opset, ops, extra_inits, f"{tag}_m")
+        ops += [helper.make_node("Sub", [b.x, f"{tag}_mean"], [f"{tag}_d"]),
+                helper.make_node("Mul", [f"{tag}_d", f"{tag}_d"], [f"{tag}_d2"])]
+        _reduce_mean(f"{tag}_d2", f"{tag}_var", axes, opset, ops, extra_inits, f"{tag}_v")
+        ops += [helper.make_node("CastLike", [f"{tag}_eps", f"{tag}_var"], [f"{tag}_epsx"]) if opset >= 15 else
+                helper.make_node("Identity", [f"{tag}_eps"], [f"{tag}_epsx"]),
+                helper.make_node("Add", [f"{tag}_var", f"{tag}_epsx"], [f"{tag}_ve"]),
+                helper.make_node("Sqrt", [f"{tag}_ve"], [f"{tag}_sd"]),
+                helper.make_node("Div", [f"{tag}_d", f"{tag}_sd"], [f"{tag}_z"]),
+                helper.make_node("Reshape", [gamma, f"{tag}_shape"], [f"{tag}_g"]),
+                helper.make_node("Reshape", [beta, f"{tag}_shape"], [f"{tag}_b"]),
+                helper.make_node("CastLike", [f"{tag}_g", f"{tag}_z"], [f"{tag}_gx"]) if opset >= 15 else
+                helper.make_node("Identity", [f"{tag}_g"], [f"{tag}_gx"]),
+                helper.make_node("CastLike", [f"{tag}_b", f"{tag}_z"], [f"{tag}_bx"]) if opset >= 15 else
+                helper.make_node("Identity", [f"{tag}_b"], [f"{tag}_bx"]),
+                helper.make_node("Mul", [f"{tag}_z", f"{tag}_gx"], [f"{tag}_zg"]),
+                helper.make_node("Add", [f"{tag}_zg", f"{tag}_bx"], [n.output[0]])]
+        new_nodes += ops
+    del g.node[:]
+    g.node.extend(new_nodes)
+    del g.output[:]
+    for k in range(len(bns)):
+        tag = f"foldkit_stat{k}"
+        g.output.extend([helper.make_tensor_value_info(f"{tag}_mean", onnx.TensorProto.DOUBLE, None),
+                         helper.make_tensor_value_info(f"{tag}_m2", onnx.TensorProto.DOUBLE, None),
+                         helper.make_tensor_value_info(f"{tag}_shape", onnx.TensorProto.INT64, None)])
+    g.initializer.extend(extra_inits)
+    return m
+
+
+def _moment_ops(b: "BNInfo", k: int, rank_of, opset: int, extra_inits: list) -> list:
+    """The batch's per-channel mean and M2 of BN ``b``'s input, computed in the graph in float64 (so
+    only 2 x C numbers per BN leave ONNX Runtime, not the activations), and the input's shape for
+    the count. Placed just before the BN, so that the float64 temporaries (one cast copy, one
+    deviation; ReduceSumSquare squares as it sums) live only while this one input does."""
+    rank = rank_of(b.x)
+    if rank is None:
+        raise InputError(f"{b.name}: the rank of its input is unknown; give --input-shape")
+    spatial = list(range(2, rank))
+    tag = f"foldkit_stat{k}"
+    ops = [helper.make_node("Cast", [b.x], [f"{tag}_x64"], to=onnx.TensorProto.DOUBLE)]
+    # in two stages: over the contiguous spatial axes of each (sample, channel) row first (every
+    # row holds as many values, so the mean of the row means is the mean), then over the samples
+    mean_in = f"{tag}_x64"
+    if spatial:
+        _reduce_mean(mean_in, f"{tag}_rm", spatial, opset, ops, extra_inits, f"{tag}_ra")
+        mean_in = f"{tag}_rm"
+    _reduce_mean(mean_in, f"{tag}_mean", [0], opset, ops, extra_inits, f"{tag}_ma")
+    ops.append(helper.make_node("Sub", [f"{tag}_x64", f"{tag}_mean"], [f"{tag}_d"]))
+    sq_axes = spatial or [0]
+    if opset >= 18:
+        extra_inits.append(numpy_helper.from_array(np.array(sq_axes, dtype=np.int64), f"{tag}_sa"))
+        ops.append(helper.make_node("ReduceSumSquare", [f"{tag}_d", f"{tag}_sa"], [f"{tag}_sq"], keepdims=0))
+    else:
+        ops.append(helper.make_node("ReduceSumSquare", [f"{tag}_d"], [f"{tag}_sq"], axes=sq_axes, keepdims=0))
+    if spatial:  # [N, C] row sums: the samples' sum
+        if opset >= 13:
+            extra_inits.append(numpy_helper.from_array(np.array([0], dtype=np.int64), f"{tag}_s0"))
+            ops.append(helper.make_node("ReduceSum", [f"{tag}_sq", f"{tag}_s0"], [f"{tag}_m2"], keepdims=0))
+        else:
+            ops.append(helper.make_node("ReduceSum", [f"{tag}_sq"], [f"{tag}_m2"], axes=[0], keepdims=0))
+    else:
+        ops.append(helper.make_node("Identity", [f"{tag}_sq"], [f"{tag}_m2"]))
+    ops.append(helper.make_node("Shape", [b.x], [f"{tag}_shape"]))
+    return ops
+
+
+def _measure(model_bytes: bytes, bns: list, batches: Iterable[dict], reduce: Callable[[list], list]) -> tuple:
+    """(one Moments per BN, samples, batches) over ``batches`` (each a feed dict)."""
+    from .verify import _ort_session
+
+    from .data import DataError
+
+    run = _ort_session(model_bytes, mem_pattern=False)  # the statistics graph: see _ort_session
+    acc = [Moments() for _ in bns]
+    samples = nb = 0
+    for feeds in batches:
+        try:
+            outs = run(feeds)
+        except Exception as e:  # shapes or types the model does not take: the data's problem
+            shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
+            raise DataError(f"--data: the model does not run on batch {nb} (shapes {shapes}): "
+                            f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}") from None
+        for k, m in enumerate(acc):
+            mean, m2, shape = outs[3 * k], outs[3 * k + 1], outs[3 * k + 2]
+            count = int(np.prod(shape)) // int(shape[1])
+            if count:
+                m.merge(Moments(count, np.asarray(mean, np.float64).reshape(-1), np.asarray(m2, np.float64).reshape(-1)))
+        nb += 1
+        samples += next(iter(feeds.values())).shape[0] if feeds else 0
+    acc = reduce(acc)
+    return acc, samples, nb
+
+
+
+def _typing(model: ModelProto, input_shapes: Optional[dict]):
+    """(rank_of, elem_of): a value's rank (None when unknown) and element type, from shape inference."""
+    from .regions import inferred_shapes
+
+    shapes = inferred_shapes(model, input_shapes)
+
+    def rank_of(v):
+        return len(shapes[v][1]) if v in shapes and shapes[v][1] is not None else None
+
+    def elem_of(v):
+        return shapes[v][0] if v in shapes and shapes[v][0] else onnx.TensorProto.FLOAT
+    return rank_of, elem_of
+
+
+def _feeds(batches: Iterable[dict]) -> Iterable[dict]:
+    from .data import LABEL
+
+    for b in batches:
+        yield {k: v for k, v in b.items() if k != LABEL}
+
+
