@@ -32,7 +32,7 @@ def _die(message: str, code: int) -> None:
 
 def _interrupted_exit() -> None:
     """One line saying what an interrupt left: nothing, or the files already committed."""
-    committed = getattr(sys.modules.get(f"{__package__}.io"), "COMMITTED", None) or []  # never import here
+    committed = getattr(sys.modules.get(f"{__package__}.writing"), "COMMITTED", None) or []  # never import here
     done = f"; already written: {', '.join(printable(p) for p in committed)}" if committed else \
         "; no output was written"
     click.echo(f"foldkit: interrupted{done}", err=True)

@@ -248,8 +248,8 @@ def test_external_data_pair_survives_a_crash_at_every_step(tmp_path, step):
     ya = ort_run(onnx.load(a), feeds)[0]
     yb = ort_run(mb, feeds)[0]
     script = (f"import os, sys; sys.path.insert(0, {os.getcwd()!r})\n"
-              "from foldkit import io as fio\n"
-              f"fio._after_step = lambda s: os._exit(9) if s == {step!r} else None\n"
+              "from foldkit import writing\n"
+              f"writing._after_step = lambda s: os._exit(9) if s == {step!r} else None\n"
               "from foldkit.cli import main\n"
               f"main([\"fold\", {b!r}, \"-o\", {out!r}, \"--external-data\", \"-q\"])\n")
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -266,7 +266,7 @@ def test_external_data_pair_survives_a_crash_at_every_step(tmp_path, step):
 
 @pytest.mark.parametrize("step", ["written", "data committed"])
 def test_interrupt_before_the_switch_leaves_the_old_pair_exactly(tmp_path, monkeypatch, step):
-    from foldkit import io as fio
+    from foldkit import writing
     from tests.hostile import base_model, save
 
     a = save(base_model(), str(tmp_path), "a.onnx")
@@ -280,8 +280,8 @@ def test_interrupt_before_the_switch_leaves_the_old_pair_exactly(tmp_path, monke
         if s == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(fio, "_after_step", interrupt)
-    monkeypatch.setattr(fio, "COMMITTED", [])
+    monkeypatch.setattr(writing, "_after_step", interrupt)
+    monkeypatch.setattr(writing, "COMMITTED", [])
     r = run_checked(["fold", b, "-o", out, "--external-data", "-q"], str(tmp_path), allowed=(130,))
     assert "interrupted; no output was written" in r.stderr
     assert len(os.listdir(tmp_path)) == 4  # a.onnx, b.onnx, out.onnx and its data file: nothing new
