@@ -38,7 +38,8 @@ def _ort_session(source, base_dir: Optional[str] = None, mem_pattern: bool = Tru
     """``source``: serialized bytes, or a model file's path (its external data beside it).
     ``mem_pattern=False``: no pre-planned memory pattern (ORT plans one block for every intermediate
     of a run, which for foldkit's statistics graph is 1.7x the memory the tensors need at once)."""
-    import onnxruntime as ort
+    from .imports import import_blocked
+    ort = import_blocked("onnxruntime")
 
     if isinstance(source, str):
         source, base_dir = ort_source(source, base_dir)

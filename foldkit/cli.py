@@ -70,10 +70,6 @@ def main(debug):
     _import_extensions(click.get_current_context().invoked_subcommand)
 
 
-# The compiled extensions each command needs. A signal whose handler raises inside an extension
-# module's initialisation leaves it half built, and CPython then crashes (SIGSEGV, seen under load
-
-
 for _command in (fold, check, bench, export, recalibrate):
     main.add_command(_command)
 

@@ -141,39 +141,26 @@ def _sigterm(signum, frame):  # turn SIGTERM into SystemExit so temp files are c
     raise SystemExit(_terminated)
 
 
-
 def _sigint(signum, frame):
     global _interrupted
     _interrupted = True
     raise KeyboardInterrupt
 
 
-# with protobuf's upb): they are imported here with SIGINT and SIGTERM blocked, so that a signal
-# is delivered right after, between two bytecodes, where KeyboardInterrupt is safe.
+# The compiled extensions every command needs, imported with signals blocked (foldkit.imports); the
+# ones only some runs need (onnxruntime, torch's runners) are imported the same way where they are used
 _EXTENSIONS = ("numpy", "onnx")
-_COMMAND_EXTENSIONS = {"fold": ("onnxruntime",), "bench": ("onnxruntime",), "recalibrate": ("onnxruntime",),
-                       "export": ("torch", "onnxruntime")}
+_COMMAND_EXTENSIONS = {"export": ("torch",)}
 
 
 def _import_extensions(command) -> None:
-    import importlib
+    from .imports import import_blocked
 
-    names = _EXTENSIONS + _COMMAND_EXTENSIONS.get(command, ())
-    if all(n in sys.modules for n in names):
-        return
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    except (AttributeError, ValueError, OSError):  # no pthread_sigmask here: import as usual
-        old = None
-    try:
-        for n in names:
+        for n in _EXTENSIONS + _COMMAND_EXTENSIONS.get(command, ()):
             try:
-                importlib.import_module(n)
+                import_blocked(n)
             except ImportError:  # an optional extra: the command says so in its one line
                 pass
-    finally:
-        if old is not None:
-            try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal is delivered here
-            except KeyboardInterrupt:  # our one line (click would print an empty line before it)
-                _interrupted_exit()
+    except KeyboardInterrupt:  # our one line (click would print an empty line before it)
+        _interrupted_exit()

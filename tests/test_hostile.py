@@ -349,23 +349,23 @@ def test_sigint_at_any_moment_of_start_up_is_one_line(tmp_path, sig, delay):
         p.kill()
     ours = [ln.split('"')[1] for ln in err.splitlines() if ln.strip().startswith('File "')
             and ln.split('"')[1].startswith(os.path.join(root, "foldkit") + os.sep)]
-    if (p.returncode == 1 and err.startswith("Fatal Python error: init_import_site")) or \
-            (err.rstrip().endswith("KeyboardInterrupt") and "foldkit:" not in err and
-             all(f.endswith((os.path.join("foldkit", "__init__.py"), os.path.join("foldkit", "entry.py"))) for f in ours)):
-        # the signal came while CPython started (its `site`: exit 1) or imported the package, before
-        # foldkit.entry's first line could take signals over; nothing was written
-        assert not (tmp_path / "o.onnx").exists()
-        return
-    assert "Traceback" not in err, err
-    # -SIGINT with nothing said: the signal came before Python's handler was up, or after the
-    # command had finished (interpreter shutdown); either way an output, if any, is complete.
-    # Never SIGSEGV: the compiled extensions are imported with the signals blocked (foldkit.cli)
-    expected = 130 if sig == "SIGINT" else 143
-    assert p.returncode in (0, expected, -getattr(signal, sig)), (p.returncode, err)
-    if p.returncode == 130:
-        assert err.count("\n") == 1 and "interrupted" in err, err
-    elif p.returncode < 0:
-        assert err == ""
+    before_us = (p.returncode == 1 and err.startswith("Fatal Python error: init_import_site")) or \
+        (("KeyboardInterrupt" in err) and "foldkit:" not in err and
+         all(f.endswith((os.path.join("foldkit", "__init__.py"), os.path.join("foldkit", "entry.py"))) for f in ours))
+    # before_us: the signal came while CPython started, before foldkit.entry's first line could take
+    # signals over: in its `site` (CPython's exit 1), while it imported the package, or while it
+    # checked argv[0] as an import path (CPython reports that and runs the program to the end)
+    if not before_us:
+        assert "Traceback" not in err, err
+        # -SIGINT with nothing said: the signal came before Python's handler was up, or after the
+        # command had finished (interpreter shutdown); either way an output, if any, is complete.
+        # Never SIGSEGV: the compiled extensions are imported with the signals blocked (foldkit.imports)
+        expected = 130 if sig == "SIGINT" else 143
+        assert p.returncode in (0, expected, -getattr(signal, sig)), (p.returncode, err)
+        if p.returncode == 130:
+            assert err.count("\n") == 1 and "interrupted" in err, err
+        elif p.returncode < 0:
+            assert err == ""
     if (tmp_path / "o.onnx").exists():
         import onnx
 

@@ -75,7 +75,8 @@ def machine_info(threads: Optional[int] = None) -> dict:
             "cpu_count": os.cpu_count(), "python": platform.python_version(), **cpu_description(),
             "threads": threads if threads else f"runtime default ({os.cpu_count()} cores)"}
     try:
-        import onnxruntime as ort
+        from ..imports import import_blocked
+        ort = import_blocked("onnxruntime")
         info["onnxruntime"] = ort.__version__
     except ImportError:
         pass

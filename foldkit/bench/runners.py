@@ -92,7 +92,8 @@ class OrtRunner(Runner):
 
     def activate_impl(self):
         try:
-            import onnxruntime as ort
+            from ..imports import import_blocked
+            ort = import_blocked("onnxruntime")
         except ImportError as e:
             raise Unavailable(f"onnxruntime is not installed ({e})") from None
         provider = self.PROVIDERS[self.runtime]
