@@ -79,8 +79,7 @@ def _warnings_after(fn, debug: bool, *args, **kwargs):
     are shown once it has succeeded, or with --debug, never beside a failure's one line."""
     import warnings
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
+    with warnings.catch_warnings(record=True) as caught:  # under the filters in force (main ignores RuntimeWarning)
         ok = False
         try:
             result = fn(*args, **kwargs)

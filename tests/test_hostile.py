@@ -481,6 +481,14 @@ def test_a_library_warning_is_shown_after_success_and_never_beside_a_failure(tmp
     r = CliRunner().invoke(main, ["fold", src, "-o", src])  # refused: an output onto its input
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
 
+    def overflowing(*a, **k):  # numeric edge cases are checked explicitly: numpy's RuntimeWarning stays quiet
+        warnings.warn("overflow encountered in multiply", RuntimeWarning)
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "fold_file", overflowing)
+    r = CliRunner().invoke(main, ["fold", src, "-o", str(tmp_path / "o.onnx"), "-q"])
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+
 
 @pytest.mark.parametrize("external", [False, True])
 def test_external_data_without_length_reads_the_dims_bytes_not_the_rest_of_the_file(tmp_path, external):
