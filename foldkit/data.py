@@ -40,6 +40,8 @@ DEFAULT_BATCH = 32
 
 def is_function(spec) -> bool:
     """Whether ``spec`` names a ``FILE.py:FN`` / ``MODULE:FN`` source (not a file or folder)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return False
     spec = os.fspath(spec)
     return not (os.path.isdir(spec) or spec.endswith(".npz") or os.path.isfile(spec)) and ":" in spec
 

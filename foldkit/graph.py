@@ -24,8 +24,8 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 from .attrs import (BadAttribute, all_names, attr_float, attr_int, count_uses, default_opset, del_attr,  # noqa: F401
                     get_attr, iter_graphs, node_label, set_attr, subgraph_paths, subgraphs, value_types)
 from .math import ScaledChannels
-from .tensors import (_RAW_TYPES, FLOAT_TYPES, OpenFiles, TensorStore, make_tensor, memory_tensor, sparse_to_array,  # noqa: F401
-                      np_dtype)
+from .tensors import (_RAW_TYPES, FLOAT_TYPES, OpenFiles, TensorStore, make_tensor, memory_tensor,  # noqa: F401
+                      np_dtype, sparse_to_array)
 
 
 @dataclass
