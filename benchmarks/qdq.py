@@ -50,12 +50,13 @@ def main():
         c = Counter(n.op_type for n in onnx.load(path).graph.node)
         rows.append(f"| {label} | {c['BatchNormalization']} | {c['QuantizeLinear']} | {c['DequantizeLinear']} | {c['Conv']} |")
     res = run_bench(BenchConfig(models=[qp, folded], runtimes=args.runtime.split(","), ort_opt_levels=["disable", "all"],
-                                warmup=args.warmup, iters=args.iters))
+                                warmup=args.warmup, iters=args.iters, threads=args.threads))
     import json
 
     v = json.load(open(rep))["verification"]
     md = ["# A quantized ResNet-18 (NNCF ONNX PTQ) before and after `foldkit fold`", "",
-          f"`python benchmarks/qdq.py --iters {args.iters} --runtime {args.runtime}`", "", *rows, "",
+          f"`python benchmarks/qdq.py --iters {args.iters} --runtime {args.runtime}"
+          + (f" --threads {args.threads}" if args.threads else "") + "`", "", *rows, "",
           f"Verification ({v['method']}): max abs err {v['max_abs_err']:.3g}, max rel err {v['max_rel_err']:.3g}.", "",
           to_markdown(res)]
     print("\n".join(md))

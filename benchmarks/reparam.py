@@ -99,7 +99,8 @@ def main():
             if p.returncode == 0:
                 table.append(f"| {tool} | " + " | ".join(map(str, counts(dst))) + " |")
         res = run_bench(BenchConfig(models=[orig, unmerged, merged, ref], runtimes=args.runtime.split(","),
-                                    ort_opt_levels=["disable", "all"], warmup=args.warmup, iters=args.iters))
+                                    ort_opt_levels=["disable", "all"], warmup=args.warmup, iters=args.iters,
+                                    threads=args.threads))
         md += [f"## {name}, batch 1, {args.size}x{args.size}", ""] + table + ["", to_markdown(res)]
         print("\n".join(md[-len(table) - 4:]), flush=True)
     results = os.path.join(ROOT, "benchmarks", "results")
