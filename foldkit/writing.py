@@ -236,8 +236,10 @@ class _HashingWriter:
         self.file = file
         self.hash = hashlib.sha256()
         self._pool = None
+        self.size = 0  # bytes written
 
     def write(self, data) -> None:
+        self.size += memoryview(data).nbytes
         if memoryview(data).nbytes < self.MIN_PARALLEL:
             self.hash.update(data)
             self.file.write(data)
@@ -288,7 +290,8 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
     a transaction: the data file takes a name no older model refers to (unless it holds the same
     bytes), the model is renamed over the old one last, and only then are the data files the old
     model named removed. A crash at any instant leaves the old pair or the new pair, never a mix.
-    Returns the data file's path, if one was written.
+    A model with no tensor of 1 KiB or more gets no data file (nothing would name it). Returns the
+    data file's path, if one was written.
     """
     path = os.fspath(path)
     if input_path is not None and os.path.exists(path) and same_file(path, input_path) and not in_place:
@@ -337,6 +340,10 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
             return os.path.basename(data.path)
 
         wire.write_model(m, out.file, base_dir or ".", hashing, data_name if data else None, tensors=tensors)
+        if data and hashing.size == 0:  # no tensor of 1 KiB or more: no data file (nothing would name it)
+            data.discard()
+            files.remove(data)
+            data = None
         for f in files:
             f.finish()
         if before_commit is not None:
@@ -351,10 +358,10 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
         out.commit()  # the switch: from here on the new pair is the model
         orphan = None
         _step("model committed")
-        if data:
+        if external:  # the data files the old model named are stale now (the new one names its own, or none)
             for f in old_data:
                 ident = _identity(f)
-                if ident not in keep and not same_file(f, data.path) and \
+                if ident not in keep and not (data and same_file(f, data.path)) and \
                         os.path.dirname(os.path.realpath(f)) == os.path.realpath(folder):
                     try:
                         os.unlink(f)

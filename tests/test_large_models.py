@@ -97,6 +97,25 @@ def test_fold_external_data_input(tmp_path):
     np.testing.assert_allclose(ort_run(folded, feeds)[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_external_data_with_no_tensor_big_enough_writes_no_data_file_and_removes_the_old_one(tmp_path):
+    """--external-data moves tensors of 1 KiB or more; a model with none gets no (empty) data file,
+    and the data file of the pair it replaces, which nothing names any more, is removed."""
+    big, p_big = _external_input(tmp_path)
+    out = tmp_path / "o.onnx"
+    assert CliRunner().invoke(main, ["fold", str(p_big), "-o", str(out), "--external-data", "-q"]).exit_code == 0
+    old = tmp_path / data_name(out)
+    assert old.exists()
+    small = conv_bn_model(c_in=2, c_out=2, k=1, seed=3)  # every tensor under 1 KiB
+    p_small = tmp_path / "small.onnx"
+    onnx.save(small, str(p_small))
+    r = CliRunner().invoke(main, ["fold", str(p_small), "-o", str(out), "--external-data", "-q"])
+    assert r.exit_code == 0, r.output
+    assert not old.exists() and not [f for f in os.listdir(tmp_path) if f.startswith("o.onnx.")]
+    assert not [t for t in onnx.load(str(out)).graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    feeds = random_feeds(small)
+    np.testing.assert_allclose(ort_run(onnx.load(str(out)), feeds)[0], ort_run(small, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_fold_external_data_output(tmp_path):
     m, p = _external_input(tmp_path)
     out = tmp_path / "o.onnx"
