@@ -49,18 +49,7 @@ def external_tensors(model: ModelProto):
                     yield a.t
 
 
-def _expected_nbytes(t: TensorProto) -> Optional[int]:
-    """Bytes the tensor's dims and type call for, or None for a type without a fixed size."""
-    numel = 1
-    for d in t.dims:
-        numel *= d
-    bits = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4}.get(t.data_type)
-    if bits:
-        return (numel * bits + 7) // 8
-    try:
-        return numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return None
+_expected_nbytes = wire.dims_nbytes  # bytes the dims and type call for (one definition, in wire)
 
 
 def _ext_problem(t: TensorProto, root: str) -> Optional[str]:

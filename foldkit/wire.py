@@ -23,7 +23,7 @@ import os
 from typing import Optional
 
 from google.protobuf.message import DecodeError
-from onnx import ModelProto, TensorProto
+from onnx import GraphProto, ModelProto, TensorProto
 
 CHUNK = 64 << 20
 GRAPH_FIELD = 7  # ModelProto.graph
@@ -162,21 +162,28 @@ def payload_nbytes(t: TensorProto) -> int:
     """Payload size from the header alone: reading ``raw_data`` would copy it (upb returns new bytes)."""
     if t.data_location == TensorProto.EXTERNAL:
         return external_size(t)
-    n = _dims_nbytes(t)
+    n = dims_nbytes(t)
     return t.ByteSize() if n is None else n
 
 
-def _dims_nbytes(t: TensorProto) -> Optional[int]:
-    """What ``t``'s dims and data type take, in bytes (None for a type without a fixed item size)."""
+_PACKED_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4}  # two to a byte
+
+
+def dims_nbytes(t: TensorProto) -> Optional[int]:
+    """Bytes the tensor's dims and data type call for (4-bit types packed two to a byte), or None
+    for a type without a fixed size."""
     from onnx.helper import tensor_dtype_to_np_dtype
 
+    numel = 1
+    for d in t.dims:
+        numel *= d
+    bits = _PACKED_BITS.get(t.data_type)
+    if bits:
+        return (numel * bits + 7) // 8
     try:
-        n = tensor_dtype_to_np_dtype(t.data_type).itemsize
+        return numel * tensor_dtype_to_np_dtype(t.data_type).itemsize
     except (KeyError, TypeError, ValueError):
         return None
-    for d in t.dims:
-        n *= d
-    return n
 
 
 def external_size(t: TensorProto) -> int:
@@ -186,7 +193,7 @@ def external_size(t: TensorProto) -> int:
     length = _ext_info(t).get("length")
     if length not in (None, ""):
         return int(length)
-    return _dims_nbytes(t) or 0
+    return dims_nbytes(t) or 0
 
 
 def _strip_external(t: TensorProto) -> TensorProto:
@@ -230,7 +237,7 @@ def checker_view(model: ModelProto) -> ModelProto:
     return view
 
 
-def without_payloads(graph, big) -> "onnx.GraphProto":
+def without_payloads(graph: GraphProto, big) -> GraphProto:
     """A copy of ``graph`` in which every sparse initializer, and every initializer on disk or for
     which ``big(tensor)`` holds, is a graph input of its type and dims instead (no payload copied)."""
     from onnx import helper
