@@ -58,7 +58,6 @@ class Cleanup(Pass):
                            if t.values.name in released and uses[t.values.name] == 0 and t.values.name not in keep_io]
             for k in reversed(dead_sparse):
                 del g.sparse_initializer[k]
-            dead += dead_sparse
             live = set(keep_io) | {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
             for n in g.node:
                 live.update(n.output)
@@ -66,7 +65,7 @@ class Cleanup(Pass):
             for k in reversed(stale):
                 del g.value_info[k]
             retyped = _retype_records(g, ctx.index.rewritten)
-            changed |= bool(dead or dead_nodes or stale or retyped)
+            changed |= bool(dead or dead_sparse or dead_nodes or stale or retyped)
         return changed
 
 
