@@ -139,9 +139,7 @@ def batches(spec: str, inputs: dict, batch_size: Optional[int] = None, max_sampl
         raise DataError("--batch-size must be positive")
     if max_samples is not None and max_samples < 1:
         raise DataError("--max-samples must be positive")
-    if batch_size is None and is_function(spec):
-        yield from _as_they_come(spec, inputs, max_samples)
-        return
+    recut = not (batch_size is None and is_function(spec))  # a function's batches come as they are
     size = int(batch_size or DEFAULT_BATCH)
     pending, held, seen, any_data = [], 0, 0, False
     for where, arrays in _sources(spec):
@@ -153,35 +151,20 @@ def batches(spec: str, inputs: dict, batch_size: Optional[int] = None, max_sampl
         if max_samples is not None:
             n = min(n, max_samples - seen)
             chunk = {k: v[:n] for k, v in chunk.items()}
-        pending.append(chunk)
-        held += n
         seen += n
-        while held >= size:
-            out, pending, held = _take(pending, size, held)
-            yield out
+        if not recut:
+            yield chunk
+        else:
+            pending.append(chunk)
+            held += n
+            while held >= size:
+                out, pending, held = _take(pending, size, held)
+                yield out
         if max_samples is not None and seen >= max_samples:
             break
     if held:
         yield _take(pending, held, held)[0]
     if not any_data:
-        raise DataError(f"--data {spec}: no samples")
-
-
-def _as_they_come(spec: str, inputs: dict, max_samples: Optional[int]) -> Iterator[dict]:
-    seen = 0
-    for where, arrays in _sources(spec):
-        chunk = _pick(where, arrays, inputs)
-        n = next(iter(chunk.values())).shape[0]
-        if n == 0:
-            continue
-        if max_samples is not None and seen + n > max_samples:
-            n = max_samples - seen
-            chunk = {k: v[:n] for k, v in chunk.items()}
-        seen += n
-        yield chunk
-        if max_samples is not None and seen >= max_samples:
-            return
-    if not seen:
         raise DataError(f"--data {spec}: no samples")
 
 
