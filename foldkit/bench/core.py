@@ -203,19 +203,21 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None, on_internal
             with contextlib.ExitStack() as stack:  # every runner deactivated, whatever fails
                 active = [(label, stack.enter_context(r)) for label, r in entries]
                 samples = _measure([r for _, r in active], cfg.warmup, cfg.iters, tick)
-        except (Unavailable, RuntimeError, ValueError, InputError) as e:  # a runtime that cannot run this model
-            reason = str(e) if isinstance(e, (Unavailable, InputError)) else f"failed: {str(e).strip().splitlines()[0][:200]}"
-            result.unavailable.append({"runtime": group, "batch": batch if batch is not None else "-", "reason": reason})
-            for _ in range(cfg.iters):
-                tick()
-            continue
-        except Exception as e:  # a bug in foldkit met in this group: its result, not the run's end
-            from ..errors import internal_message
+        except InputError:
+            raise  # a usage error (inputs over the cap, a --batch that disagrees): the whole command's
+        except Exception as e:  # a runtime that cannot run this model, or a bug met in this group: its entry
+            entry = {"runtime": group, "batch": batch if batch is not None else "-"}
+            if isinstance(e, Unavailable):
+                entry["reason"] = str(e)
+            elif isinstance(e, (RuntimeError, ValueError)):
+                entry["reason"] = f"failed: {str(e).strip().splitlines()[0][:200]}"
+            else:  # a bug in foldkit: recorded, the other groups still measured
+                from ..errors import internal_message
 
-            if on_internal is not None:
-                on_internal(e)
-            result.unavailable.append({"runtime": group, "batch": batch if batch is not None else "-",
-                                       "reason": internal_message(e), "internal": True})
+                if on_internal is not None:
+                    on_internal(e)
+                entry.update(reason=internal_message(e), internal=True)
+            result.unavailable.append(entry)
             for _ in range(cfg.iters):
                 tick()
             continue
