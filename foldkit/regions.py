@@ -218,7 +218,7 @@ def feeds_for(regions: Regions, seed: int) -> dict:
 SHRUNK_DIM = 16
 
 
-def _consistent(regions: Regions) -> bool:
+def _inferable(regions: Regions) -> bool:
     """Whether both region models pass strict shape inference with their current input sizes (a
     cut that breaks what a weight fixes, a MatMul's K or a kernel larger than the cut, does not)."""
     try:
@@ -249,7 +249,7 @@ def shrink(regions: Regions, max_bytes: int) -> None:
         return sum(int(np.prod(d, dtype=np.float64)) * np.dtype(np_dtype(et)).itemsize for et, d in regions.inputs.values())
     if total() <= max_bytes:
         return
-    checked = _consistent(regions)  # else (inference cannot judge these regions) cut by position, as before
+    checked = _inferable(regions)  # else (inference cannot judge these regions) cut by position, as before
     cut = []
     rank = max((len(d) for _, d in regions.inputs.values()), default=0)
     for k in range(rank):
@@ -262,7 +262,7 @@ def shrink(regions: Regions, max_bytes: int) -> None:
             old = list(dims)
             regions.inputs[name] = (et, dims[:k] + [to] + dims[k + 1:])
             _declare(regions, name)
-            if checked and not _consistent(regions):
+            if checked and not _inferable(regions):
                 regions.inputs[name] = (et, old)
                 _declare(regions, name)
                 continue
