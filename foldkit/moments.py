@@ -137,12 +137,21 @@ def _upstream(model: ModelProto, bns: list) -> None:
         b.upstream = ancestors(b.x, set())
 
 
-def _reduce_mean(x: str, out: str, axes: list, opset: int, nodes: list, inits: list, tag: str) -> None:
-    if opset >= 18:
+_AXES_AS_INPUT = {"ReduceMean": 18, "ReduceSumSquare": 18, "ReduceSum": 13}  # the opset from which axes is an input
+
+
+def _reduce(op: str, x: str, out: str, axes: list, opset: int, nodes: list, inits: list, tag: str,
+            keepdims: int = 1) -> None:
+    """``op(x)`` over ``axes`` into ``out``, with the axes as an attribute or an input as ``opset`` wants."""
+    if opset >= _AXES_AS_INPUT[op]:
         inits.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{tag}_axes"))
-        nodes.append(helper.make_node("ReduceMean", [x, f"{tag}_axes"], [out], keepdims=1))
+        nodes.append(helper.make_node(op, [x, f"{tag}_axes"], [out], keepdims=keepdims))
     else:
-        nodes.append(helper.make_node("ReduceMean", [x], [out], axes=axes, keepdims=1))
+        nodes.append(helper.make_node(op, [x], [out], axes=axes, keepdims=keepdims))
+
+
+def _reduce_mean(x: str, out: str, axes: list, opset: int, nodes: list, inits: list, tag: str) -> None:
+    _reduce("ReduceMean", x, out, axes, opset, nodes, inits, tag)
 
 
 def instrumented(model: ModelProto, bns: list, batch_mode: set, rank_of: Callable[[str], Optional[int]],
@@ -235,20 +244,11 @@ def _moment_ops(b: "BNInfo", k: int, rank_of, opset: int, extra_inits: list) -> 
         mean_in = f"{tag}_rm"
     _reduce_mean(mean_in, f"{tag}_mean", [0], opset, ops, extra_inits, f"{tag}_ma")
     ops.append(helper.make_node("Sub", [f"{tag}_x64", f"{tag}_mean"], [f"{tag}_d"]))
-    sq_axes = spatial or [0]
-    if opset >= 18:
-        extra_inits.append(numpy_helper.from_array(np.array(sq_axes, dtype=np.int64), f"{tag}_sa"))
-        ops.append(helper.make_node("ReduceSumSquare", [f"{tag}_d", f"{tag}_sa"], [f"{tag}_sq"], keepdims=0))
+    if spatial:  # squares summed per row, then the rows' sums over the samples
+        _reduce("ReduceSumSquare", f"{tag}_d", f"{tag}_sq", spatial, opset, ops, extra_inits, f"{tag}_sa", keepdims=0)
+        _reduce("ReduceSum", f"{tag}_sq", f"{tag}_m2", [0], opset, ops, extra_inits, f"{tag}_s0", keepdims=0)
     else:
-        ops.append(helper.make_node("ReduceSumSquare", [f"{tag}_d"], [f"{tag}_sq"], axes=sq_axes, keepdims=0))
-    if spatial:  # [N, C] row sums: the samples' sum
-        if opset >= 13:
-            extra_inits.append(numpy_helper.from_array(np.array([0], dtype=np.int64), f"{tag}_s0"))
-            ops.append(helper.make_node("ReduceSum", [f"{tag}_sq", f"{tag}_s0"], [f"{tag}_m2"], keepdims=0))
-        else:
-            ops.append(helper.make_node("ReduceSum", [f"{tag}_sq"], [f"{tag}_m2"], axes=[0], keepdims=0))
-    else:
-        ops.append(helper.make_node("Identity", [f"{tag}_sq"], [f"{tag}_m2"]))
+        _reduce("ReduceSumSquare", f"{tag}_d", f"{tag}_m2", [0], opset, ops, extra_inits, f"{tag}_sa", keepdims=0)
     ops.append(helper.make_node("Shape", [b.x], [f"{tag}_shape"]))
     return ops
 

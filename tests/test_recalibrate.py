@@ -408,3 +408,32 @@ def test_data_the_model_cannot_take_is_one_line_exit_2(world, tmp_path):
         r = invoke(*args)
         assert r.exit_code == 2 and r.output.startswith("foldkit: error: --data") and r.output.count("\n") == 1, r.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("opset", [11, 17, 18])  # axes as attributes, ReduceSum's as an input, all as inputs
+def test_a_batchnorm1d_over_n_by_c_is_recalibrated_exactly(opset):
+    """A BN over a rank-2 [N, C] input (BatchNorm1d after a Linear) has no spatial axes: its moments
+    are reduced over the samples alone. The stored statistics are the population statistics of the
+    BN's inputs, computed here in float64 from ONNX Runtime's own MatMul outputs."""
+    import onnxruntime as ort
+
+    from foldkit.recalibration import recalibrate
+    from tests.helpers import F32, make_model, rng, tensor
+
+    r = rng(5)
+    w = r.standard_normal((6, 5)).astype(np.float32)
+    bn = [tensor(n, a) for n, a in (("g", np.ones(5, np.float32)), ("b", np.zeros(5, np.float32)),
+                                    ("m", np.zeros(5, np.float32)), ("v", np.ones(5, np.float32)))]
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["h"]),
+                    helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"])],
+                   [("x", F32, ["n", 6])], [("y", F32, ["n", 5])], [tensor("W", w)] + bn, opset=opset)
+    xs = [(r.standard_normal((k, 6)) * 3 + 1).astype(np.float32) for k in (7, 13, 30)]
+    probe = make_model([helper.make_node("MatMul", ["x", "W"], ["h"])], [("x", F32, ["n", 6])], [("h", F32, ["n", 5])],
+                       [tensor("W", w)], opset=opset)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    h = np.concatenate([sess.run(None, {"x": x})[0].astype(np.float64) for x in xs])
+    recalibrate(m, lambda: iter([{"x": x} for x in xs]), method="exact")
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}
+    bn_node = m.graph.node[1]
+    np.testing.assert_allclose(inits[bn_node.input[3]], h.mean(axis=0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(inits[bn_node.input[4]], h.var(axis=0), rtol=1e-6)
