@@ -8,14 +8,15 @@ OUT    := out
 
 .PHONY: install demo test bench clean
 
-# The second pip line: real re-parameterizable network definitions for the tests (tests/test_real_reparam.py),
+# The second pip line: real re-parameterizable network definitions for the tests (tests/test_real_reparam.py;
+# timm for FastViT and RepViT, imported through tests/third_party.py, which stands in for torchvision),
 # installed --no-deps beside our pinned torch (their own requirements would replace it).
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "foldkit needs Python 3.11+ (found %d.%d): run make PYTHON=python3.11 ..." % sys.version_info[:2])'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,test,bench]"
-	$(BIN)/python -m pip install --quiet --no-deps repvgg-pytorch==1.0.1 mobileone-pytorch==0.1.0
+	$(BIN)/python -m pip install --quiet --no-deps repvgg-pytorch==1.0.1 mobileone-pytorch==0.1.0 timm==1.0.29
 	@touch $(STAMP)
 
 install: $(STAMP)

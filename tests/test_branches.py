@@ -353,3 +353,216 @@ def test_random_kernel_shapes_per_dim_never_crash(kernels, off, larger, seed):
     if not any(b.action == "merged" for b in res.report.branches):
         assert res.model.SerializeToString() == m.SerializeToString()
         assert all(b.reason and b.code for b in res.report.branches if b.action == "kept")
+
+
+# --- linear combinations: Sub, layer scales, affine ops inside the tree (FastViT, RepViT) -----------------
+
+def _repmixer(c=6, h=8, ls="channel", order="mixer-norm", mixer_bn=True, seed=21, ls_op="Mul", dtype=np.float32):
+    """FastViT's RepMixer, unmerged: x + ls * (BN(DWConv(x)) + BN(DWConv1x1(x)) - BN(x))."""
+    r = rng(seed)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes, inits = [], []
+    for n, k in enumerate((3, 1)):
+        inits.append(tensor(f"w{n}", (r.standard_normal((c, 1, k, k)) * 0.5).astype(dtype)))
+        nodes.append(helper.make_node("Conv", ["x", f"w{n}"], [f"c{n}"], name=f"dw{n}", group=c, pads=[k // 2] * 4))
+        out = f"c{n}"
+        if mixer_bn:
+            names, t = bn_inits(f"bn{n}", c, r, dtype)
+            inits += t
+            nodes.append(helper.make_node("BatchNormalization", [out] + names, [f"b{n}"], name=f"bn{n}"))
+            out = f"b{n}"
+    nodes.append(helper.make_node("Add", ["c0" if not mixer_bn else "b0", "c1" if not mixer_bn else "b1"], ["mixer"],
+                                  name="mixer_add"))
+    names, t = bn_inits("norm", c, r, dtype)
+    inits += t
+    nodes.append(helper.make_node("BatchNormalization", ["x"] + names, ["norm"], name="norm"))
+    a, b = ("mixer", "norm") if order == "mixer-norm" else ("norm", "mixer")
+    nodes.append(helper.make_node("Sub", [a, b], ["diff"], name="sub"))
+    shape = {"channel": (c, 1, 1), "scalar": (), "4d": (1, c, 1, 1)}[ls]
+    v = (0.5 + r.random(shape)).astype(dtype)
+    inits.append(tensor("ls", v if ls_op == "Mul" else 1 / v))
+    nodes.append(helper.make_node(ls_op, ["diff", "ls"], ["scaled"], name="layer_scale"))
+    nodes.append(helper.make_node("Add", ["x", "scaled"], ["y"], name="residual"))
+    nodes.append(helper.make_node("Relu", ["y"], ["out"], name="act"))
+    return make_model(nodes, [("x", elem, [1, c, h, h])], [("out", elem, None)], inits)
+
+
+@pytest.mark.parametrize("ls, order, ls_op", [("channel", "mixer-norm", "Mul"), ("scalar", "mixer-norm", "Mul"),
+                                              ("4d", "norm-mixer", "Mul"), ("channel", "mixer-norm", "Div")])
+@pytest.mark.parametrize("mixer_bn", [True, False])
+def test_fastvit_repmixer_becomes_one_conv(ls, order, ls_op, mixer_bn):
+    m = _repmixer(ls=ls, order=order, ls_op=ls_op, mixer_bn=mixer_bn)
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert op_count(res.model, "Conv") == 1 and op_count(res.model, "Sub") == 0
+    assert op_count(res.model, "Mul") == op_count(res.model, "Div") == op_count(res.model, "Add") == 0
+    (b,) = [a for a in res.report.branches if a.action == "merged"]
+    assert "identity 'x'" in b.reason and "Sub" in b.reason and b.target == "Conv 'dw0'"
+    (norm,) = [a for a in res.report.actions if a.node == "norm"]
+    assert norm.action == "folded" and norm.target == "Conv 'dw0'"
+
+
+def test_repmixer_in_fp16_merges_in_float64_rounded_once():
+    m = _repmixer(dtype=np.float16)
+    res = fold_and_compare(m, rtol=5e-3, atol=5e-3)
+    assert op_count(res.model, "Conv") == 1
+    # the merged kernel is the float64 combination rounded once to float16
+    from foldkit.passes.common import bn_affine  # noqa: F401  (the same arithmetic, computed here by hand)
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+
+    def bn(p):
+        s = w[f"{p}_scale"].astype(np.float64) / np.sqrt(w[f"{p}_var"].astype(np.float64) + 1e-5)
+        return s, w[f"{p}_B"].astype(np.float64) - w[f"{p}_mean"].astype(np.float64) * s
+    (s0, _), (s1, _), (sn, _) = bn("bn0"), bn("bn1"), bn("norm")
+    ls = w["ls"].astype(np.float64).reshape(-1)
+    k = w["w0"].astype(np.float64) * s0[:, None, None, None]
+    k[:, :, 1:2, 1:2] += w["w1"].astype(np.float64) * s1[:, None, None, None]
+    k = k * ls[:, None, None, None]
+    k[:, 0, 1, 1] += 1 - ls * sn
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    (conv,) = [n for n in res.model.graph.node if n.op_type == "Conv"]
+    assert np.array_equal(got[conv.input[1]], k.astype(np.float16))
+
+
+def test_repvit_identity_that_a_conv_computes_then_a_bn_read_twice():
+    """RepViT's first block: x comes from the stem's Conv; BN(DW3x3(x) + DW1x1(x) + x) is read by two nodes."""
+    r = rng(22)
+    c = 6
+    nodes = [helper.make_node("Conv", ["u", "ws"], ["x"], name="stem", pads=[1] * 4)]
+    inits = [tensor("ws", (r.standard_normal((c, 3, 3, 3)) * 0.3).astype(np.float32)),
+             tensor("w0", r.standard_normal((c, 1, 3, 3)).astype(np.float32)),
+             tensor("w1", r.standard_normal((c, 1, 1, 1)).astype(np.float32))]
+    nodes += [helper.make_node("Conv", ["x", "w0"], ["a"], name="dw3", group=c, pads=[1] * 4),
+              helper.make_node("Conv", ["x", "w1"], ["b"], name="dw1", group=c),
+              helper.make_node("Add", ["a", "b"], ["ab"], name="add0"),
+              helper.make_node("Add", ["ab", "x"], ["abx"], name="add1")]
+    names, t = bn_inits("bn", c, r)
+    inits += t
+    nodes += [helper.make_node("BatchNormalization", ["abx"] + names, ["y"], name="bn"),
+              helper.make_node("ReduceMean", ["y"], ["se"], axes=[2, 3], keepdims=1),
+              helper.make_node("Mul", ["y", "se"], ["out"])]
+    m = make_model(nodes, [("u", F32, [1, 3, 8, 8])], [("out", F32, None)], inits, opset=13)
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert op_count(res.model, "Conv") == 2 and op_count(res.model, "Add") == 0
+
+
+def test_a_leaf_read_twice_inside_the_tree_counts_twice():  # BN(y) + 0.5 * y, y = Conv(x)
+    r = rng(23)
+    names, t = bn_inits("bn", 4, r)
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1] * 4),
+                    helper.make_node("BatchNormalization", ["y"] + names, ["n"], name="bn"),
+                    helper.make_node("Mul", ["y", "half"], ["h"], name="half"),
+                    helper.make_node("Add", ["n", "h"], ["out"], name="add")],
+                   [("x", F32, [1, 4, 6, 6])], [("out", F32, None)],
+                   [tensor("w", r.standard_normal((4, 4, 3, 3)).astype(np.float32)),
+                    tensor("half", np.float32(0.5))] + t)
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert [n.op_type for n in res.model.graph.node] == ["Conv"]
+
+
+def test_a_shift_a_matmul_cannot_take_and_a_spatial_constant_are_refused_or_left():
+    r = rng(24)
+    # x @ W1 + (x + d): the MatMul has no bias for d
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+                    helper.make_node("Add", ["x", "d"], ["b"], name="shift"),
+                    helper.make_node("Add", ["a", "b"], ["y"], name="add")],
+                   [("x", F32, [2, 4])], [("y", F32, None)],
+                   [tensor("w", r.standard_normal((4, 4)).astype(np.float32)),
+                    tensor("d", r.standard_normal(4).astype(np.float32))])
+    _unchanged_with_reason(m, "would need a bias")
+    # Conv(x) + x * P with P [1, C, H, W] (a positional constant, not per-channel): not a branch structure
+    p = make_model([helper.make_node("Conv", ["x", "w"], ["a"], name="conv", pads=[1] * 4),
+                    helper.make_node("Mul", ["x", "p"], ["b"], name="pos"),
+                    helper.make_node("Add", ["a", "b"], ["y"], name="add")],
+                   [("x", F32, [1, 4, 6, 6])], [("y", F32, None)],
+                   [tensor("w", r.standard_normal((4, 4, 3, 3)).astype(np.float32)),
+                    tensor("p", r.standard_normal((1, 4, 6, 6)).astype(np.float32))])
+    res = foldkit.fold(p, verify=False)
+    assert res.model.SerializeToString() == p.SerializeToString() and not res.report.branches
+
+
+def test_gemm_and_conv_transpose_branches_under_per_channel_scales():
+    r = rng(25)
+    # 0.5 * BN(Gemm1(x)) - Gemm2(x) + x  on [N, 5]
+    names, t = bn_inits("bn", 5, r)
+    g = make_model([helper.make_node("Gemm", ["x", "w1", "c1"], ["a"], name="g1", transB=1),
+                    helper.make_node("BatchNormalization", ["a"] + names, ["an"], name="bn"),
+                    helper.make_node("Mul", ["an", "k"], ["ak"], name="k"),
+                    helper.make_node("Gemm", ["x", "w2"], ["b"], name="g2", alpha=0.7),
+                    helper.make_node("Sub", ["ak", "b"], ["d"], name="sub"),
+                    helper.make_node("Add", ["d", "x"], ["y"], name="add")],
+                   [("x", F32, [3, 5])], [("y", F32, None)],
+                   [tensor("w1", r.standard_normal((5, 5)).astype(np.float32)),
+                    tensor("c1", r.standard_normal(5).astype(np.float32)),
+                    tensor("w2", r.standard_normal((5, 5)).astype(np.float32)),
+                    tensor("k", (0.5 + r.random(5)).astype(np.float32))] + t)
+    res = fold_and_compare(g, rtol=1e-5, atol=1e-5)
+    assert [n.op_type for n in res.model.graph.node] == ["Gemm"]
+    # BN(ConvT1(x)) + ConvT2(x) * s, grouped
+    names, t = bn_inits("bt", 8, r)
+    ct = make_model([helper.make_node("ConvTranspose", ["x", "v1"], ["a"], name="t1", group=2, strides=[2, 2]),
+                     helper.make_node("BatchNormalization", ["a"] + names, ["an"], name="bt"),
+                     helper.make_node("ConvTranspose", ["x", "v2", "vb"], ["b"], name="t2", group=2, strides=[2, 2]),
+                     helper.make_node("Mul", ["b", "s"], ["bs"], name="s"),
+                     helper.make_node("Add", ["an", "bs"], ["y"], name="add")],
+                    [("x", F32, [1, 4, 5, 5])], [("y", F32, None)],
+                    [tensor("v1", r.standard_normal((4, 4, 2, 2)).astype(np.float32)),
+                     tensor("v2", r.standard_normal((4, 4, 2, 2)).astype(np.float32)),
+                     tensor("vb", r.standard_normal(8).astype(np.float32)),
+                     tensor("s", (0.5 + r.random((8, 1, 1))).astype(np.float32))] + t)
+    res = fold_and_compare(ct, rtol=1e-5, atol=1e-5)
+    assert [n.op_type for n in res.model.graph.node] == ["ConvTranspose"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "sub", "rsub", "mul", "div", "shift", "bn", "sum3"]),
+                              st.integers(0, 10 ** 6)), min_size=1, max_size=7),
+       kernels=st.lists(st.sampled_from([1, 3, 5]), min_size=1, max_size=3), seed=st.integers(0, 10 ** 6))
+def test_random_linear_trees_merge_exactly(ops, kernels, seed):
+    """A random tree of Add / Sub / Sum / per-channel Mul, Div, Add and BN over Conv branches of x and x
+    itself: one Conv, equal on ONNX Runtime to the tree."""
+    from tests.helpers import assert_close, ort_run, random_feeds
+
+    r = rng(seed)
+    c, h = 4, 7
+    nodes, inits = [], []
+    pool = ["x"]
+    for n, k in enumerate(kernels):
+        inits.append(tensor(f"w{n}", (r.standard_normal((c, c, k, k)) * 0.4).astype(np.float32)))
+        nodes.append(helper.make_node("Conv", ["x", f"w{n}"], [f"c{n}"], name=f"conv{n}", pads=[k // 2] * 4))
+        pool.append(f"c{n}")
+    for n, (op, pick) in enumerate(ops):
+        out = f"t{n}"
+        a = pool.pop(pick % len(pool))
+        if op in ("add", "sub", "rsub", "sum3") and pool:
+            b = pool.pop((pick // 7) % len(pool))
+            if op == "sum3" and pool:
+                nodes.append(helper.make_node("Sum", [a, b, pool.pop(0)], [out]))
+            else:
+                nodes.append(helper.make_node("Sub" if op != "add" else "Add", [b, a] if op == "rsub" else [a, b], [out]))
+        elif op == "bn":
+            names, t = bn_inits(f"bn{n}", c, r)
+            inits += t
+            nodes.append(helper.make_node("BatchNormalization", [a] + names, [out]))
+        else:
+            v = (0.5 + r.random((c, 1, 1)) * (1 if pick % 2 else -1)).astype(np.float32)
+            if pick % 3 == 0:
+                v = v[:1, :1, :1].reshape(())  # a scalar
+            inits.append(tensor(f"k{n}", v))
+            nodes.append(helper.make_node({"mul": "Mul", "div": "Div", "shift": "Add"}.get(op, "Mul"), [a, f"k{n}"], [out]))
+        pool.append(out)
+    while len(pool) > 1:  # combine what is left into one output
+        a, b = pool.pop(), pool.pop()
+        nodes.append(helper.make_node("Add", [a, b], [f"s{len(pool)}"]))
+        pool.append(f"s{len(pool)}")
+    if pool[0] == "x" or not any(n.op_type in ("Add", "Sub", "Sum") for n in nodes):
+        return
+    nodes.append(helper.make_node("Relu", [pool[0]], ["y"]))
+    m = make_model(nodes, [("x", F32, [1, c, h, h])], [("y", F32, None)], inits)
+    res = foldkit.fold(m, verify=False)
+    feeds = random_feeds(m, rng(seed + 1))
+    assert_close(ort_run(m, feeds), ort_run(res.model, feeds), 1e-5, 1e-5)
+    onnx.checker.check_model(res.model, full_check=True)
+    # every Conv branch of x reached the root: one Conv is left, and nothing between it and the Relu
+    reads_x = {n.input[0] for n in m.graph.node if n.op_type == "Conv"} == {"x"}
+    if reads_x and not any(b.action == "kept" for b in res.report.branches):
+        assert [n.op_type for n in res.model.graph.node] == ["Conv", "Relu"], [b.reason for b in res.report.branches]

@@ -18,15 +18,23 @@ import foldkit  # noqa: E402
 from tests.helpers import ort_run  # noqa: E402
 
 
-def _realistic_bn(model, seed=0):
+def _realistic_bn(model, seed=0, layer_scales=False):
+    """Random BN statistics and affine parameters as training leaves them; with ``layer_scales``,
+    layer-scale parameters drawn from [0.5, 1.5) (timm initializes them to 1e-5, which would hide
+    any error in how they are merged)."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             c = m.num_features
-            m.weight.data = 1 + 0.3 * torch.randn(c, generator=g)
-            m.bias.data = 0.3 * torch.randn(c, generator=g)
+            if m.weight is not None:
+                m.weight.data = 1 + 0.3 * torch.randn(c, generator=g)
+                m.bias.data = 0.3 * torch.randn(c, generator=g)
             m.running_mean = 0.5 * torch.randn(c, generator=g)
             m.running_var = 0.5 + torch.rand(c, generator=g)
+    if layer_scales:
+        for name, p in model.named_parameters():
+            if "layer_scale" in name:
+                p.data = 0.5 + torch.rand(p.shape, generator=g)
     return model.eval()
 
 
@@ -84,3 +92,36 @@ def test_mobileone_s0_stack_and_sum_branches(tmp_path):
     deploy = train.reparametrize().eval()
     res, ops = _check(train, deploy, tmp_path)
     assert ops["ReduceSum"] == ops["Concat"] == ops["Unsqueeze"] == 0 and res.report.bn_before == 233
+
+
+# --- timm 1.0.29: FastViT's RepMixer (x + ls * (mixer(x) - norm(x))) and RepViT ----------------------
+
+@pytest.mark.parametrize("name", ["fastvit_t8", "fastvit_sa12", "fastvit_mci0", "repvit_m0_9"])
+def test_timm_fastvit_and_repvit_fold_to_their_deploy_counts(tmp_path, name):
+    """Exported unmerged, folded by foldkit: the BN and Conv counts of timm's reparameterized model
+    as foldkit folds it (its export keeps the BNs it does not fuse itself), and PyTorch's numbers."""
+    from tests.third_party import import_timm
+
+    try:
+        timm = import_timm()
+    except ImportError as e:
+        pytest.skip(str(e))
+    from timm.utils.model import reparameterize_model
+
+    torch.manual_seed(0)
+    train = _realistic_bn(timm.create_model(name, pretrained=False, num_classes=10), layer_scales=True)
+    deploy = reparameterize_model(copy.deepcopy(train)).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    m = _export(train, x, tmp_path / "train.onnx")
+    d = foldkit.fold(_export(deploy, x, tmp_path / "deploy.onnx"), verify=False)
+    res = foldkit.fold(m)  # verified on ONNX Runtime against the unmerged graph
+    want = Counter(n.op_type for n in d.model.graph.node)
+    got = Counter(n.op_type for n in res.model.graph.node)
+    assert (got["BatchNormalization"], got["Conv"]) == (want["BatchNormalization"], want["Conv"]), \
+        [a.reason for a in res.report.actions if a.action == "kept"]
+    assert got["Sub"] == want["Sub"] == 0
+    with torch.no_grad():
+        ref = deploy(x).numpy()
+    out = ort_run(res.model, {res.model.graph.input[0].name: x.numpy()})[0]
+    err = float(np.abs(out - ref).max() / np.abs(ref).max())
+    assert err < 1e-4, err

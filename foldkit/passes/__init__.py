@@ -2,8 +2,9 @@
 
 Each pass declares its stage (``Pass.stage``): ``inference-mode`` runs first and alone (verification
 compares against the model after it);
-the fold passes (``producer``, ``merge``, ``branches``, ``consumer``) then repeat until nothing
-changes (fold first, then merge parallel branches, then fold what the merge exposed); ``lower``
+the fold passes (``branches``, ``producer``, ``merge``, ``consumer``) then repeat until nothing
+changes (merge parallel branches first, so that a branch's BN and layer scale go into the merged
+weight with the branch's own weight, rounded once; then fold; then merge what the folds exposed); ``lower``
 (only with lower_standalone) and ``cleanup`` run last.
 """
 
@@ -15,7 +16,7 @@ from .inference_mode import InferenceMode
 from .lower import LowerStandalone
 from .merge import MergeAffine
 
-DEFAULT_PASSES = (InferenceMode(), FoldIntoProducer(), MergeAffine(), BranchMerge(), FoldIntoConsumer(),
+DEFAULT_PASSES = (InferenceMode(), BranchMerge(), FoldIntoProducer(), MergeAffine(), FoldIntoConsumer(),
                   LowerStandalone(), Cleanup())
 FINAL_PASSES = tuple(p.name for p in DEFAULT_PASSES if p.stage == "final")  # kept for callers; passes declare stage
 

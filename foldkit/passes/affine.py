@@ -105,7 +105,11 @@ class ArithAffine(Affine):
         op_type = self.node.op_type
         v = per_channel(self.const.array, c, neg, rank, op_type)
         one, zero = np.ones(c), np.zeros(c)
-        return {"Mul": (v, zero), "Div": (1.0 / v, zero), "Add": (one, v), "Sub": (one, -v)}[op_type]
+        if op_type == "Mul":
+            return v, zero
+        if op_type == "Div":
+            return 1.0 / v, zero
+        return one, (v if op_type == "Add" else -v)
 
     @property
     def shift_only(self) -> bool:
