@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import foldkit
 from tests.helpers import F32, bn_inits, conv_bn_model, fold_and_compare, make_model, op_count, rng, tensor
@@ -193,3 +193,37 @@ def test_verify_reports_errors():
     assert v["passed"] and v["backend"] == "onnxruntime-cpu"
     assert 0 <= v["max_abs_err"] <= v["atol"] + v["rtol"] * 100
     assert res.report.bn_before == 1 and res.report.bn_after == 0
+
+
+# --- chains of per-channel maps fold as one map, rounded once ------------------------------------------
+
+def _conv_bn_mul(dtype, k):
+    r = rng(31)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    names, bn = bn_inits("bn", 4, r, dtype)
+    return make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+                       helper.make_node("BatchNormalization", ["c"] + names, ["b"], name="bn"),
+                       helper.make_node("Mul", ["b", "k"], ["y"], name="scale")],
+                      [("x", elem, [1, 3, 6, 6])], [("y", elem, None)],
+                      [tensor("w", r.standard_normal((4, 3, 3, 3)).astype(dtype)), tensor("k", np.asarray(k, dtype))] + bn)
+
+
+def test_conv_bn_mul_in_fp16_is_one_map_rounded_once():
+    k = (0.3 + rng(32).random((4, 1, 1))).astype(np.float16)
+    m = _conv_bn_mul(np.float16, k)
+    res = fold_and_compare(m, rtol=5e-3, atol=5e-3)
+    assert [n.op_type for n in res.model.graph.node] == ["Conv"]
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}
+    s = w["bn_scale"] / np.sqrt(w["bn_var"] + 1e-5)
+    want = (w["w"] * (s * k.astype(np.float64).reshape(-1))[:, None, None, None]).astype(np.float16)
+    got = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    assert np.array_equal(got[res.model.graph.node[0].input[1]], want)
+    (mul,) = [a for a in res.report.affine if a.node == "scale"]
+    assert mul.action == "folded" and "with the map before it" in mul.reason
+
+
+def test_a_chain_that_overflows_folds_its_longest_prefix_that_does_not():
+    m = _conv_bn_mul(np.float16, np.full((4, 1, 1), 6e4, np.float16))  # BN * 6e4 overflows float16
+    res = foldkit.fold(m, verify=False)
+    assert [n.op_type for n in res.model.graph.node] == ["Conv", "Mul"]
+    assert res.report.bn_after == 0

@@ -166,7 +166,7 @@ def test_torch_ao_qat_conv_div_add_bn_chain_folds_completely():
     w = r.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.1
     m, _ = qconv(float_weight=w, zp=np.zeros(6, np.int8), bias=False,
                  extra_affine=[("Div", r.uniform(0.5, 2, 6)), ("Add", r.standard_normal(6))])
-    res = fold_qdq(m, ulps=16)  # three maps folded one after another: the scale is rounded once per map
+    res = fold_qdq(m, ulps=16)  # composed in float64 and rounded once; the original rounds after each of its maps
     assert Counter(n.op_type for n in res.model.graph.node)["Div"] == 0
 
 

@@ -53,7 +53,7 @@ def import_timm():
     if importlib.util.find_spec("timm") is None:
         raise ImportError("timm is not installed (make installs it --no-deps)")
     try:
-        import torchvision  # noqa: F401
+        import torchvision  # noqa: F401  (only whether it imports)
     except Exception:  # missing, or a wheel that cannot load beside this torch
         for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
             del sys.modules[k]

@@ -17,6 +17,13 @@ With y = s * z + t per output channel (see foldkit.math) and z the producer's ou
 For Mul/Add/Sub/Div the constant must broadcast per output channel (or be a scalar): this covers
 FrozenBatchNorm-style exports and BN that a converter already decomposed into Mul + Add.
 
+A chain of such maps, each read only by the next (Conv -> Div -> Add -> BN, as torch.ao's QAT ConvBn
+exports; Conv -> BN -> Mul), is one map s = s_n * ... * s_1, t = s_n * (... (s_2 * t_1 + t_2) ...) + t_n,
+composed in float64 and folded at once: the weight is rounded once, and a chain whose members each
+have a negative scale for some channel but whose product does not (QAT's Div by s then BN by s)
+folds into a quantized weight where its members one by one could not. When the whole chain cannot
+fold, its longest prefix that can does.
+
 Preconditions (each refusal is reported for a BN with its reason, and leaves the graph exactly as
 it was): BN in inference mode with constant parameters and var + eps > 0, finite; the producer's
 output is read by this node alone and is not a graph output; weights and biases are constant float
@@ -31,7 +38,7 @@ import numpy as np
 from ..graph import node_label, set_attr
 from ..math import fold_bias, output_channels
 from ..report import Action
-from .affine import ARITH, ArithAffine, affine_of
+from .affine import ARITH, affine_of
 from .base import Pass, is_op
 from . import qdq
 from ..codes import Why
@@ -55,6 +62,23 @@ class _Slice:
         return self.s[self.lo:self.hi], self.t[self.lo:self.hi]
 
 
+class _Chain:
+    """Consecutive per-channel affine maps as one: (s, t) composed in float64."""
+
+    def __init__(self, members):
+        self.members = members  # [Affine], in graph order
+        self.node, self.x = members[0].node, members[0].x
+        self.is_bn = any(getattr(m, "is_bn", False) for m in members)
+        self.shift_only = all(getattr(m, "shift_only", False) for m in members)
+
+    def st(self, c, neg, rank, op):
+        s, t = np.ones(c), np.zeros(c)
+        for m in self.members:
+            sm, tm = m.st(c, neg, rank, op)
+            s, t = sm * s, sm * t + tm
+        return s, t
+
+
 class FoldIntoProducer(Pass):
     name = "producer"
     stage = "fold"
@@ -71,30 +95,74 @@ class FoldIntoProducer(Pass):
             self.options = ctx.options
             self.notes = ctx.report.notes
             try:
-                target, written = self._fold(view, i, node)
+                target, written, members = self._fold(view, i, node)
             except Refusal as r:
                 if bn:
                     ctx.report.refuse(node.output[0], label, path, "not folded into its producer", str(r), r.code)
                 continue
-            if bn:
-                entry = ctx.report.entry(node.output[0], label, path)
+            along = f" (with {len(members) - 1} more per-channel op(s) after it, as one map)" if len(members) > 1 else ""
+            for n, (out, label) in enumerate(members):
+                if out is None:  # an arithmetic member: (None, (op_type, label))
+                    op, label = label
+                    ctx.report.affine.append(Action(node=label, action="folded", target=target, graph=path,
+                                                    reason=f"{op} by a constant folded into the preceding {target}"
+                                                           + (along if n == 0 else " with the map before it"),
+                                                    tensors=list(written)))
+                    continue
+                entry = ctx.report.entry(out, label, path)
                 entry.action, entry.target = "folded", target
-                entry.reason = f"folded into the preceding {target}"
+                entry.reason = f"folded into the preceding {target}" + (along if n == 0 else " with the map before it")
                 entry.tensors = list(written)
-            else:
-                ctx.report.affine.append(Action(node=label, action="folded", target=target, graph=path,
-                                                reason=f"{node.op_type} by a constant folded into the preceding {target}",
-                                                tensors=list(written)))
             changed = True
         return changed
 
-    def _fold(self, view, i, node) -> str:
+    def _chain(self, view, i, first):
+        """[(node index, Affine)] of the map at node ``i`` and the per-channel maps after it, each the
+        only reader of the one before."""
+        out = [(i, first)]
+        while True:
+            y = out[-1][1].node.output[0]
+            if view.uses(y) != 1 or view.is_graph_output(y):
+                return out
+            cons = view.consumers(y)
+            if len(cons) != 1:  # read from a subgraph
+                return out
+            j = cons[0][0]
+            nxt = view.nodes[j]
+            if nxt.domain not in ("", "ai.onnx") or nxt.op_type not in ARITH + ("BatchNormalization",):
+                return out
+            try:
+                aff = affine_of(view, nxt)
+            except Refusal:
+                return out
+            const = getattr(aff, "const", None)
+            if aff.x != y or const is not None and sum(d != 1 for d in const.array.shape) > 1:
+                return out  # a constant with two dims above 1 is never per-channel
+            out.append((j, aff))
+
+    def _fold(self, view, i, node):
+        """(target, tensors written, [(BN output or None, label or (op, label))] of every node folded)."""
         if not is_op(node, "BatchNormalization"):
             # cheap structural checks before reading any constant
             if not any(view.producer_of(n) is not None and view.nodes[view.producer_of(n)].op_type in FOLDABLE
                        for n in node.input):
                 raise Refusal("no foldable producer")
         aff = affine_of(view, node)
+        chain = self._chain(view, i, aff)
+        for n in range(len(chain), 0, -1):  # the whole chain, else its longest prefix that folds
+            part = chain[:n]
+            said = [(a.node.output[0], node_label(a.node)) if getattr(a, "is_bn", False)
+                    else (None, (a.node.op_type, node_label(a.node))) for _, a in part]  # before any rewrite
+            try:
+                target, written = self._fold_map(view, i, node, part[0][1] if n == 1 else _Chain([a for _, a in part]),
+                                                 [j for j, _ in part])
+            except Refusal:
+                if n == 1:
+                    raise
+                continue
+            return target, written, said
+
+    def _fold_map(self, view, i, node, aff, members):
         x = aff.x
         pi = view.producer_of(x)
         if pi is None:
@@ -115,18 +183,23 @@ class FoldIntoProducer(Pass):
             raise Refusal(f"the {p.op_type} output '{x}' is also a graph output")
         if view.uses(x) != 1:
             raise Refusal(f"the {p.op_type} output '{x}' is also read by {view.uses(x) - 1} other node(s)")
+        last = members[-1]
+        out = view.nodes[last].output[0]
         if p.op_type == "Concat":
-            return self._split(view, i, node, pi, p, aff)
-        apply = getattr(self, "_plan_" + p.op_type)(view, pi, p, aff, i)
-        # every check has passed: apply the plan (constants, attributes), then splice the node out
-        # unless the plan rewrote the node itself (MatMul without a bias Add)
+            apply = self._split(view, last, node, pi, p, aff)
+        else:
+            apply = getattr(self, "_plan_" + p.op_type)(view, pi, p, aff, last)
+        # every check has passed: apply the plan (constants, attributes), then splice the chain out
+        # unless the plan rewrote its last node itself (MatMul without a bias Add)
         target, splice, written = apply()
+        for j in members[:-1]:
+            view.remove(j)
         if splice:
-            view.remove(i)
-            view.rename_output(pi, 0, node.output[0])
+            view.remove(last)
+            view.rename_output(pi, 0, out)
         return target, written
 
-    def _split(self, view, i, node, ci, cat, aff) -> str:
+    def _split(self, view, i, node, ci, cat, aff):
         """A per-channel map after a Concat (MixConv, Inception-style branches): each branch's
         channel range folds into its own producer, a Conv, ConvTranspose or Gemm read only by the
         Concat; all branches or none. Exact: the map is per channel, so it commutes with Concat."""
@@ -161,14 +234,14 @@ class FoldIntoProducer(Pass):
             part = _Slice(aff, s, t, lo, lo + c)
             plans.append(getattr(self, "_plan_" + b.op_type)(view, bi, b, part, i))
             lo += c
-        targets, written = [], []
-        for apply in plans:  # every branch passed its checks: apply all
-            target, _, wrote = apply()
-            targets.append(target)
-            written += wrote
-        view.remove(i)
-        view.rename_output(ci, 0, node.output[0])
-        return f"Concat '{node_label(cat)}' split into {', '.join(targets)}", written
+        def apply():
+            targets, written = [], []
+            for plan in plans:  # every branch passed its checks: apply all
+                target, _, wrote = plan()
+                targets.append(target)
+                written += wrote
+            return f"Concat '{node_label(cat)}' split into {', '.join(targets)}", True, written
+        return apply
 
     def _qdq(self, view, pi, p, aff, qw, out_axis, rank, bias_pos, what):
         """Fold into a quantized weight (see foldkit.passes.qdq): codes, scale and zero point of its
@@ -258,7 +331,7 @@ class FoldIntoProducer(Pass):
         return _weight_and_bias(view, pi, p, w, w_new, bias, after=(lambda: set_attr(p, "beta", 1.0)) if beta != 1.0 else None)
 
     def _plan_MatMul(self, view, pi, p, aff, i):
-        if isinstance(aff, ArithAffine) and aff.shift_only:
+        if getattr(aff, "shift_only", False):
             raise Refusal("an Add after a MatMul is already its bias")
         w = weight(view, p, 1, "MatMul weight", ndim=2)
         if w is None:
