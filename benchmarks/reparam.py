@@ -3,8 +3,9 @@ each tool, and the latency of unmerged vs merged, interleaved in one run per net
 
     python benchmarks/reparam.py [--iters 30] [--runtime ort-cpu,openvino] [--size 224]
 
-Networks: RepVGG-A0 (repvgg-pytorch) and MobileOne-S0 (mobileone-pytorch), random weights with
-realistic BN statistics, batch 1. Variants: the unfolded export; foldkit with `--skip branches`
+Networks: RepVGG-A0 (repvgg-pytorch), MobileOne-S0 (mobileone-pytorch), FastViT-T8 and RepViT-M0.9
+(timm 1.0.29, through tests/third_party.py), random weights with realistic BN statistics (and layer
+scales in [0.5, 1.5)), batch 1; `--networks` picks some. Variants: the unfolded export; foldkit with `--skip branches`
 (every Conv+BN folded, the identity BN and the parallel convolutions kept: what the other tools
 reach at best); foldkit (branches merged); the package's own deploy-mode model (the reference).
 Also the BN and Conv counts each comparison tool leaves. Writes benchmarks/results/reparam.md.
@@ -46,6 +47,18 @@ def networks():
         out["MobileOne-S0"] = (train, copy.deepcopy(train).reparametrize().eval())
     except ImportError:
         print("mobileone-pytorch not installed: pip install --no-deps mobileone-pytorch", file=sys.stderr)
+    try:
+        from tests.third_party import import_timm
+
+        timm = import_timm()
+        from timm.utils.model import reparameterize_model
+
+        for label, name in (("FastViT-T8", "fastvit_t8"), ("RepViT-M0.9", "repvit_m0_9")):
+            torch.manual_seed(0)
+            train = _realistic_bn(timm.create_model(name, pretrained=False), layer_scales=True)
+            out[label] = (train, reparameterize_model(copy.deepcopy(train)).eval())
+    except ImportError as e:
+        print(f"{e}: pip install --no-deps timm==1.0.29", file=sys.stderr)
     del torch
     return out
 
@@ -76,11 +89,15 @@ def main():
 
     ap = latency_parser("reparam")
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--networks", default=None, help="comma-separated subset, e.g. FastViT-T8,RepViT-M0.9")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     md = ["# Re-parameterizable networks exported unmerged", "",
           f"`python benchmarks/reparam.py --size {args.size} --iters {args.iters} --runtime {args.runtime}`", ""]
+    chosen = set(args.networks.split(",")) if args.networks else None
     for name, (train, deploy) in networks().items():
+        if chosen is not None and name not in chosen:
+            continue
         orig = os.path.join(args.out, f"{name}.onnx")
         export(train, args.size, orig)
         ref = os.path.join(args.out, f"{name}.deploy.onnx")
@@ -105,7 +122,8 @@ def main():
         print("\n".join(md[-len(table) - 4:]), flush=True)
     results = os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(results, exist_ok=True)
-    with open(os.path.join(results, "reparam.md"), "w") as f:
+    with open(os.path.join(results, "reparam.md" if chosen is None else f"reparam_{'_'.join(sorted(chosen))}.md"),
+              "w") as f:
         f.write("\n".join(md) + "\n")
 
 
