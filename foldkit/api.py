@@ -17,6 +17,7 @@ from .errors import InputError, VerificationError
 from .graph import iter_graphs, node_label, subgraph_paths
 from .passes import DEFAULT_PASSES, PASS_NAMES
 from .passes.base import FoldContext, Pass, is_op
+from .passes.affine import report_left
 from .report import Report
 from .tensors import TensorStore
 from .checker import checker_error  # noqa: F401 (foldkit.api.checker_error, as before)
@@ -352,6 +353,8 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], options: Optional[FoldOp
         if done or p.name == "cleanup":
             report.passes.append(p.name)
     report.unchanged = not rewritten
+    if folds:
+        report_left(ctx)  # every per-channel Mul/Add left, with its reason
 
     report.bn_after = count_bn(m)
     report.finish()

@@ -123,7 +123,8 @@ def node_label(node: NodeProto) -> str:
 
 
 def value_types(model: ModelProto) -> dict:
-    """(rank or None, elem_type) of every value ONNX shape inference can tell, across all graphs.
+    """(rank or None, elem_type, dims or None) of every value ONNX shape inference can tell, across
+    all graphs; a dim is an int, a symbol (str) or None (unknown).
 
     Large float initializers are detached while inference runs (it only needs their dims), so a
     big model is not copied whole; they are put back before returning.
@@ -153,7 +154,9 @@ def value_types(model: ModelProto) -> dict:
         for v in list(g.input) + list(g.output) + list(g.value_info):
             tt = v.type.tensor_type
             if v.type.HasField("tensor_type"):
-                types[v.name] = (len(tt.shape.dim) if tt.HasField("shape") else None, tt.elem_type)
+                dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                             for d in tt.shape.dim) if tt.HasField("shape") else None
+                types[v.name] = (len(dims) if dims is not None else None, tt.elem_type, dims)
         for t in g.initializer:
-            types[t.name] = (len(t.dims), t.data_type)
+            types[t.name] = (len(t.dims), t.data_type, tuple(t.dims))
     return types

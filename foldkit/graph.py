@@ -60,7 +60,7 @@ class ModelIndex:
     def _type(self, name: str):
         if self._types is None:
             self._types = value_types(self._consistent())
-        return self._types.get(name, (None, 0))
+        return self._types.get(name, (None, 0, None))
 
     def _consistent(self) -> ModelProto:
         """The model as shape inference should see it when the value types are first asked for.
@@ -90,6 +90,10 @@ class ModelIndex:
 
     def rank(self, name: str) -> Optional[int]:
         return self._type(name)[0]
+
+    def dims(self, name: str) -> Optional[tuple]:
+        """Dims of ``name`` as shape inference tells them (int, symbol str, or None each), or None."""
+        return self._type(name)[2]
 
     def elem_type(self, name: str) -> int:
         """TensorProto elem type of ``name`` (0 when unknown)."""
@@ -233,7 +237,8 @@ class GraphView:
         if const is not None and const.owner is self and self.uses(old) == 1 and const.kind not in ("computed", "sparse"):
             self.index.rewritten.add(old)
             if self.index._types is not None:
-                self.index._types[old] = (len(getattr(array, "shape", np.shape(array))), data_type)
+                shape = tuple(getattr(array, "shape", np.shape(array)))
+                self.index._types[old] = (len(shape), data_type, shape)
             if const.kind == "initializer":
                 store.place(array, data_type, self.inits[old], top_level=self.parent is None)  # in place
             else:

@@ -71,12 +71,17 @@ def print_fold_report(report, output=None, verbose: int = 0, verified: bool = Tr
     head = f"BatchNormalization nodes: {report.bn_before} before, {report.bn_after} after"
     if report.actions:
         head += f" ({_counts(report.actions)})"
-    if report.affine:
-        head += f"; {len(report.affine)} per-channel Mul/Add folded"
+    folded_affine = sum(a.action == "folded" for a in report.affine)
+    kept_affine = [a for a in report.affine if a.action == "kept"]
+    if folded_affine:
+        head += f"; {folded_affine} per-channel Mul/Add folded"
+    if kept_affine:
+        head += f"; {len(kept_affine)} per-channel Mul/Add kept"
     merged = [b for b in report.branches if b.action == "merged"]
     if merged:
         head += f"; {len(merged)} sets of parallel branches merged"
     shown = report.actions if verbose else [a for a in report.actions if a.action in ("kept", "lowered")]
+    shown = shown + kept_affine  # each per-channel Mul/Add left, with its reason, as a BN left
     if fancy():
         from rich.table import Table
 
@@ -84,7 +89,7 @@ def print_fold_report(report, output=None, verbose: int = 0, verified: bool = Tr
         c.print(esc(head))
         if shown:
             table = Table()
-            table.add_column("BN node", overflow="fold")
+            table.add_column("node", overflow="fold")
             table.add_column("action")
             table.add_column("into / why", overflow="fold")
             for a in shown:
@@ -93,8 +98,8 @@ def print_fold_report(report, output=None, verbose: int = 0, verified: bool = Tr
                 style = {"folded": "green", "merged": "green", "lowered": "cyan", "kept": "yellow"}.get(a.action, "")
                 table.add_row(esc(node), f"[{style}]{a.action}[/{style}]" if style else a.action, esc(where or ""))
             c.print(table)
-        if not verbose and len(shown) < len(report.actions):
-            c.print(f"({len(report.actions) - len(shown)} folded BN not listed: -v lists every one)")
+        if not verbose and len(shown) - len(kept_affine) < len(report.actions):
+            c.print(f"({len(report.actions) - len(shown) + len(kept_affine)} folded BN not listed: -v lists every one)")
     else:
         _out(printable(head))
         for a in shown:

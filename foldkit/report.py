@@ -56,6 +56,13 @@ class Report:
 
     # keyed by BN output name while the passes run; flattened into ``actions`` at the end
     _by_key: dict = field(default_factory=dict, repr=False)
+    # (graph, output name) -> (reason, code) of the last refusal of each per-channel Mul/Add/Sub/Div
+    _affine_why: dict = field(default_factory=dict, repr=False)
+
+    def refuse_affine(self, key: str, graph: str, reason: str, code=None) -> None:
+        from .codes import Why
+
+        self._affine_why[(graph, key)] = (reason, Why(code or Why.NOT_APPLICABLE).value)
 
     def entry(self, key: str, node: str, graph: str) -> Action:
         if key not in self._by_key:

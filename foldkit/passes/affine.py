@@ -122,3 +122,36 @@ def affine_of(view, node) -> Affine:
     if node.domain in ("", "ai.onnx") and node.op_type in ARITH:
         return ArithAffine(view, node)
     raise Refusal(f"{node.op_type} is not a per-channel affine map")
+
+
+def report_left(ctx) -> None:
+    """A "kept" entry, with the reason and code of its last refusal, for every per-channel
+    Mul/Add/Sub/Div by a constant still in the model once the passes are done: a constant with at
+    most one dim above 1 (a per-channel vector), or a scalar whose input is read by it alone and
+    comes from a Conv, ConvTranspose, Gemm or MatMul (through layout ops or not). Scalar ops inside
+    activations (GELU, hardswish) read a value other nodes read too, and are not listed."""
+    from ..report import Action
+    from .layout import is_layout
+
+    for view, path in ctx.walk():
+        for i, node in enumerate(view.nodes):
+            if i in view.removed or node.domain not in ("", "ai.onnx") or node.op_type not in ARITH:
+                continue
+            try:
+                aff = ArithAffine(view, node)
+            except Refusal:
+                continue
+            shape = aff.const.array.shape
+            if sum(d != 1 for d in shape) > 1:
+                continue
+            if aff.const.array.size == 1:
+                if view.uses(aff.x) != 1:
+                    continue
+                j = view.producer_of(aff.x)
+                while j is not None and is_layout(view.nodes[j]) and view.nodes[j].input:
+                    j = view.producer_of(view.nodes[j].input[0])
+                if j is None or view.nodes[j].op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                    continue
+            reason, code = ctx.report._affine_why.get((path, node.output[0]), ("no rewrite applies", "not_applicable"))
+            ctx.report.affine.append(Action(node=node_label(node), action="kept", graph=path,
+                                            reason=f"{node.op_type} by a constant not folded: {reason}", code=code))

@@ -40,11 +40,13 @@ from ..math import fold_bias, output_channels
 from ..report import Action
 from .affine import ARITH, affine_of
 from .base import Pass, is_op
+from .layout import LAYOUT, Moved, channel_axis_after, is_layout, producer_axis, through_layout
 from . import qdq
 from ..codes import Why
 from .common import Refusal, float_attr, int_attr, rounded, scaled_weight, weight
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Concat")
+# (also through Transpose / Reshape / Flatten / Squeeze / Unsqueeze / Identity: see .layout)
 SPLITTABLE = ("Conv", "ConvTranspose", "Gemm")  # producers a BN after a Concat is split into
 
 
@@ -99,6 +101,8 @@ class FoldIntoProducer(Pass):
             except Refusal as r:
                 if bn:
                     ctx.report.refuse(node.output[0], label, path, "not folded into its producer", str(r), r.code)
+                else:
+                    ctx.report.refuse_affine(node.output[0], path, str(r), r.code)
                 continue
             along = f" (with {len(members) - 1} more per-channel op(s) after it, as one map)" if len(members) > 1 else ""
             for n, (out, label) in enumerate(members):
@@ -144,9 +148,10 @@ class FoldIntoProducer(Pass):
         """(target, tensors written, [(BN output or None, label or (op, label))] of every node folded)."""
         if not is_op(node, "BatchNormalization"):
             # cheap structural checks before reading any constant
-            if not any(view.producer_of(n) is not None and view.nodes[view.producer_of(n)].op_type in FOLDABLE
+            if not any(view.producer_of(n) is not None and view.nodes[view.producer_of(n)].op_type in FOLDABLE + LAYOUT
                        for n in node.input):
-                raise Refusal("no foldable producer")
+                raise Refusal("its input does not come from a Conv, ConvTranspose, Gemm, MatMul or Concat, "
+                              "directly or through layout ops")
         aff = affine_of(view, node)
         chain = self._chain(view, i, aff)
         for n in range(len(chain), 0, -1):  # the whole chain, else its longest prefix that folds
@@ -177,15 +182,20 @@ class FoldIntoProducer(Pass):
                 raise Refusal(f"its input is re-quantized (QuantizeLinear -> DequantizeLinear) after {what}: folding "
                               "would remove a rounding step; fold before quantizing (`foldkit fold` on the float "
                               "model, or onnxruntime's quant_pre_process)", Why.QUANTIZATION)
-        if p.domain not in ("", "ai.onnx") or p.op_type not in FOLDABLE:
-            raise Refusal(f"its input comes from {p.op_type} '{node_label(p)}', which has no weights to fold into")
         if view.is_graph_output(x):
             raise Refusal(f"the {p.op_type} output '{x}' is also a graph output")
         if view.uses(x) != 1:
             raise Refusal(f"the {p.op_type} output '{x}' is also read by {view.uses(x) - 1} other node(s)")
+        splice_at, through = pi, ""
+        if is_layout(p):  # Conv -> Transpose / Reshape / ... -> the map: fold where the channels survive
+            pi, p, aff, through = self._through_layout(view, x, aff)
+        if p.domain not in ("", "ai.onnx") or p.op_type not in FOLDABLE:
+            raise Refusal(f"its input comes from {p.op_type} '{node_label(p)}', which has no weights to fold into")
         last = members[-1]
         out = view.nodes[last].output[0]
         if p.op_type == "Concat":
+            if through:
+                raise Refusal(f"its input comes through {through} from a Concat")
             apply = self._split(view, last, node, pi, p, aff)
         else:
             apply = getattr(self, "_plan_" + p.op_type)(view, pi, p, aff, last)
@@ -196,8 +206,36 @@ class FoldIntoProducer(Pass):
             view.remove(j)
         if splice:
             view.remove(last)
-            view.rename_output(pi, 0, out)
-        return target, written
+            view.rename_output(splice_at, 0, out)
+        return target + (f" through {through}" if through else ""), written
+
+    def _through_layout(self, view, x, aff):
+        """(producer index, producer, the map read on the moved channel axis, 'Transpose 't', ...')
+        for a map whose input comes through layout ops, or Refusal."""
+        z, chain = through_layout(view, x)
+        through = ", ".join(f"{view.nodes[j].op_type} '{node_label(view.nodes[j])}'" for j in chain)
+        pi = view.producer_of(z)
+        p = view.nodes[pi] if pi is not None else None
+        if p is None or p.domain not in ("", "ai.onnx") or p.op_type not in FOLDABLE or p.op_type == "Concat":
+            what = "a graph input or constant" if p is None else f"{p.op_type} '{node_label(p)}'"
+            raise Refusal(f"its input comes through {through} from {what}, which has no weights to fold into")
+        if view.is_graph_output(z) or view.uses(z) != 1:
+            raise Refusal(f"the {p.op_type} output '{z}' is also read elsewhere (before {through})")
+        if p.op_type == "MatMul":
+            raise Refusal(f"a MatMul without a bias Add before {through}: its shift would need an Add there")
+        at = producer_axis(view, p, z)
+        if at is None:
+            raise Refusal(f"the rank of the {p.op_type} output '{z}' is unknown")
+        try:
+            neg, rank = channel_axis_after(view, chain, *at)
+        except Refusal:
+            members = getattr(aff, "members", [aff])
+            x_rank = view.index.rank(x)
+            if x_rank is None or not all(getattr(a, "const", None) is not None and a.const.array.size == 1
+                                         and a.const.array.ndim <= min(x_rank, at[1]) for a in members):
+                raise  # (a scalar of higher rank than x would broadcast x to more dims)
+            neg, rank = at[0] - at[1], at[1]  # a scalar map commutes with any move of the elements
+        return pi, p, Moved(aff, neg, rank, through, z), through
 
     def _split(self, view, i, node, ci, cat, aff):
         """A per-channel map after a Concat (MixConv, Inception-style branches): each branch's

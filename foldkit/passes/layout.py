@@ -1,0 +1,118 @@
+"""Where the channels of a tensor go through layout ops (Transpose, Reshape, Flatten, Squeeze,
+Unsqueeze, Identity), so that a per-channel map after them can fold into the op before them.
+
+A per-channel map y = s[c] * v + t[c] commutes with an op that only moves elements, as long as
+every element keeps its channel: the map applied before the layout ops, on the producer's own
+channel axis, gives the same values. That holds when the channel axis survives as an axis of its
+own, with the same extent, in the same order:
+
+- Transpose(perm): axis a goes to perm.index(a);
+- Reshape, Flatten, Squeeze, Unsqueeze (row-major moves of the same elements): axis a of dims d
+  goes to axis b of dims e where e[b] = d[a] and the products of the dims before and after it are
+  the same (d[:a] vs e[:b], d[a+1:] vs e[b+1:]; a symbolic dim counts as a factor of its own).
+  Both dims must be known (shape inference, or the model's value_info).
+
+Anything else, or an unknown dim, and the channels cannot be shown to survive: the fold is refused
+with that reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+from ..graph import get_attr, node_label
+from .common import Refusal
+
+LAYOUT = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+def is_layout(node) -> bool:
+    return node.domain in ("", "ai.onnx") and node.op_type in LAYOUT
+
+
+def _product(dims):
+    n, symbols = 1, Counter()
+    for d in dims:
+        if isinstance(d, int):
+            n *= d
+        else:
+            symbols[d] += 1
+    return n, symbols
+
+
+def moved_axis(view, node, axis: int, rank: int) -> tuple:
+    """(axis, rank) of the channels after layout op ``node`` when they are on ``axis`` (>= 0) of its
+    input, or Refusal."""
+    label = f"{node.op_type} '{node_label(node)}'"
+    if node.op_type == "Identity":
+        return axis, rank
+    if node.op_type == "Transpose":
+        perm = get_attr(node, "perm", None)
+        perm = list(range(rank))[::-1] if perm is None else [int(p) % rank for p in perm]
+        if sorted(perm) != list(range(rank)):
+            raise Refusal(f"{label} has a perm that is not a permutation of {rank} axes")
+        return perm.index(axis), rank
+    d_in, d_out = view.index.dims(node.input[0]), view.index.dims(node.output[0])
+    if d_in is None or d_out is None or None in d_in or None in d_out or len(d_in) != rank:
+        raise Refusal(f"the shapes around {label} are not known, so the channels cannot be shown to stay an axis")
+    c = d_in[axis]
+    before, after = _product(d_in[:axis]), _product(d_in[axis + 1:])
+    for b, e in enumerate(d_out):
+        if e == c and _product(d_out[:b]) == before and _product(d_out[b + 1:]) == after:
+            return b, len(d_out)
+    raise Refusal(f"{label} reshapes {list(d_in)} to {list(d_out)}: the {c} channels on axis {axis} do not stay "
+                  "an axis of their own")
+
+
+def through_layout(view, name: str):
+    """The layout ops that compute ``name`` from a non-layout producer, each read only by the next:
+    (the producer's output, [layout node indices, first to last]). None when ``name`` is not the
+    output of a layout op."""
+    chain, cur = [], name
+    while True:
+        j = view.producer_of(cur)
+        if j is None or not is_layout(view.nodes[j]) or not view.nodes[j].input:
+            break
+        if cur != name and (view.uses(cur) != 1 or view.is_graph_output(cur)):
+            break
+        chain.append(j)
+        cur = view.nodes[j].input[0]
+    if not chain:
+        return None
+    return cur, chain[::-1]
+
+
+def channel_axis_after(view, chain, axis: int, rank: int) -> tuple:
+    """(axis as a negative index, rank) of the channels at the end of the layout ``chain``."""
+    for j in chain:
+        axis, rank = moved_axis(view, view.nodes[j], axis, rank)
+    return axis - rank, rank
+
+
+class Moved:
+    """A per-channel map read on the axis the channels have after layout ops: ``st`` answers for the
+    producer's channels, whatever axis the producer's plan names."""
+
+    def __init__(self, aff, neg: int, rank: int, through: str, x: str):
+        self.aff, self.neg, self.rank, self.through = aff, neg, rank, through
+        self.node, self.x = aff.node, x
+        self.is_bn = getattr(aff, "is_bn", False)
+        self.shift_only = getattr(aff, "shift_only", False)
+
+    def st(self, c, neg, rank, op):
+        return self.aff.st(c, self.neg, self.rank, op)
+
+
+def producer_axis(view, p, z: str) -> Optional[tuple]:
+    """(axis >= 0, rank) of the output channels of producer ``p`` (output ``z``), or None."""
+    rank = view.index.rank(z)
+    if p.op_type in ("Conv", "ConvTranspose"):
+        w = view.constant(p.input[1]) if len(p.input) > 1 else None
+        r = w.array.ndim if w is not None else rank
+        return (1, r) if r else None
+    if p.op_type == "Gemm":
+        return 1, 2
+    if p.op_type in ("MatMul", "Add") and rank:
+        return rank - 1, rank
+    return None
