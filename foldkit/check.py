@@ -15,6 +15,7 @@
 | FK011 | warning  | a channel whose running var is at most 10 x eps (near collapse: the folded scale explodes) |
 | FK012 | warning/error | (--data) running statistics far from the data's: `foldkit recalibrate` is the fix |
 | FK013 | error    | foldkit itself failed on this model (internal error, exit code 3: a bug in foldkit; the other models are still checked) |
+| FK014 | warning  | a per-channel Mul/Add/Sub/Div by a constant (a decomposed BN, a layer scale): one `foldkit fold` folds, or one it leaves, with the reason |
 
 The check never runs the model and never writes: it runs the fold pipeline on an in-memory copy
 without verification and reads its report.
@@ -272,6 +273,13 @@ def check(path: str, data=None) -> CheckResult:
             risk = _numeric_risk(index, a, folded.tensors, seen)
             if risk:
                 result.findings.append(Finding("FK004", "warning", a.node, f"numeric risk after folding: {risk}", a.graph))
+    for a in report.affine:
+        if a.action == "folded":
+            result.findings.append(Finding("FK014", "warning", a.node,
+                                           f"{a.reason.replace(' folded into ', ' can be folded into ')}; run `foldkit fold`",
+                                           a.graph))
+        elif a.action == "kept":
+            result.findings.append(Finding("FK014", "warning", a.node, f"per-channel op left: {a.reason}", a.graph))
     for b in report.branches:
         if b.action == "merged":
             result.findings.append(Finding("FK009", "warning", b.node,

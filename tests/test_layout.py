@@ -198,3 +198,33 @@ def test_random_layout_chains_fold_exactly_or_are_left_unchanged(steps, const_ax
     else:  # refused, with a reason, and nothing changed
         assert res.model.SerializeToString() == m.SerializeToString()
         assert {a.node for a in res.report.affine if a.action == "kept" and a.reason} >= {"mul"}
+
+
+def test_check_counts_per_channel_ops_as_fk014_warnings(tmp_path):
+    """A per-channel Mul/Add that fold folds is a warning naming its target; one it leaves, a warning
+    with the reason; the folded model has none. Warnings do not fail the gate unless asked."""
+    import json
+
+    from click.testing import CliRunner
+
+    from foldkit.cli import main
+
+    r = rng(8)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+             helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("Mul", ["t", "s"], ["m"], name="scale"), helper.make_node("Relu", ["m"], ["a"]),
+             helper.make_node("Add", ["a", "b"], ["y"], name="shift")]  # after a Relu: nothing to fold into
+    m = make_model(nodes, [("x", F32, [1, 3, 4, 4])], [("y", F32, None)],
+                   [tensor("w", _w(r, 4, 3, 3, 3)), tensor("s", _pos(r, 4)), tensor("b", _w(r, 4))])
+    p, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    onnx.save(m, str(p))
+    res = CliRunner().invoke(main, ["check", str(p), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    found = {f["node"]: f for f in json.loads(res.output)["models"][0]["findings"]}
+    assert set(found) == {"scale", "shift"} and {f["code"] for f in found.values()} == {"FK014"}
+    assert "can be folded into the preceding Conv" in found["scale"]["message"]
+    assert "per-channel op left" in found["shift"]["message"] and "Relu" in found["shift"]["message"]
+    assert CliRunner().invoke(main, ["check", str(p), "--fail-on", "warning"]).exit_code == 1
+    assert CliRunner().invoke(main, ["fold", str(p), "-o", str(out), "-q"]).exit_code == 0
+    res = CliRunner().invoke(main, ["check", str(out), "--format", "json"])
+    assert [f["node"] for f in json.loads(res.output)["models"][0]["findings"]] == ["shift"]

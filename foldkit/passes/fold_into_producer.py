@@ -150,8 +150,10 @@ class FoldIntoProducer(Pass):
             # cheap structural checks before reading any constant
             if not any(view.producer_of(n) is not None and view.nodes[view.producer_of(n)].op_type in FOLDABLE + LAYOUT
                        for n in node.input):
-                raise Refusal("its input does not come from a Conv, ConvTranspose, Gemm, MatMul or Concat, "
-                              "directly or through layout ops")
+                ps = [view.nodes[view.producer_of(n)] for n in node.input if view.producer_of(n) is not None]
+                ps = [q for q in ps if q.op_type != "Constant"]
+                what = " or ".join(f"{q.op_type} '{node_label(q)}'" for q in ps) or "a graph input"
+                raise Refusal(f"its input comes from {what}, which has no weights to fold into")
         aff = affine_of(view, node)
         chain = self._chain(view, i, aff)
         for n in range(len(chain), 0, -1):  # the whole chain, else its longest prefix that folds
