@@ -234,9 +234,11 @@ class FoldIntoProducer(Pass):
             members = getattr(aff, "members", [aff])
             x_rank = view.index.rank(x)
             if x_rank is None or not all(getattr(a, "const", None) is not None and a.const.array.size == 1
-                                         and a.const.array.ndim <= min(x_rank, at[1]) for a in members):
-                raise  # (a scalar of higher rank than x would broadcast x to more dims)
-            neg, rank = at[0] - at[1], at[1]  # a scalar map commutes with any move of the elements
+                                         for a in members):
+                raise
+            # a scalar map commutes with any move of the elements; its rank is checked against x's
+            # (a scalar of higher rank than x would broadcast x to more dims)
+            neg, rank = -1, x_rank
         return pi, p, Moved(aff, neg, rank, through, z), through
 
     def _split(self, view, i, node, ci, cat, aff):
