@@ -59,10 +59,19 @@ class Report:
     # (graph, output name) -> (reason, code) of the last refusal of each per-channel Mul/Add/Sub/Div
     _affine_why: dict = field(default_factory=dict, repr=False)
 
-    def refuse_affine(self, key: str, graph: str, reason: str, code=None) -> None:
-        from .codes import Why
+    def refuse_affine(self, key: str, graph: str, reason: str, code=None, stage: str = "") -> None:
+        """Say why a per-channel Mul/Add/Sub/Div was not folded (the reasons of each stage, joined;
+        the code of the most telling)."""
+        from .codes import PRIORITY, Why
 
-        self._affine_why[(graph, key)] = (reason, Why(code or Why.NOT_APPLICABLE).value)
+        lines, old = self._affine_why.get((graph, key), ([], None))
+        line = f"{stage}: {reason}" if stage else reason
+        if line not in lines:
+            lines = lines + [line]
+        code = Why(code or Why.NOT_APPLICABLE)
+        if old is not None and PRIORITY.index(Why(old)) < PRIORITY.index(code):
+            code = Why(old)
+        self._affine_why[(graph, key)] = (lines, code.value)
 
     def entry(self, key: str, node: str, graph: str) -> Action:
         if key not in self._by_key:

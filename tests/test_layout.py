@@ -228,3 +228,27 @@ def test_check_counts_per_channel_ops_as_fk014_warnings(tmp_path):
     assert CliRunner().invoke(main, ["fold", str(p), "-o", str(out), "-q"]).exit_code == 0
     res = CliRunner().invoke(main, ["check", str(out), "--format", "json"])
     assert [f["node"] for f in json.loads(res.output)["models"][0]["findings"]] == ["shift"]
+
+
+@pytest.mark.parametrize("pads, shift", [(0, True), (1, False), (1, True)])
+def test_decomposed_bn_before_a_conv_folds_into_it_under_the_padding_rule(pads, shift):
+    """Relu -> Mul[1,C,1,1] (-> Add[1,C,1,1]) -> Conv: a shift needs a Conv without padding (the
+    padded zeros would not be shifted); a pure scale folds into any Conv."""
+    r = rng(9)
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Mul", ["a", "s"], ["m"], name="scale")]
+    inits = [tensor("s", _pos(r, 1, 3, 1, 1)), tensor("w", _w(r, 4, 3, 3, 3))]
+    if shift:
+        nodes.append(helper.make_node("Add", ["m", "b"], ["mb"], name="shift"))
+        inits.append(tensor("b", _w(r, 1, 3, 1, 1)))
+    nodes.append(helper.make_node("Conv", ["mb" if shift else "m", "w"], ["y"], pads=[pads] * 4))
+    m = make_model(nodes, [("x", F32, [1, 3, 6, 6])], [("y", F32, None)], inits)
+    res = foldkit.fold(m, verify=False)
+    feeds = random_feeds(m, rng(10))
+    assert_close(ort_run(m, feeds), ort_run(res.model, feeds), 1e-5, 1e-5)
+    if pads and shift:
+        assert res.model.SerializeToString() == m.SerializeToString()
+        kept = {a.node: a.reason for a in res.report.affine if a.action == "kept"}
+        assert "pads its input with zeros" in kept["scale"]
+    else:
+        assert _ops(res.model) == ["Relu", "Conv"]
+        assert all("following Conv" in a.reason for a in res.report.affine)

@@ -152,6 +152,51 @@ def report_left(ctx) -> None:
                     j = view.producer_of(view.nodes[j].input[0])
                 if j is None or view.nodes[j].op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
                     continue
-            reason, code = ctx.report._affine_why.get((path, node.output[0]), ("no rewrite applies", "not_applicable"))
+            lines, code = ctx.report._affine_why.get((path, node.output[0]), (["no rewrite applies"], "not_applicable"))
             ctx.report.affine.append(Action(node=node_label(node), action="kept", graph=path,
-                                            reason=f"{node.op_type} by a constant not folded: {reason}", code=code))
+                                            reason=f"{node.op_type} by a constant not folded: {'; '.join(lines)}",
+                                            code=code))
+
+
+class Chain:
+    """Consecutive per-channel affine maps as one: (s, t) composed in float64,
+    s = s_n * ... * s_1, t = s_n * (... (s_2 * t_1 + t_2) ...) + t_n."""
+
+    def __init__(self, members):
+        self.members = members  # [Affine], in graph order
+        self.node, self.x = members[0].node, members[0].x
+        self.is_bn = any(getattr(m, "is_bn", False) for m in members)
+        self.shift_only = all(getattr(m, "shift_only", False) for m in members)
+
+    def st(self, c, neg, rank, op):
+        s, t = np.ones(c), np.zeros(c)
+        for m in self.members:
+            sm, tm = m.st(c, neg, rank, op)
+            s, t = sm * s, sm * t + tm
+        return s, t
+
+
+def chain_after(view, i, first) -> list:
+    """[(node index, Affine)] of the map ``first`` at node ``i`` and the per-channel maps after it,
+    each the only reader of the one before (a constant with two dims above 1 is never per-channel:
+    the chain stops there)."""
+    out = [(i, first)]
+    while True:
+        y = out[-1][1].node.output[0]
+        if view.uses(y) != 1 or view.is_graph_output(y):
+            return out
+        cons = view.consumers(y)
+        if len(cons) != 1:  # read from a subgraph
+            return out
+        j = cons[0][0]
+        nxt = view.nodes[j]
+        if nxt.domain not in ("", "ai.onnx") or nxt.op_type not in ARITH + ("BatchNormalization",):
+            return out
+        try:
+            aff = affine_of(view, nxt)
+        except Refusal:
+            return out
+        const = getattr(aff, "const", None)
+        if aff.x != y or const is not None and sum(d != 1 for d in const.array.shape) > 1:
+            return out
+        out.append((j, aff))

@@ -1,9 +1,12 @@
-"""Fold a BatchNormalization into the op that consumes its output (y = s * x + t feeds a linear op).
+"""Fold a per-channel affine map into the op that consumes its output (y = s * x + t feeds a linear
+op): a BatchNormalization, a Mul/Add/Sub/Div by a per-channel or scalar constant (a BN a converter
+decomposed: ``Relu -> Mul -> Add -> Conv``), or a chain of them each read only by the next,
+composed in float64 into one map.
 
 - Conv with no padding (pads all zero or auto_pad=VALID), any group, weight [C_out, C_in/g, k...]:
   W'[o, i, k] = W[o, i, k] * s[c], b'[o] = b[o] + sum_{i,k} W[o, i, k] * t[c], c = the input channel
-  of (o, i). With padding the border windows would see the padded zeros, which the BN would have
-  shifted by t: that is not exact, so it is refused.
+  of (o, i). With padding the border windows would see the padded zeros, which the map would have
+  shifted by t: that is not exact, so it is refused, unless t = 0 (a pure scale keeps zeros zero).
 - Gemm with transA=0 (BN on A's columns K): B' = diag(s) B_eff, C' = beta * C + alpha * t B_eff,
   beta := 1 (B_eff = B, or B^T when transB=1).
 - MatMul with a constant 2-D weight [K, N] and a 2-D input (the BN channel axis is then K):
@@ -20,29 +23,57 @@ import onnx
 
 from ..graph import node_label, set_attr
 from ..math import fold_into_conv_consumer
-from .base import BNPass, is_op
+from ..report import Action
+from .affine import ARITH, Chain, affine_of, chain_after
+from .base import Pass, is_op
 from ..codes import Why
-from .common import Refusal, bn_affine, float_attr, int_attr, rounded, weight
+from .common import Refusal, float_attr, int_attr, rounded, weight
 
 
-class FoldIntoConsumer(BNPass):
+class FoldIntoConsumer(Pass):
     name = "consumer"
     stage = "fold"
 
-    def run_bn(self, ctx, view, path, i, bn):
-        label = node_label(bn)
-        try:
-            target, written = self._fold(view, i, bn)
-        except Refusal as r:
-            ctx.report.refuse(bn.output[0], label, path, "not folded into its consumer", str(r), r.code)
-            return False
-        entry = ctx.report.entry(bn.output[0], label, path)
-        entry.action, entry.target = "folded", target
-        entry.reason = f"folded into the following {target}"
-        entry.tensors = list(written)
-        return True
+    def run_graph(self, ctx, view, path):
+        changed = False
+        for i, node in enumerate(view.nodes):
+            if i in view.removed or node.domain not in ("", "ai.onnx"):
+                continue
+            bn = node.op_type == "BatchNormalization"
+            if not bn and node.op_type not in ARITH:
+                continue
+            try:
+                aff = affine_of(view, node)
+            except Refusal as r:
+                if bn:
+                    ctx.report.refuse(node.output[0], node_label(node), path, "not folded into its consumer", str(r), r.code)
+                continue
+            chain = chain_after(view, i, aff)
+            said = [(a.node.op_type, a.node.output[0], node_label(a.node)) for _, a in chain]
+            try:
+                target, written = self._fold(view, [j for j, _ in chain], aff if len(chain) == 1
+                                             else Chain([a for _, a in chain]))
+            except Refusal as r:
+                if bn:
+                    ctx.report.refuse(node.output[0], node_label(node), path, "not folded into its consumer", str(r), r.code)
+                else:
+                    ctx.report.refuse_affine(node.output[0], path, str(r), r.code, "not folded into its consumer")
+                continue
+            for op, out, label in said:
+                why = f"folded into the following {target}" + (" with the maps next to it" if len(said) > 1 else "")
+                if op == "BatchNormalization":
+                    entry = ctx.report.entry(out, label, path)
+                    entry.action, entry.target, entry.reason = "folded", target, why
+                    entry.tensors = list(written)
+                else:
+                    ctx.report.affine.append(Action(node=label, action="folded", target=target, graph=path,
+                                                    reason=f"{op} by a constant {why}", tensors=list(written)))
+            changed = True
+        return changed
 
-    def _fold(self, view, i, bn):
+    def _fold(self, view, members, aff):
+        """Fold the map ``aff`` (nodes ``members``, in order) into the op that reads its output."""
+        bn = view.nodes[members[-1]]
         y = bn.output[0]
         if view.is_graph_output(y):
             raise Refusal(f"its output '{y}' is a graph output")
@@ -57,18 +88,44 @@ class FoldIntoConsumer(BNPass):
                           Why.QUANTIZATION)
         if c.domain not in ("", "ai.onnx") or c.op_type not in ("Conv", "Gemm", "MatMul") or pos != 0:
             raise Refusal(f"it is followed by {c.op_type} '{node_label(c)}', which cannot absorb it")
-        s, t = bn_affine(view, bn)
-        apply = getattr(self, "_plan_" + c.op_type)(view, j, c, s, t, bn.input[0])
+        x = aff.x
+        ch, neg, rank = self._channels(view, c)
+        s, t = aff.st(ch, neg, rank, c.op_type)
+        apply = getattr(self, "_plan_" + c.op_type)(view, j, c, s, t, x)
         written = apply()
-        view.remove(i)
-        view.set_input(j, 0, bn.input[0])
+        for k in members:
+            view.remove(k)
+        view.set_input(j, 0, x)
         return f"{c.op_type} '{node_label(c)}'", written
+
+    @staticmethod
+    def _channels(view, c):
+        """(input channels, their axis as a negative index, the input's rank) of the consumer."""
+        if c.op_type == "Conv":
+            w = weight(view, c, 1, "Conv weight")
+            if w is None or w.array.ndim < 3:
+                raise Refusal("the Conv weight is missing or has rank < 3")
+            return w.array.shape[1] * int_attr(c, "group", 1), 1 - w.array.ndim, w.array.ndim
+        if c.op_type == "Gemm":
+            if int_attr(c, "transA", 0):
+                raise Refusal("the following Gemm has transA=1, so the channels are not its reduction axis")
+            w = weight(view, c, 1, "Gemm B", ndim=2)
+            if w is None:
+                raise Refusal("the Gemm has no B input")
+            return w.array.shape[1 if int_attr(c, "transB", 0) else 0], -1, 2
+        rank = view.index.rank(c.input[0])
+        if rank != 2:
+            raise Refusal("the input is not known to be 2-D, so its channel axis is not the MatMul's reduction axis")
+        w = weight(view, c, 1, "MatMul weight", ndim=2)
+        if w is None:
+            raise Refusal("the MatMul has no constant weight")
+        return w.array.shape[0], -1, 2
 
     def _plan_Conv(self, view, j, c, s, t, x):
         auto_pad = next((a.s.decode(errors="replace") for a in c.attribute if a.name == "auto_pad"), "NOTSET")
         pads = next((list(a.ints) for a in c.attribute if a.name == "pads"), [])
-        if auto_pad not in ("NOTSET", "VALID") or any(pads):
-            raise Refusal(f"the following Conv '{node_label(c)}' pads its input with zeros, which the BN shift "
+        if (auto_pad not in ("NOTSET", "VALID") or any(pads)) and np.any(t):
+            raise Refusal(f"the following Conv '{node_label(c)}' pads its input with zeros, which the shift "
                           "would have changed, so folding would be inexact at the borders")
         group = int_attr(c, "group", 1)
         w = weight(view, c, 1, "Conv weight")

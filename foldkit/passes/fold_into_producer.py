@@ -38,7 +38,7 @@ import numpy as np
 from ..graph import node_label, set_attr
 from ..math import fold_bias, output_channels
 from ..report import Action
-from .affine import ARITH, affine_of
+from .affine import ARITH, Chain, affine_of, chain_after
 from .base import Pass, is_op
 from .layout import LAYOUT, Moved, channel_axis_after, is_layout, producer_axis, through_layout
 from . import qdq
@@ -64,23 +64,6 @@ class _Slice:
         return self.s[self.lo:self.hi], self.t[self.lo:self.hi]
 
 
-class _Chain:
-    """Consecutive per-channel affine maps as one: (s, t) composed in float64."""
-
-    def __init__(self, members):
-        self.members = members  # [Affine], in graph order
-        self.node, self.x = members[0].node, members[0].x
-        self.is_bn = any(getattr(m, "is_bn", False) for m in members)
-        self.shift_only = all(getattr(m, "shift_only", False) for m in members)
-
-    def st(self, c, neg, rank, op):
-        s, t = np.ones(c), np.zeros(c)
-        for m in self.members:
-            sm, tm = m.st(c, neg, rank, op)
-            s, t = sm * s, sm * t + tm
-        return s, t
-
-
 class FoldIntoProducer(Pass):
     name = "producer"
     stage = "fold"
@@ -102,7 +85,7 @@ class FoldIntoProducer(Pass):
                 if bn:
                     ctx.report.refuse(node.output[0], label, path, "not folded into its producer", str(r), r.code)
                 else:
-                    ctx.report.refuse_affine(node.output[0], path, str(r), r.code)
+                    ctx.report.refuse_affine(node.output[0], path, str(r), r.code, "not folded into its producer")
                 continue
             along = f" (with {len(members) - 1} more per-channel op(s) after it, as one map)" if len(members) > 1 else ""
             for n, (out, label) in enumerate(members):
@@ -120,30 +103,6 @@ class FoldIntoProducer(Pass):
             changed = True
         return changed
 
-    def _chain(self, view, i, first):
-        """[(node index, Affine)] of the map at node ``i`` and the per-channel maps after it, each the
-        only reader of the one before."""
-        out = [(i, first)]
-        while True:
-            y = out[-1][1].node.output[0]
-            if view.uses(y) != 1 or view.is_graph_output(y):
-                return out
-            cons = view.consumers(y)
-            if len(cons) != 1:  # read from a subgraph
-                return out
-            j = cons[0][0]
-            nxt = view.nodes[j]
-            if nxt.domain not in ("", "ai.onnx") or nxt.op_type not in ARITH + ("BatchNormalization",):
-                return out
-            try:
-                aff = affine_of(view, nxt)
-            except Refusal:
-                return out
-            const = getattr(aff, "const", None)
-            if aff.x != y or const is not None and sum(d != 1 for d in const.array.shape) > 1:
-                return out  # a constant with two dims above 1 is never per-channel
-            out.append((j, aff))
-
     def _fold(self, view, i, node):
         """(target, tensors written, [(BN output or None, label or (op, label))] of every node folded)."""
         if not is_op(node, "BatchNormalization"):
@@ -155,13 +114,13 @@ class FoldIntoProducer(Pass):
                 what = " or ".join(f"{q.op_type} '{node_label(q)}'" for q in ps) or "a graph input"
                 raise Refusal(f"its input comes from {what}, which has no weights to fold into")
         aff = affine_of(view, node)
-        chain = self._chain(view, i, aff)
+        chain = chain_after(view, i, aff)
         for n in range(len(chain), 0, -1):  # the whole chain, else its longest prefix that folds
             part = chain[:n]
             said = [(a.node.output[0], node_label(a.node)) if getattr(a, "is_bn", False)
                     else (None, (a.node.op_type, node_label(a.node))) for _, a in part]  # before any rewrite
             try:
-                target, written = self._fold_map(view, i, node, part[0][1] if n == 1 else _Chain([a for _, a in part]),
+                target, written = self._fold_map(view, i, node, part[0][1] if n == 1 else Chain([a for _, a in part]),
                                                  [j for j, _ in part])
             except Refusal:
                 if n == 1:
