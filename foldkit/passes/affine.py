@@ -144,10 +144,13 @@ def report_left(ctx) -> None:
             shape = aff.const.array.shape
             if sum(d != 1 for d in shape) > 1:
                 continue
+            j = view.producer_of(aff.x)
+            if node.op_type in ("Add", "Sub") and j is not None and is_op(view.nodes[j], "MatMul") \
+                    and view.uses(aff.x) == 1:
+                continue  # a MatMul's bias, not a map to fold
             if aff.const.array.size == 1:
                 if view.uses(aff.x) != 1:
                     continue
-                j = view.producer_of(aff.x)
                 while j is not None and is_layout(view.nodes[j]) and view.nodes[j].input:
                     j = view.producer_of(view.nodes[j].input[0])
                 if j is None or view.nodes[j].op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):

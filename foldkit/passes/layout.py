@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Optional
 
+import numpy as np
+
 from ..graph import get_attr, node_label
 from .common import Refusal
 
@@ -53,6 +55,10 @@ def moved_axis(view, node, axis: int, rank: int) -> tuple:
         if sorted(perm) != list(range(rank)):
             raise Refusal(f"{label} has a perm that is not a permutation of {rank} axes")
         return perm.index(axis), rank
+    if node.op_type in ("Squeeze", "Unsqueeze"):
+        moved = _by_axes(view, node, axis, rank)
+        if moved is not None:
+            return moved
     d_in, d_out = view.index.dims(node.input[0]), view.index.dims(node.output[0])
     if d_in is None or d_out is None or None in d_in or None in d_out or len(d_in) != rank:
         raise Refusal(f"the shapes around {label} are not known, so the channels cannot be shown to stay an axis")
@@ -63,6 +69,30 @@ def moved_axis(view, node, axis: int, rank: int) -> tuple:
             return b, len(d_out)
     raise Refusal(f"{label} reshapes {list(d_in)} to {list(d_out)}: the {c} channels on axis {axis} do not stay "
                   "an axis of their own")
+
+
+def _by_axes(view, node, axis: int, rank: int):
+    """Squeeze / Unsqueeze with known axes: the move needs no dims (ONNX requires a squeezed dim to
+    be 1). None when the axes are not known."""
+    if len(node.input) > 1 and node.input[1]:
+        c = view.constant(node.input[1])
+        axes = None if c is None else [int(a) for a in np.asarray(c.array).reshape(-1)]
+    else:
+        a = get_attr(node, "axes", None)
+        axes = None if a is None else [int(v) for v in a]
+    if not axes:
+        return None
+    if node.op_type == "Unsqueeze":
+        out = rank + len(axes)
+        inserted = {a % out for a in axes}
+        if len(inserted) != len(axes):
+            return None
+        kept = [p for p in range(out) if p not in inserted]
+        return kept[axis], out
+    squeezed = {a % rank for a in axes}
+    if axis in squeezed:
+        raise Refusal(f"{node.op_type} '{node_label(node)}' removes the channel axis")
+    return axis - sum(a < axis for a in squeezed), rank - len(squeezed)
 
 
 def through_layout(view, name: str):
