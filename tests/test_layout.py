@@ -252,3 +252,18 @@ def test_decomposed_bn_before_a_conv_folds_into_it_under_the_padding_rule(pads, 
     else:
         assert _ops(res.model) == ["Relu", "Conv"]
         assert all("following Conv" in a.reason for a in res.report.affine)
+
+
+def test_levit_linear_without_bias_flatten_bn_reshape():
+    """timm LeViT's LinearNorm: a bias-free Linear [B, T, K] @ [K, C], flattened for BatchNorm1d: the
+    scale goes into the MatMul, the shift becomes an Add where the BN was."""
+    r = rng(11)
+    names, t = bn_inits("bn", 6, r)
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["mm"]),
+                    helper.make_node("Flatten", ["mm"], ["f"], axis=2),
+                    helper.make_node("BatchNormalization", ["f"] + names, ["b"], name="bn"),
+                    helper.make_node("Reshape", ["b", "to3"], ["y"])],
+                   [("x", F32, [2, 7, 4])], [("y", F32, None)],
+                   [tensor("w", _w(r, 4, 6)), tensor("to3", np.array([2, 7, 6], np.int64))] + t)
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert _ops(res.model) == ["MatMul", "Flatten", "Add", "Reshape"]

@@ -125,3 +125,25 @@ def test_timm_fastvit_and_repvit_fold_to_their_deploy_counts(tmp_path, name):
     out = ort_run(res.model, {res.model.graph.input[0].name: x.numpy()})[0]
     err = float(np.abs(out - ref).max() / np.abs(ref).max())
     assert err < 1e-4, err
+
+
+def test_timm_levit_linear_batchnorm1d_folds_through_its_flatten(tmp_path):
+    """LeViT's LinearNorm: a bias-free Linear, flattened for BatchNorm1d and reshaped back (reshape_as
+    reads the Linear output's Shape): every BN folds through the Flatten into the MatMul."""
+    from tests.third_party import import_timm
+
+    try:
+        timm = import_timm()
+    except ImportError as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    model = _realistic_bn(timm.create_model("levit_128s", pretrained=False, num_classes=10))
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    m = _export(model, x, tmp_path / "levit.onnx")
+    res = foldkit.fold(m)
+    assert res.report.bn_before == 52 and res.report.bn_after == 0, \
+        [a.reason for a in res.report.actions if a.action == "kept"]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = ort_run(res.model, {res.model.graph.input[0].name: x.numpy()})[0]
+    assert float(np.abs(out - ref).max() / np.abs(ref).max()) < 1e-5

@@ -180,10 +180,12 @@ class FoldIntoProducer(Pass):
         if p is None or p.domain not in ("", "ai.onnx") or p.op_type not in FOLDABLE or p.op_type == "Concat":
             what = "a graph input or constant" if p is None else f"{p.op_type} '{node_label(p)}'"
             raise Refusal(f"its input comes through {through} from {what}, which has no weights to fold into")
-        if view.is_graph_output(z) or view.uses(z) != 1:
+        # readers of only its shape (Shape, Size: LeViT's reshape_as) still see the same shape, since
+        # the producer's output keeps its name and dims: they do not stop the fold
+        shape_only = sum(1 for j, _ in view.consumers(z) if view.nodes[j].op_type in ("Shape", "Size")
+                         and view.nodes[j].domain in ("", "ai.onnx"))
+        if view.is_graph_output(z) or view.uses(z) - shape_only != 1:
             raise Refusal(f"the {p.op_type} output '{z}' is also read elsewhere (before {through})")
-        if p.op_type == "MatMul":
-            raise Refusal(f"a MatMul without a bias Add before {through}: its shift would need an Add there")
         at = producer_axis(view, p, z)
         if at is None:
             raise Refusal(f"the rank of the {p.op_type} output '{z}' is unknown")
@@ -198,7 +200,7 @@ class FoldIntoProducer(Pass):
             # a scalar map commutes with any move of the elements; its rank is checked against x's
             # (a scalar of higher rank than x would broadcast x to more dims)
             neg, rank = -1, x_rank
-        return pi, p, Moved(aff, neg, rank, through, z), through
+        return pi, p, Moved(aff, neg, rank, through, z, x), through
 
     def _split(self, view, i, node, ci, cat, aff):
         """A per-channel map after a Concat (MixConv, Inception-style branches): each branch's
@@ -339,8 +341,10 @@ class FoldIntoProducer(Pass):
             raise Refusal("the MatMul has no constant weight")
         s, t = aff.st(w.array.shape[1], -1, view.index.rank(aff.x), "MatMul")
         w_new = scaled_weight(w, s, "cols", 1)
-        t_new = rounded(t, w.data_type, "folded bias")
-        x = aff.x
+        # the shift becomes an Add where the map was: after the layout ops, if any, on the axis the
+        # channels have there
+        x = getattr(aff, "x_after", aff.x)
+        t_new = rounded(t.reshape((-1,) + (1,) * (-getattr(aff, "neg", -1) - 1)), w.data_type, "folded bias")
 
         def apply():
             written = []

@@ -8,9 +8,11 @@ own, with the same extent, in the same order:
 
 - Transpose(perm): axis a goes to perm.index(a);
 - Reshape, Flatten, Squeeze, Unsqueeze (row-major moves of the same elements): axis a of dims d
-  goes to axis b of dims e where e[b] = d[a] and the products of the dims before and after it are
-  the same (d[:a] vs e[:b], d[a+1:] vs e[b+1:]; a symbolic dim counts as a factor of its own).
-  Both dims must be known (shape inference, or the model's value_info).
+  goes to axis b of dims e where e[b] = d[a] and the products of the dims before it are the same
+  (d[:a] vs e[:b]) or those after it are (d[a+1:] vs e[b+1:]): a reshape keeps the element count,
+  so one side equal makes the other equal. A symbolic dim counts as a factor of its own; an
+  unknown dim only on the other side does not matter. The dims come from shape inference (or the
+  model's value_info).
 
 Anything else, or an unknown dim, and the channels cannot be shown to survive: the fold is refused
 with that reason.
@@ -34,8 +36,11 @@ def is_layout(node) -> bool:
 
 
 def _product(dims):
+    """The product of dims as (int, symbols counted), or None when a dim is unknown."""
     n, symbols = 1, Counter()
     for d in dims:
+        if d is None:
+            return None
         if isinstance(d, int):
             n *= d
         else:
@@ -60,12 +65,17 @@ def moved_axis(view, node, axis: int, rank: int) -> tuple:
         if moved is not None:
             return moved
     d_in, d_out = view.index.dims(node.input[0]), view.index.dims(node.output[0])
-    if d_in is None or d_out is None or None in d_in or None in d_out or len(d_in) != rank:
+    if d_in is None or d_out is None or len(d_in) != rank or d_in[axis] is None:
         raise Refusal(f"the shapes around {label} are not known, so the channels cannot be shown to stay an axis")
     c = d_in[axis]
     before, after = _product(d_in[:axis]), _product(d_in[axis + 1:])
+    # a reshape keeps the element count, so with the channel extent equal, equal products on one side
+    # mean equal products on the other (an unknown dim there does not matter)
     for b, e in enumerate(d_out):
-        if e == c and _product(d_out[:b]) == before and _product(d_out[b + 1:]) == after:
+        if e != c:
+            continue
+        pb, pa = _product(d_out[:b]), _product(d_out[b + 1:])
+        if before is not None and pb == before or after is not None and pa == after:
             return b, len(d_out)
     raise Refusal(f"{label} reshapes {list(d_in)} to {list(d_out)}: the {c} channels on axis {axis} do not stay "
                   "an axis of their own")
@@ -124,9 +134,9 @@ class Moved:
     """A per-channel map read on the axis the channels have after layout ops: ``st`` answers for the
     producer's channels, whatever axis the producer's plan names."""
 
-    def __init__(self, aff, neg: int, rank: int, through: str, x: str):
+    def __init__(self, aff, neg: int, rank: int, through: str, x: str, x_after: str):
         self.aff, self.neg, self.rank, self.through = aff, neg, rank, through
-        self.node, self.x = aff.node, x
+        self.node, self.x, self.x_after = aff.node, x, x_after  # the producer's output, the map's input
         self.is_bn = getattr(aff, "is_bn", False)
         self.shift_only = getattr(aff, "shift_only", False)
 
