@@ -203,3 +203,39 @@ def chain_after(view, i, first) -> list:
         if aff.x != y or const is not None and sum(d != 1 for d in const.array.shape) > 1:
             return out
         out.append((j, aff))
+
+
+def affine_nodes(view):
+    """(index, node) of every BN and Mul/Add/Sub/Div still in the view: what the folds visit."""
+    for i, node in enumerate(view.nodes):
+        if i not in view.removed and node.domain in ("", "ai.onnx") and (
+                node.op_type == "BatchNormalization" or node.op_type in ARITH):
+            yield i, node
+
+
+def described(members) -> list:
+    """(op type, output, label) of each map, taken before a rewrite renames anything."""
+    return [(a.node.op_type, a.node.output[0], node_label(a.node)) for a in members]
+
+
+def report_refused(ctx, node, path, stage: str, r) -> None:
+    """A refusal of a fold: in the BN's entry, or among a Mul/Add's reasons (said if it stays)."""
+    if is_op(node, "BatchNormalization"):
+        ctx.report.refuse(node.output[0], node_label(node), path, stage, str(r), r.code)
+    else:
+        ctx.report.refuse_affine(node.output[0], path, str(r), r.code, stage)
+
+
+def report_folded(ctx, path, said, target: str, written, why) -> None:
+    """Each map of ``said`` (see :func:`described`) folded into ``target``; ``why(n)`` is the reason
+    for the n-th ("folded into ...")."""
+    from ..report import Action
+
+    for n, (op, out, label) in enumerate(said):
+        if op == "BatchNormalization":
+            entry = ctx.report.entry(out, label, path)
+            entry.action, entry.target, entry.reason = "folded", target, why(n)
+            entry.tensors = list(written)
+        else:
+            ctx.report.affine.append(Action(node=label, action="folded", target=target, graph=path,
+                                            reason=f"{op} by a constant {why(n)}", tensors=list(written)))

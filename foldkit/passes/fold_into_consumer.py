@@ -23,8 +23,7 @@ import onnx
 
 from ..graph import node_label, set_attr
 from ..math import fold_into_conv_consumer
-from ..report import Action
-from .affine import ARITH, Chain, affine_of, chain_after
+from .affine import Chain, affine_nodes, affine_of, chain_after, described, report_folded, report_refused
 from .base import Pass, is_op
 from ..codes import Why
 from .common import Refusal, float_attr, int_attr, rounded, weight
@@ -36,38 +35,23 @@ class FoldIntoConsumer(Pass):
 
     def run_graph(self, ctx, view, path):
         changed = False
-        for i, node in enumerate(view.nodes):
-            if i in view.removed or node.domain not in ("", "ai.onnx"):
-                continue
-            bn = node.op_type == "BatchNormalization"
-            if not bn and node.op_type not in ARITH:
-                continue
+        for i, node in affine_nodes(view):
             try:
                 aff = affine_of(view, node)
             except Refusal as r:
-                if bn:
-                    ctx.report.refuse(node.output[0], node_label(node), path, "not folded into its consumer", str(r), r.code)
+                if is_op(node, "BatchNormalization"):
+                    report_refused(ctx, node, path, "not folded into its consumer", r)
                 continue
             chain = chain_after(view, i, aff)
-            said = [(a.node.op_type, a.node.output[0], node_label(a.node)) for _, a in chain]
+            said = described([a for _, a in chain])
             try:
                 target, written = self._fold(view, [j for j, _ in chain], aff if len(chain) == 1
                                              else Chain([a for _, a in chain]))
             except Refusal as r:
-                if bn:
-                    ctx.report.refuse(node.output[0], node_label(node), path, "not folded into its consumer", str(r), r.code)
-                else:
-                    ctx.report.refuse_affine(node.output[0], path, str(r), r.code, "not folded into its consumer")
+                report_refused(ctx, node, path, "not folded into its consumer", r)
                 continue
-            for op, out, label in said:
-                why = f"folded into the following {target}" + (" with the maps next to it" if len(said) > 1 else "")
-                if op == "BatchNormalization":
-                    entry = ctx.report.entry(out, label, path)
-                    entry.action, entry.target, entry.reason = "folded", target, why
-                    entry.tensors = list(written)
-                else:
-                    ctx.report.affine.append(Action(node=label, action="folded", target=target, graph=path,
-                                                    reason=f"{op} by a constant {why}", tensors=list(written)))
+            more = " with the maps next to it" if len(said) > 1 else ""
+            report_folded(ctx, path, said, target, written, lambda n: f"folded into the following {target}{more}")
             changed = True
         return changed
 

@@ -37,8 +37,7 @@ import numpy as np
 
 from ..graph import node_label, set_attr
 from ..math import fold_bias, output_channels
-from ..report import Action
-from .affine import ARITH, Chain, affine_of, chain_after
+from .affine import Chain, affine_nodes, affine_of, chain_after, described, report_folded, report_refused
 from .base import Pass, is_op
 from .layout import LAYOUT, Moved, channel_axis_after, is_layout, producer_axis, through_layout
 from . import qdq
@@ -70,41 +69,22 @@ class FoldIntoProducer(Pass):
 
     def run_graph(self, ctx, view, path):
         changed = False
-        for i, node in enumerate(view.nodes):
-            if i in view.removed or node.domain not in ("", "ai.onnx"):
-                continue
-            bn = node.op_type == "BatchNormalization"
-            if not bn and node.op_type not in ARITH:
-                continue
-            label = node_label(node)
-            self.options = ctx.options
-            self.notes = ctx.report.notes
+        self.options = ctx.options
+        self.notes = ctx.report.notes
+        for i, node in affine_nodes(view):
             try:
-                target, written, members = self._fold(view, i, node)
+                target, written, said = self._fold(view, i, node)
             except Refusal as r:
-                if bn:
-                    ctx.report.refuse(node.output[0], label, path, "not folded into its producer", str(r), r.code)
-                else:
-                    ctx.report.refuse_affine(node.output[0], path, str(r), r.code, "not folded into its producer")
+                report_refused(ctx, node, path, "not folded into its producer", r)
                 continue
-            along = f" (with {len(members) - 1} more per-channel op(s) after it, as one map)" if len(members) > 1 else ""
-            for n, (out, label) in enumerate(members):
-                if out is None:  # an arithmetic member: (None, (op_type, label))
-                    op, label = label
-                    ctx.report.affine.append(Action(node=label, action="folded", target=target, graph=path,
-                                                    reason=f"{op} by a constant folded into the preceding {target}"
-                                                           + (along if n == 0 else " with the map before it"),
-                                                    tensors=list(written)))
-                    continue
-                entry = ctx.report.entry(out, label, path)
-                entry.action, entry.target = "folded", target
-                entry.reason = f"folded into the preceding {target}" + (along if n == 0 else " with the map before it")
-                entry.tensors = list(written)
+            along = f" (with {len(said) - 1} more per-channel op(s) after it, as one map)" if len(said) > 1 else ""
+            report_folded(ctx, path, said, target, written,
+                          lambda n: f"folded into the preceding {target}" + (along if n == 0 else " with the map before it"))
             changed = True
         return changed
 
     def _fold(self, view, i, node):
-        """(target, tensors written, [(BN output or None, label or (op, label))] of every node folded)."""
+        """(target, tensors written, what each node folded was: see affine.described)."""
         if not is_op(node, "BatchNormalization"):
             # cheap structural checks before reading any constant
             if not any(view.producer_of(n) is not None and view.nodes[view.producer_of(n)].op_type in FOLDABLE + LAYOUT
@@ -117,8 +97,7 @@ class FoldIntoProducer(Pass):
         chain = chain_after(view, i, aff)
         for n in range(len(chain), 0, -1):  # the whole chain, else its longest prefix that folds
             part = chain[:n]
-            said = [(a.node.output[0], node_label(a.node)) if getattr(a, "is_bn", False)
-                    else (None, (a.node.op_type, node_label(a.node))) for _, a in part]  # before any rewrite
+            said = described([a for _, a in part])  # before any rewrite
             try:
                 target, written = self._fold_map(view, i, node, part[0][1] if n == 1 else Chain([a for _, a in part]),
                                                  [j for j, _ in part])
