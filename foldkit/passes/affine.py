@@ -116,6 +116,13 @@ class ArithAffine(Affine):
         return self.node.op_type in ("Add", "Sub")
 
 
+def never_per_channel(aff) -> bool:
+    """A Mul/Add/Sub/Div whose constant has more than one dim above 1 (a positional table, say):
+    per-channel on no axis, whatever the layout."""
+    const = getattr(aff, "const", None)
+    return const is not None and sum(d != 1 for d in const.array.shape) > 1
+
+
 def affine_of(view, node) -> Affine:
     if is_op(node, "BatchNormalization"):
         return BNAffine(view, node)
@@ -141,8 +148,7 @@ def report_left(ctx) -> None:
                 aff = ArithAffine(view, node)
             except Refusal:
                 continue
-            shape = aff.const.array.shape
-            if sum(d != 1 for d in shape) > 1:
+            if never_per_channel(aff):
                 continue
             j = view.producer_of(aff.x)
             if node.op_type in ("Add", "Sub") and j is not None and is_op(view.nodes[j], "MatMul") \
@@ -181,8 +187,7 @@ class Chain:
 
 def chain_after(view, i, first) -> list:
     """[(node index, Affine)] of the map ``first`` at node ``i`` and the per-channel maps after it,
-    each the only reader of the one before (a constant with two dims above 1 is never per-channel:
-    the chain stops there)."""
+    each the only reader of the one before (it stops at one that is never per-channel)."""
     out = [(i, first)]
     while True:
         y = out[-1][1].node.output[0]
@@ -199,8 +204,7 @@ def chain_after(view, i, first) -> list:
             aff = affine_of(view, nxt)
         except Refusal:
             return out
-        const = getattr(aff, "const", None)
-        if aff.x != y or const is not None and sum(d != 1 for d in const.array.shape) > 1:
+        if aff.x != y or never_per_channel(aff):
             return out
         out.append((j, aff))
 

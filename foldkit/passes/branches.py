@@ -34,7 +34,7 @@ import numpy as np
 
 from ..graph import get_attr, node_label
 from ..report import Action
-from .affine import ARITH, affine_of
+from .affine import ARITH, affine_of, never_per_channel
 from .base import Pass, is_op
 from .branch_ops import MERGES, kernel_of
 from .common import Refusal, int_attr
@@ -110,7 +110,8 @@ class BranchMerge(Pass):
 
     def _tree(self, view, root: int):
         """The linear tree rooted at node ``root``: a list of items, each (kind, node index or leaf
-        name, [(sign, child item)]), children after their parent; kinds "sum", "affine", "leaf".
+        name, [(sign, child item)], ...), children after their parent; kinds "sum" (with the stack's
+        Concat and Unsqueeze indices for a stack-and-sum), "affine" (with its Affine), "leaf".
         Built without recursion (a sum of thousands of terms is a valid model)."""
         items = []
         stack = [(view.nodes[root].output[0], None, 1)]
@@ -134,7 +135,7 @@ class BranchMerge(Pass):
                 continue
             a = self._affine(view, sub) if inner and j != root else None
             if a is not None:
-                items.append(("affine", j, []))
+                items.append(("affine", j, [], a))
                 stack.append((a.x, k, 1))
                 continue
             items.append(("leaf", name, []))
@@ -142,16 +143,13 @@ class BranchMerge(Pass):
 
     @staticmethod
     def _affine(view, node):
-        """The node as an affine map inside a tree, or None: then its output is a leaf. A constant
-        with more than one dim above 1 is never per-channel, so its op is not taken in."""
+        """The node as an affine map inside a tree, or None: then its output is a leaf."""
         if is_op(node, "BatchNormalization") or (node.domain in ("", "ai.onnx") and node.op_type in ARITH):
             try:
                 a = affine_of(view, node)
             except Refusal:
                 return None
-            if getattr(a, "const", None) is not None and sum(d != 1 for d in a.const.array.shape) > 1:
-                return None
-            return a
+            return None if never_per_channel(a) else a
         return None
 
     def _op_input(self, view, name):
@@ -214,8 +212,9 @@ class BranchMerge(Pass):
         for it in tree:
             if it[0] != "leaf":
                 view.remove(it[1])
-                for j in (it[3] if len(it) > 3 else ()):  # the stack's Concat and Unsqueezes
-                    view.remove(j)
+                if it[0] == "sum" and len(it) > 3:  # the stack's Concat and Unsqueezes
+                    for j in it[3]:
+                        view.remove(j)
         for j in ops:
             if j != survivor:
                 view.remove(j)
@@ -239,7 +238,7 @@ class BranchMerge(Pass):
                     coefs[n] = coefs.get(n, 0) + sign * v
                 shift = shift + sign * forms[ch][1]
             if kind == "affine":
-                s, t = affine_of(view, view.nodes[ref]).st(c, neg, rank, "branch")
+                s, t = tree[k][3].st(c, neg, rank, "branch")
                 coefs = {n: v * s for n, v in coefs.items()}
                 shift = shift * s + t
             forms[k] = (coefs, shift)
