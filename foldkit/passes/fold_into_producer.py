@@ -127,7 +127,7 @@ class FoldIntoProducer(Pass):
         if view.uses(x) != 1:
             raise Refusal(f"the {p.op_type} output '{x}' is also read by {view.uses(x) - 1} other node(s)")
         splice_at, through = pi, ""
-        if is_layout(p):  # Conv -> Transpose / Reshape / ... -> the map: fold where the channels survive
+        if is_layout(p) and p.input and p.input[0]:  # Conv -> Transpose / ... -> the map: where the channels survive
             pi, p, aff, through = self._through_layout(view, x, aff)
         if p.domain not in ("", "ai.onnx") or p.op_type not in FOLDABLE:
             raise Refusal(f"its input comes from {p.op_type} '{node_label(p)}', which has no weights to fold into")

@@ -112,7 +112,7 @@ def through_layout(view, name: str):
     chain, cur = [], name
     while True:
         j = view.producer_of(cur)
-        if j is None or not is_layout(view.nodes[j]) or not view.nodes[j].input:
+        if j is None or not is_layout(view.nodes[j]) or not view.nodes[j].input or not view.nodes[j].input[0]:
             break
         if cur != name and (view.uses(cur) != 1 or view.is_graph_output(cur)):
             break
