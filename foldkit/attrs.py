@@ -142,10 +142,13 @@ def value_types(model: ModelProto) -> dict:
 
         target = copy_without(model, GRAPH_FIELD)
         target.graph.CopyFrom(without_payloads(model.graph, lambda t: False))
-    try:
-        inferred = onnx.shape_inference.infer_shapes(target, strict_mode=False)
-    except Exception:  # a model shape inference cannot handle: ranks stay unknown
-        inferred = model
+    try:  # data propagation gives the dims of shapes computed in the graph (Shape -> Gather -> Reshape)
+        inferred = onnx.shape_inference.infer_shapes(target, strict_mode=False, data_prop=True)
+    except Exception:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(target, strict_mode=False)
+        except Exception:  # a model shape inference cannot handle: ranks stay unknown
+            inferred = model
     finally:
         for t, raw in stash:
             t.raw_data = raw

@@ -267,3 +267,21 @@ def test_levit_linear_without_bias_flatten_bn_reshape():
                    [tensor("w", _w(r, 4, 6)), tensor("to3", np.array([2, 7, 6], np.int64))] + t)
     res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
     assert _ops(res.model) == ["MatMul", "Flatten", "Add", "Reshape"]
+
+
+def test_reshape_to_a_shape_the_graph_computes():
+    """FastViT's attention: x.reshape(B, C, -1) with B, C read by Shape -> Slice: shape inference
+    with data propagation tells the dims, and the layer scale after it folds through."""
+    r = rng(12)
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+                    helper.make_node("Shape", ["c"], ["shape"]),
+                    helper.make_node("Slice", ["shape", "zero", "two"], ["bc"]),
+                    helper.make_node("Concat", ["bc", "minus1"], ["target"], axis=0),
+                    helper.make_node("Reshape", ["c", "target"], ["flat"]),
+                    helper.make_node("Mul", ["flat", "ls"], ["y"], name="layer_scale")],
+                   [("x", F32, [1, 3, 3, 3])], [("y", F32, None)],
+                   [tensor("w", _w(r, 4, 3, 3, 3)), tensor("zero", np.array([0], np.int64)),
+                    tensor("two", np.array([2], np.int64)), tensor("minus1", np.array([-1], np.int64)),
+                    tensor("ls", _pos(r, 4, 1))])
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert "Mul" not in _ops(res.model)
