@@ -285,3 +285,46 @@ def test_reshape_to_a_shape_the_graph_computes():
                     tensor("ls", _pos(r, 4, 1))])
     res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
     assert "Mul" not in _ops(res.model)
+
+
+def test_fastvit_attention_prenorm_folds_into_qkv_through_reshape_and_transpose():
+    """BN(x) read by Shape (B, C, H, W = x.shape) and flattened to [B, C, N], transposed to [B, N, C],
+    then qkv = x @ W: the BN folds into W (and a bias Add), the Shape reads the BN's input."""
+    r = rng(13)
+    names, t = bn_inits("bn", 4, r)
+    m = make_model([helper.make_node("BatchNormalization", ["x"] + names, ["n"], name="norm"),
+                    helper.make_node("Shape", ["n"], ["shape"]),
+                    helper.make_node("Reshape", ["n", "to"], ["f"]),
+                    helper.make_node("Transpose", ["f"], ["tr"], perm=[0, 2, 1]),
+                    helper.make_node("MatMul", ["tr", "w"], ["qkv"]),
+                    helper.make_node("Cast", ["shape"], ["y2"], to=onnx.TensorProto.FLOAT)],
+                   [("x", F32, [2, 4, 3, 3])], [("qkv", F32, None), ("y2", F32, None)],
+                   [tensor("to", np.array([2, 4, 9], np.int64)), tensor("w", _w(r, 4, 12))] + t)
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert "BatchNormalization" not in _ops(res.model)
+    (e,) = res.report.actions
+    assert "through Reshape" in e.target and "Transpose" in e.target
+
+
+def test_a_map_before_a_flatten_that_merges_its_channels_stays():
+    r = rng(14)
+    names, t = bn_inits("bn", 4, r)
+    m = make_model([helper.make_node("BatchNormalization", ["x"] + names, ["n"], name="norm"),
+                    helper.make_node("Flatten", ["n"], ["f"], axis=1),
+                    helper.make_node("Gemm", ["f", "w"], ["y"])],
+                   [("x", F32, [2, 4, 3, 3])], [("y", F32, None)], [tensor("w", _w(r, 36, 5))] + t)
+    res = foldkit.fold(m, verify=False)
+    assert res.model.SerializeToString() == m.SerializeToString()
+    (e,) = res.report.actions
+    assert e.action == "kept" and "not one axis of their own" in e.reason
+
+
+def test_a_per_channel_scale_before_a_3d_matmul_folds_into_it():
+    r = rng(15)
+    m = make_model([helper.make_node("Mul", ["x", "s"], ["m"], name="scale"),
+                    helper.make_node("Add", ["m", "b"], ["a"], name="shift"),
+                    helper.make_node("MatMul", ["a", "w"], ["y"])],
+                   [("x", F32, [2, 5, 4])], [("y", F32, None)],
+                   [tensor("s", _pos(r, 4)), tensor("b", _w(r, 4)), tensor("w", _w(r, 4, 6))])
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    assert _ops(res.model) == ["MatMul", "Add"]

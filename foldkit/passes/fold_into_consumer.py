@@ -25,6 +25,7 @@ from ..graph import node_label, set_attr
 from ..math import fold_into_conv_consumer
 from .affine import Chain, affine_nodes, affine_of, chain_after, described, report_folded, report_refused
 from .base import Pass, is_op
+from .layout import channel_axis_after, is_layout
 from ..codes import Why
 from .common import Refusal, float_attr, int_attr, rounded, weight
 
@@ -61,11 +62,24 @@ class FoldIntoConsumer(Pass):
         y = bn.output[0]
         if view.is_graph_output(y):
             raise Refusal(f"its output '{y}' is a graph output")
+        # a reader of only the shape (Shape, Size) reads the map's input instead: the same shape
         cons = view.consumers(y)
-        if view.uses(y) != 1 or len(cons) != 1:
+        shape_only = [(k, q) for k, q in cons if view.nodes[k].op_type in ("Shape", "Size")
+                      and view.nodes[k].domain in ("", "ai.onnx")]
+        cons = [cq for cq in cons if cq not in shape_only]
+        if view.uses(y) - len(shape_only) != 1 or len(cons) != 1:
             raise Refusal(f"its output '{y}' is read by {view.uses(y)} nodes")
         j, pos = cons[0]
         c = view.nodes[j]
+        layout = []  # Transpose / Reshape / ... between the map and the op: the channels followed through
+        while is_layout(c) and pos == 0 and c.input and c.input[0]:
+            out = c.output[0]
+            nxt = view.consumers(out)
+            if view.is_graph_output(out) or view.uses(out) != 1 or len(nxt) != 1:
+                raise Refusal(f"the {c.op_type} '{node_label(c)}' after it is read by {view.uses(out)} nodes")
+            layout.append(j)
+            j, pos = nxt[0]
+            c = view.nodes[j]
         if c.op_type == "QuantizeLinear" and c.domain in ("", "ai.onnx"):
             raise Refusal(f"it is followed by QuantizeLinear '{node_label(c)}': the op after it reads a quantized "
                           "input, so folding into it would change what is quantized; fold before quantizing",
@@ -74,13 +88,39 @@ class FoldIntoConsumer(Pass):
             raise Refusal(f"it is followed by {c.op_type} '{node_label(c)}', which cannot absorb it")
         x = aff.x
         ch, neg, rank = self._channels(view, c)
+        if layout:
+            neg, rank = self._axis_before(view, layout, y, neg, rank)
         s, t = aff.st(ch, neg, rank, c.op_type)
         apply = getattr(self, "_plan_" + c.op_type)(view, j, c, s, t, x)
         written = apply()
         for k in members:
             view.remove(k)
-        view.set_input(j, 0, x)
-        return f"{c.op_type} '{node_label(c)}'", written
+        view.set_input(layout[0] if layout else j, 0, x)
+        for k, q in shape_only:
+            view.set_input(k, q, x)
+        through = f" (through {', '.join(f'{view.nodes[k].op_type} {node_label(view.nodes[k])!r}' for k in layout)})" \
+            if layout else ""
+        return f"{c.op_type} '{node_label(c)}'{through}", written
+
+    @staticmethod
+    def _axis_before(view, layout, y, neg, rank):
+        """(axis as a negative index, rank) on the map's output ``y`` of the channels the op after the
+        layout ops reduces over (its axis ``neg`` of ``rank``), or Refusal."""
+        r0 = view.index.rank(y)
+        if r0 is None:
+            raise Refusal(f"the rank of '{y}' is unknown")
+        found = []
+        for a in range(r0):
+            try:
+                b, r = channel_axis_after(view, layout, a, r0)
+            except Refusal:
+                continue
+            if r == rank and b == neg:
+                found.append(a)
+        if len(found) != 1:
+            names = ", ".join(f"{view.nodes[k].op_type} '{node_label(view.nodes[k])}'" for k in layout)
+            raise Refusal(f"the channels the op reduces over are not one axis of their own before {names}")
+        return found[0] - r0, r0
 
     @staticmethod
     def _channels(view, c):
@@ -98,12 +138,13 @@ class FoldIntoConsumer(Pass):
                 raise Refusal("the Gemm has no B input")
             return w.array.shape[1 if int_attr(c, "transB", 0) else 0], -1, 2
         rank = view.index.rank(c.input[0])
-        if rank != 2:
-            raise Refusal("the input is not known to be 2-D, so its channel axis is not the MatMul's reduction axis")
+        if rank is None or rank < 2:
+            raise Refusal("the rank of the MatMul input is unknown, so its reduction axis cannot be shown to be "
+                          "the channels'")
         w = weight(view, c, 1, "MatMul weight", ndim=2)
         if w is None:
             raise Refusal("the MatMul has no constant weight")
-        return w.array.shape[0], -1, 2
+        return w.array.shape[0], -1, rank  # the last axis: a BN's axis 1 only for a 2-D input
 
     def _plan_Conv(self, view, j, c, s, t, x):
         auto_pad = next((a.s.decode(errors="replace") for a in c.attribute if a.name == "auto_pad"), "NOTSET")
@@ -162,9 +203,6 @@ class FoldIntoConsumer(Pass):
         return apply
 
     def _plan_MatMul(self, view, j, c, s, t, x):
-        rank = view.index.rank(x)
-        if rank != 2:
-            raise Refusal("the BN input is not known to be 2-D, so its channel axis is not the MatMul's reduction axis")
         w = weight(view, c, 1, "MatMul weight", ndim=2)
         if w is None:
             raise Refusal("the MatMul has no constant weight")
