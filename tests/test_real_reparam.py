@@ -119,7 +119,7 @@ def test_timm_fastvit_and_repvit_fold_to_their_deploy_counts(tmp_path, name):
     got = Counter(n.op_type for n in res.model.graph.node)
     assert (got["BatchNormalization"], got["Conv"]) == (want["BatchNormalization"], want["Conv"]), \
         [a.reason for a in res.report.actions if a.action == "kept"]
-    assert got["Sub"] == want["Sub"] == 0
+    assert got["Sub"] == want["Sub"] == 0 and got["BatchNormalization"] == 0  # the attention pre-norms too
     with torch.no_grad():
         ref = deploy(x).numpy()
     out = ort_run(res.model, {res.model.graph.input[0].name: x.numpy()})[0]
