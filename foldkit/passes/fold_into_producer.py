@@ -179,7 +179,7 @@ class FoldIntoProducer(Pass):
             # a scalar map commutes with any move of the elements; its rank is checked against x's
             # (a scalar of higher rank than x would broadcast x to more dims)
             neg, rank = -1, x_rank
-        return pi, p, Moved(aff, neg, rank, through, z, x), through
+        return pi, p, Moved(aff, neg, rank, z, x), through
 
     def _split(self, view, i, node, ci, cat, aff):
         """A per-channel map after a Concat (MixConv, Inception-style branches): each branch's

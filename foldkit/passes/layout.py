@@ -92,8 +92,10 @@ def _by_axes(view, node, axis: int, rank: int):
         axes = None if a is None else [int(v) for v in a]
     if not axes:
         return None
+    out = rank + len(axes) if node.op_type == "Unsqueeze" else rank
+    if any(not -out <= a < out for a in axes):
+        return None
     if node.op_type == "Unsqueeze":
-        out = rank + len(axes)
         inserted = {a % out for a in axes}
         if len(inserted) != len(axes):
             return None
@@ -134,8 +136,8 @@ class Moved:
     """A per-channel map read on the axis the channels have after layout ops: ``st`` answers for the
     producer's channels, whatever axis the producer's plan names."""
 
-    def __init__(self, aff, neg: int, rank: int, through: str, x: str, x_after: str):
-        self.aff, self.neg, self.rank, self.through = aff, neg, rank, through
+    def __init__(self, aff, neg: int, rank: int, x: str, x_after: str):
+        self.aff, self.neg, self.rank = aff, neg, rank
         self.node, self.x, self.x_after = aff.node, x, x_after  # the producer's output, the map's input
         self.is_bn = getattr(aff, "is_bn", False)
         self.shift_only = getattr(aff, "shift_only", False)
