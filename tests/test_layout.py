@@ -328,3 +328,22 @@ def test_a_per_channel_scale_before_a_3d_matmul_folds_into_it():
                    [tensor("s", _pos(r, 4)), tensor("b", _w(r, 4)), tensor("w", _w(r, 4, 6))])
     res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
     assert _ops(res.model) == ["MatMul", "Add"]
+
+
+def test_an_attention_scale_and_a_bias_after_a_flatten_are_not_listed_as_maps_left():
+    """q @ k^T * scale has no weights to fold into, and an Add after MatMul -> Flatten (with a Shape
+    reader, reshape_as) is the MatMul's bias: neither is a per-channel map left."""
+    r = rng(16)
+    m = make_model([helper.make_node("MatMul", ["q", "k"], ["att"]),
+                    helper.make_node("Mul", ["att", "scale"], ["y1"], name="attn_scale"),
+                    helper.make_node("MatMul", ["x", "w"], ["mm"]),
+                    helper.make_node("Shape", ["mm"], ["shape"]),
+                    helper.make_node("Flatten", ["mm"], ["f"], axis=2),
+                    helper.make_node("Add", ["f", "b"], ["fb"], name="bias"),
+                    helper.make_node("Reshape", ["fb", "shape"], ["y2"])],
+                   [("q", F32, [2, 3, 4]), ("k", F32, [2, 4, 3]), ("x", F32, [2, 7, 4])],
+                   [("y1", F32, None), ("y2", F32, None)],
+                   [tensor("scale", np.float32(0.5)), tensor("w", _w(r, 4, 6)), tensor("b", _w(r, 6))])
+    res = foldkit.fold(m, verify=False)
+    assert res.model.SerializeToString() == m.SerializeToString()
+    assert [a.node for a in res.report.affine if a.action == "kept"] == []

@@ -143,6 +143,7 @@ def test_timm_levit_linear_batchnorm1d_folds_through_its_flatten(tmp_path):
     res = foldkit.fold(m)
     assert res.report.bn_before == 52 and res.report.bn_after == 0, \
         [a.reason for a in res.report.actions if a.action == "kept"]
+    assert [a.reason for a in res.report.affine if a.action == "kept"] == []  # the BNs' shifts are biases
     with torch.no_grad():
         ref = model(x).numpy()
     out = ort_run(res.model, {res.model.graph.input[0].name: x.numpy()})[0]

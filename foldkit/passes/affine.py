@@ -135,10 +135,12 @@ def report_left(ctx) -> None:
     """A "kept" entry, with the reason and code of its last refusal, for every per-channel
     Mul/Add/Sub/Div by a constant still in the model once the passes are done: a constant with at
     most one dim above 1 (a per-channel vector), or a scalar whose input is read by it alone and
-    comes from a Conv, ConvTranspose, Gemm or MatMul (through layout ops or not). Scalar ops inside
-    activations (GELU, hardswish) read a value other nodes read too, and are not listed."""
+    comes from a Conv, ConvTranspose, Gemm or MatMul with a constant weight (through layout ops or
+    not). Scalar ops inside activations (GELU, hardswish) read a value other nodes read too, and
+    an attention's scale follows a MatMul of two variables: neither is listed. Nor is an Add of a
+    constant after a MatMul (through layout ops or not) that reads it alone: that is its bias."""
     from ..report import Action
-    from .layout import is_layout
+    from .layout import data_uses, is_layout
 
     for view, path in ctx.walk():
         for i, node in enumerate(view.nodes):
@@ -150,16 +152,17 @@ def report_left(ctx) -> None:
                 continue
             if never_per_channel(aff):
                 continue
-            j = view.producer_of(aff.x)
-            if node.op_type in ("Add", "Sub") and j is not None and is_op(view.nodes[j], "MatMul") \
-                    and view.uses(aff.x) == 1:
-                continue  # a MatMul's bias, not a map to fold
+            j, alone = view.producer_of(aff.x), view.uses(aff.x) == 1
+            while j is not None and is_layout(view.nodes[j]) and view.nodes[j].input and view.nodes[j].input[0]:
+                alone = alone and data_uses(view, view.nodes[j].input[0]) == 1
+                j = view.producer_of(view.nodes[j].input[0])
+            p = view.nodes[j] if j is not None else None
+            if node.op_type in ("Add", "Sub") and p is not None and is_op(p, "MatMul") and alone:
+                continue  # a MatMul's bias (LeViT's after its Flatten), not a map to fold
             if aff.const.array.size == 1:
-                if view.uses(aff.x) != 1:
-                    continue
-                while j is not None and is_layout(view.nodes[j]) and view.nodes[j].input:
-                    j = view.producer_of(view.nodes[j].input[0])
-                if j is None or view.nodes[j].op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                weighted = p is not None and p.domain in ("", "ai.onnx") and len(p.input) > 1 and \
+                    p.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and view.constant(p.input[1]) is not None
+                if not (alone and weighted):  # q @ k^T * scale: no weights to fold into
                     continue
             lines, code = ctx.report._affine_why.get((path, node.output[0]), (["no rewrite applies"], "not_applicable"))
             ctx.report.affine.append(Action(node=node_label(node), action="kept", graph=path,

@@ -25,7 +25,7 @@ from ..graph import node_label, set_attr
 from ..math import fold_into_conv_consumer
 from .affine import Chain, affine_nodes, affine_of, chain_after, described, report_folded, report_refused
 from .base import Pass, is_op
-from .layout import channel_axis_after, is_layout
+from .layout import channel_axis_after, is_layout, shape_readers
 from ..codes import Why
 from .common import Refusal, float_attr, int_attr, rounded, weight
 
@@ -63,10 +63,8 @@ class FoldIntoConsumer(Pass):
         if view.is_graph_output(y):
             raise Refusal(f"its output '{y}' is a graph output")
         # a reader of only the shape (Shape, Size) reads the map's input instead: the same shape
-        cons = view.consumers(y)
-        shape_only = [(k, q) for k, q in cons if view.nodes[k].op_type in ("Shape", "Size")
-                      and view.nodes[k].domain in ("", "ai.onnx")]
-        cons = [cq for cq in cons if cq not in shape_only]
+        shape_only = shape_readers(view, y)
+        cons = [cq for cq in view.consumers(y) if cq not in shape_only]
         if view.uses(y) - len(shape_only) != 1 or len(cons) != 1:
             raise Refusal(f"its output '{y}' is read by {view.uses(y)} nodes")
         j, pos = cons[0]

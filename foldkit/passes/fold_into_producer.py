@@ -39,7 +39,7 @@ from ..graph import node_label, set_attr
 from ..math import fold_bias, output_channels
 from .affine import Chain, affine_nodes, affine_of, chain_after, described, report_folded, report_refused
 from .base import Pass, is_op
-from .layout import LAYOUT, Moved, channel_axis_after, is_layout, producer_axis, through_layout
+from .layout import LAYOUT, Moved, channel_axis_after, data_uses, is_layout, producer_axis, through_layout
 from . import qdq
 from ..codes import Why
 from .common import Refusal, float_attr, int_attr, rounded, scaled_weight, weight
@@ -161,9 +161,7 @@ class FoldIntoProducer(Pass):
             raise Refusal(f"its input comes through {through} from {what}, which has no weights to fold into")
         # readers of only its shape (Shape, Size: LeViT's reshape_as) still see the same shape, since
         # the producer's output keeps its name and dims: they do not stop the fold
-        shape_only = sum(1 for j, _ in view.consumers(z) if view.nodes[j].op_type in ("Shape", "Size")
-                         and view.nodes[j].domain in ("", "ai.onnx"))
-        if view.is_graph_output(z) or view.uses(z) - shape_only != 1:
+        if view.is_graph_output(z) or data_uses(view, z) != 1:
             raise Refusal(f"the {p.op_type} output '{z}' is also read elsewhere (before {through})")
         at = producer_axis(view, p, z)
         if at is None:

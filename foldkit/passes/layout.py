@@ -107,6 +107,20 @@ def _by_axes(view, node, axis: int, rank: int):
     return axis - sum(a < axis for a in squeezed), rank - len(squeezed)
 
 
+SHAPE_ONLY = ("Shape", "Size")  # readers of a value's dims, not of its values
+
+
+def shape_readers(view, name: str) -> list:
+    """(node index, input position) of the Shape / Size nodes reading ``name``."""
+    return [(j, q) for j, q in view.consumers(name)
+            if view.nodes[j].op_type in SHAPE_ONLY and view.nodes[j].domain in ("", "ai.onnx")]
+
+
+def data_uses(view, name: str) -> int:
+    """How many reads of ``name`` need its values (its uses, less the Shape / Size readers)."""
+    return view.uses(name) - len(shape_readers(view, name))
+
+
 def through_layout(view, name: str):
     """The layout ops that compute ``name`` from a non-layout producer, each read only by the next:
     (the producer's output, [layout node indices, first to last]). None when ``name`` is not the
