@@ -406,7 +406,6 @@ def test_repmixer_in_fp16_merges_in_float64_rounded_once():
     res = fold_and_compare(m, rtol=5e-3, atol=5e-3)
     assert op_count(res.model, "Conv") == 1
     # the merged kernel is the float64 combination rounded once to float16
-    from foldkit.passes.common import bn_affine  # noqa: F401  (the same arithmetic, computed here by hand)
     w = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
 
     def bn(p):

@@ -92,10 +92,7 @@ def test_levit_linear_flatten_batchnorm1d_reshape(flatten):
                    [("x", F32, [2, 7, 4])], [("y", F32, None)],
                    [tensor("w", _w(r, 4, 6)), tensor("bias", _w(r, 6)), tensor("to2", np.array([14, 6], np.int64)),
                     tensor("to3", np.array([2, 7, 6], np.int64))] + t)
-    if flatten == "Flatten":  # Flatten(axis=2) of [2, 7, 6] is [14, 6]
-        res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
-    else:
-        res = fold_and_compare(m, rtol=1e-5, atol=1e-5)
+    res = fold_and_compare(m, rtol=1e-5, atol=1e-5)  # Flatten(axis=2) of [2, 7, 6] is [14, 6] too
     assert op_count(res.model, "BatchNormalization") == 0 and op_count(res.model, "MatMul") == 1
 
 

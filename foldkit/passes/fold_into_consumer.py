@@ -58,8 +58,7 @@ class FoldIntoConsumer(Pass):
 
     def _fold(self, view, members, aff):
         """Fold the map ``aff`` (nodes ``members``, in order) into the op that reads its output."""
-        bn = view.nodes[members[-1]]
-        y = bn.output[0]
+        y = view.nodes[members[-1]].output[0]  # the map's output (a BN's, or its chain's last op's)
         if view.is_graph_output(y):
             raise Refusal(f"its output '{y}' is a graph output")
         # a reader of only the shape (Shape, Size) reads the map's input instead: the same shape
