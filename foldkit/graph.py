@@ -14,6 +14,8 @@ weight that an ``If``/``Loop`` body reads from the outer scope counts as shared 
 
 from __future__ import annotations
 
+import bisect
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -163,6 +165,24 @@ class GraphView:
     def invalidate(self) -> None:
         self._consumers = None
 
+    def _unindex(self, i: int) -> None:
+        """Before node ``i``'s inputs change: its entries leave the consumers index (if built)."""
+        if self._consumers is None:
+            return
+        for name in set(self.nodes[i].input):
+            entries = self._consumers.get(name)
+            if entries:
+                entries[:] = [e for e in entries if e[0] != i]
+
+    def _reindex(self, i: int) -> None:
+        """After node ``i``'s inputs changed: its entries join the index in the order a rebuild
+        would give them (node, then input position), so that nothing downstream can tell."""
+        if self._consumers is None:
+            return
+        for pos, name in enumerate(self.nodes[i].input):
+            if name:
+                bisect.insort(self._consumers.setdefault(name, []), (i, pos))
+
     def producer_of(self, name: str) -> Optional[int]:
         i = self.producer.get(name)
         return None if i is None or i in self.removed else i
@@ -255,12 +275,13 @@ class GraphView:
         # only a top-level initializer may hold a deferred payload: the writer fills those alone
         store.place(array, data_type, tensor, top_level=self.parent is None and not as_node)
         self.add_constant(tensor, before=i if as_node else None)
+        self._unindex(i)
         while len(node.input) <= pos:
             node.input.append("")
         node.input[pos] = name
+        self._reindex(i)
         self.index.unuse(old)
         self.index.use(name)
-        self.invalidate()
         return name
 
     def add_constant(self, tensor: TensorProto, before: Optional[int] = None) -> None:
@@ -275,10 +296,9 @@ class GraphView:
 
     # -- edits --------------------------------------------------------------------------------
     def remove(self, i: int) -> None:
-        self.removed.add(i)
+        self.removed.add(i)  # consumers() leaves removed nodes out: the index stays valid
         for name in self.nodes[i].input:
             self.index.unuse(name)
-        self.invalidate()
 
     def _insert(self, table: dict, i: int, node: NodeProto) -> None:
         table.setdefault(i, []).append(node)
@@ -303,6 +323,7 @@ class GraphView:
     def rewrite_node(self, i: int, op_type: str, inputs: list) -> None:
         """Turn node ``i`` into ``op_type(inputs)`` (default domain, no attributes), same outputs."""
         node = self.nodes[i]
+        self._unindex(i)
         for name in node.input:
             self.index.unuse(name)
         node.op_type, node.domain = op_type, ""
@@ -311,14 +332,15 @@ class GraphView:
         node.input.extend(inputs)
         for name in inputs:
             self.index.use(name)
-        self.invalidate()
+        self._reindex(i)
 
     def set_input(self, i: int, pos: int, name: str) -> None:
         node = self.nodes[i]
+        self._unindex(i)
         self.index.unuse(node.input[pos])
         node.input[pos] = name
         self.index.use(name)
-        self.invalidate()
+        self._reindex(i)
 
     def rename_output(self, i: int, pos: int, new: str) -> None:
         node = self.nodes[i]

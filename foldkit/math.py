@@ -90,6 +90,7 @@ def output_channel_scale(w: np.ndarray, s: np.ndarray, kind: str, group: int = 1
 
 
 BLOCK_ELEMENTS = 1 << 18  # ~2 MiB of float64 per block: stays in cache
+MIN_RECIPE_ELEMENTS = 1 << 12  # a lazy fold keeps a recipe from here up: computed as it is written
 
 
 class ScaledChannels:
@@ -168,6 +169,12 @@ class ScaledChannels:
         """Raise FoldArithmeticError when a finite folded value overflows ``dtype``; returns self."""
         if not np.issubdtype(self.dtype, np.floating) and str(self.dtype) != "bfloat16":
             return self
+        if self.size and self.s.size:  # one bound for the whole weight decides in the common case
+            with np.errstate(over="ignore", invalid="ignore"):
+                hi = max(float(np.max(self.w)), -float(np.min(self.w)))  # NaN stays NaN
+                bound = hi * float(np.max(np.abs(self.s)))
+                if np.isfinite(bound) and np.isfinite(np.float64(bound).astype(self.dtype)):
+                    return self  # every product is at most the bound, and rounding is monotonic
         n = self.s.size
         peak = np.zeros(n, dtype=np.float64)
         for a, b in self._ranges():
@@ -195,10 +202,11 @@ def scale_output_channels_rounded(w: np.ndarray, s: np.ndarray, kind: str, group
     """round_to(output_channel_scale(w, s, ...), dtype). Big weights scaled along axis 0 (or axis 1
     of a 2-D weight) go through :class:`ScaledChannels`: the same float64 products and the same
     single rounding without a float64 copy of the whole weight (big weights are memory-bound: this
-    halves the traffic); with ``lazy`` the checked ScaledChannels itself is returned for them."""
+    halves the traffic). With ``lazy`` the checked ScaledChannels itself is returned, from
+    MIN_RECIPE_ELEMENTS up: the fold then only checks the weight, and the writer computes it."""
     w = np.asarray(w)
-    big = w.size >= 4 * BLOCK_ELEMENTS and (kind in ("conv", "rows") and w.ndim >= 2 or kind == "cols" and w.ndim == 2)
-    if not big:
+    blocked = kind in ("conv", "rows") and w.ndim >= 2 or kind == "cols" and w.ndim == 2
+    if not blocked or w.size < (min(MIN_RECIPE_ELEMENTS, 4 * BLOCK_ELEMENTS) if lazy else 4 * BLOCK_ELEMENTS):
         return round_to(output_channel_scale(as_f64(w) if w.dtype not in (np.float32, np.float64) else w, s, kind, group), dtype)
     recipe = ScaledChannels(w, s, kind, dtype).check()
     return recipe if lazy else recipe.array()

@@ -52,17 +52,34 @@ def external_tensors(model: ModelProto):
 _expected_nbytes = wire.dims_nbytes  # bytes the dims and type call for (one definition, in wire)
 
 
-def _ext_problem(t: TensorProto, root: str) -> Optional[str]:
+def _file_facts(root: str, loc: str):
+    """(resolved path, where it lies: "outside", "missing" or "ok", size in bytes) of the external
+    data file ``loc`` under ``root``."""
+    full = os.path.realpath(os.path.join(root, loc))
+    if os.path.commonpath([root, full]) != root:
+        return full, "outside", 0
+    if not os.path.isfile(full):
+        return full, "missing", 0
+    return full, "ok", os.path.getsize(full)
+
+
+def _ext_problem(t: TensorProto, root: str, files: Optional[dict] = None) -> Optional[str]:
     """Why the external tensor ``t`` cannot be read safely, or None. Every size claim (offset,
-    length, dims) is checked against the file before anything is read."""
+    length, dims) is checked against the file before anything is read. ``files``: a dict that
+    remembers each file's facts across the calls of one check (the same file is resolved once)."""
     info = {e.key: e.value for e in t.external_data}
     loc = info.get("location", "")
     if not loc or os.path.isabs(loc) or "\0" in loc:
         return f"tensor '{t.name}' has external data location {loc!r}, which is not a relative path"
-    full = os.path.realpath(os.path.join(root, loc))
-    if os.path.commonpath([root, full]) != root:
+    facts = files.get(loc) if files is not None else None
+    if facts is None:
+        facts = _file_facts(root, loc)
+        if files is not None:
+            files[loc] = facts
+    full, where, size = facts
+    if where == "outside":
         return f"tensor '{t.name}' points to external data '{loc}' outside the model's folder"
-    if not os.path.isfile(full):
+    if where == "missing":
         return f"external data file '{loc}' for tensor '{t.name}' is missing"
     try:
         offset = int(info.get("offset", 0) or 0)
@@ -80,7 +97,7 @@ def _ext_problem(t: TensorProto, root: str) -> Optional[str]:
         return f"tensor '{t.name}' has an undefined data type ({t.data_type})"
     if length is not None and length != expected:
         return f"tensor '{t.name}' has dims {list(t.dims)} ({expected} bytes) but external data length {length}"
-    if offset + expected > os.path.getsize(full):
+    if offset + expected > size:
         return f"external data file '{loc}' is shorter than tensor '{t.name}' needs ({expected} bytes at offset {offset})"
     return None
 
@@ -99,8 +116,9 @@ def external_data_findings(model: ModelProto, base_dir: str) -> list:
     root = os.path.realpath(base_dir)
     by_file = {}
     out = []
+    files = {}
     for t in external_tensors(model):
-        problem = _ext_problem(t, root)
+        problem = _ext_problem(t, root, files)
         if not problem:
             continue
         loc = next((e.value for e in t.external_data if e.key == "location"), "")
@@ -312,8 +330,12 @@ def model_files(path: str, model: Optional[ModelProto] = None) -> list:
     except (InputError, OSError, ValueError):
         return files
     folder = os.path.dirname(os.path.abspath(path))
+    seen = set()
     for t in external_tensors(model):
         loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        if loc in seen:
+            continue
+        seen.add(loc)
         if loc and "\0" not in loc and not os.path.isabs(loc):
             full = os.path.join(folder, loc)
             if full not in files and not same_file(full, path):

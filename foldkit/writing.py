@@ -307,9 +307,11 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
         raise InputError("external data in subgraphs needs the model's folder")
     folder = os.path.dirname(os.path.abspath(path))
     keep = set()  # files the input needs: never removed, even when the old output named them too
-    if input_path is not None and not (in_place and same_file(path, input_path)):
-        keep = {_identity(f) for f in model_files(input_path)}
-    old_data = [f for f in model_files(path)[1:] if os.path.isfile(f)] if os.path.isfile(path) else []
+    old_data = []  # the data files the old output named: stale once an external-data pair replaces it
+    if external:
+        if input_path is not None and not (in_place and same_file(path, input_path)):
+            keep = {_identity(f) for f in model_files(input_path)}
+        old_data = [f for f in model_files(path)[1:] if os.path.isfile(f)] if os.path.isfile(path) else []
     files = []
     orphan = None  # a data file committed for a model that then was not
     hashing = None
