@@ -21,6 +21,7 @@ from .passes.affine import report_left
 from .report import Report
 from .tensors import TensorStore
 from .checker import checker_error  # noqa: F401 (foldkit.api.checker_error, as before)
+from .early import ReferenceRun
 from .verify import verify as run_verify
 from .wire import needs_external
 
@@ -40,6 +41,11 @@ class PendingVerification:
         """Verify the written model at ``candidate_path``; record the outcome in ``result.report``
         and raise VerificationError on failure."""
         _verify(result, self.reference_bytes, self.options, candidate_path)
+
+    def cancel(self) -> None:
+        """It will not run: stop the original's run started early for it (foldkit.early), if any."""
+        if self.options.get("reference_run") is not None:
+            self.options["reference_run"].cancel()
 
 
 @dataclass
@@ -289,12 +295,17 @@ def fold_file(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], fold_o
     memory = MemoryPolicy(lazy=True, defer=True, spill_dir=os.path.dirname(os.path.abspath(dst)),
                           spill_above=0 if external else SPILL_ABOVE)
     state = fio.file_state(src_files)  # the files as read: the commit checks them again
+    result = None
     try:
         result = fold(src, fold_options, memory=memory, **options)
         if external is False and wire_needs_external(result.model):
             raise InputError(f"{dst}: the folded model exceeds protobuf's 2 GB limit; it needs --external-data")
         result.save(dst, input_path=src, in_place=in_place, external=external, durable=durable, inputs_state=state)
-    except VerificationError as e:
+    except BaseException as e:
+        if result is not None and result.pending is not None:
+            result.pending.cancel()  # the save did not get to it, or it already ran
+        if not isinstance(e, VerificationError):
+            raise
         if e.result is not None:
             e.result.report.inputs = [src]
             if report:  # what the user needs now: which output differed, by how much
@@ -309,7 +320,7 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], options: Optional[FoldOp
                 defer: bool = False, spill_dir: Optional[str] = None, spill_above: int = 0, **kwargs) -> FoldResult:
     """:func:`fold` on a model this call may change in place; tensors on disk are read from ``base_dir``."""
     o = _options(options, kwargs, "fold_loaded")
-    verify, atol, rtol, input_shapes, skip, passes = o.verify, o.atol, o.rtol, o.input_shapes, o.skip, o.passes
+    verify, input_shapes, skip, passes = o.verify, o.input_shapes, o.skip, o.passes
     seed, lower_standalone, check, max_input_bytes = o.seed, o.lower_standalone, o.check, o.max_input_bytes
     freeze_initializer_inputs, data, qdq_reflect = o.freeze_initializer_inputs, o.data, o.qdq_reflect
     merge_larger_kernels = o.merge_larger_kernels
@@ -334,7 +345,22 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], options: Optional[FoldOp
     if ctx.converted_training:
         report.notes.append("training-mode BN was converted to inference mode; verification compares "
                             "against the model after that conversion, since it changes outputs by design")
+    early = None
+    if verify and data is None and (report.bn_before or ctx.converted_training):  # a fold is likely: see foldkit.early
+        early = ReferenceRun(reference_bytes, input_shapes=input_shapes, seed=seed, max_input_bytes=max_input_bytes,
+                             base_dir=base_dir)
+    try:
+        return _fold_and_check(m, base_dir, o, ctx, report, folds, final, rewritten, reference_bytes, early, defer)
+    except BaseException:
+        if early is not None:
+            early.cancel()  # nobody will read it
+        raise
 
+
+def _fold_and_check(m, base_dir, o, ctx, report, folds, final, rewritten, reference_bytes, early,
+                    defer) -> FoldResult:
+    """fold_loaded from the fold passes on (``early``: the original's run, already under way)."""
+    verify, check = o.verify, o.check
     for _ in range(MAX_ROUNDS):
         changed = False
         for p in folds:
@@ -363,13 +389,16 @@ def fold_loaded(m: ModelProto, base_dir: Optional[str], options: Optional[FoldOp
     if check and rewritten:
         _checker(m, reference_bytes, report)
     if verify and not rewritten:  # nothing to compare: the output is the input's bytes
+        if early is not None:
+            early.cancel()
         report.verification = {"method": "unchanged", "passed": True, "max_abs_err": 0.0, "max_rel_err": 0.0,
                                "outputs": [], "end_to_end": None, "local": None,
                                "detail": "nothing was rewritten, so the output is the input's bytes; no run needed"}
     elif verify:
-        options = dict(atol=atol, rtol=rtol, input_shapes=input_shapes, seed=seed, base_dir=base_dir,
-                       max_input_bytes=max_input_bytes, data=data_source(data, m),
-                       reference_label="inference-mode original" if ctx.converted_training else "original")
+        options = dict(atol=o.atol, rtol=o.rtol, input_shapes=o.input_shapes, seed=o.seed, base_dir=base_dir,
+                       max_input_bytes=o.max_input_bytes, data=data_source(o.data, m),
+                       reference_label="inference-mode original" if ctx.converted_training else "original",
+                       reference_run=early)
         if defer or needs_external(m):  # payloads stay out of the proto, or it cannot be one buffer
             result.pending = PendingVerification(reference_bytes, options)
         else:

@@ -23,9 +23,23 @@ class _ReferenceFailed(Exception):
     """ONNX's reference evaluator (the fallback backend) could not run the model."""
 
 
-def ort_source(path: str, base_dir: Optional[str] = None):
+def ort_source(path: str, base_dir: Optional[str] = None, mapped: bool = False):
     """(what to hand ort.InferenceSession, the folder its external data is read from): the path,
-    or for a file name that is not UTF-8 (which ORT cannot take) the file's bytes and its folder."""
+    or for a file name that is not UTF-8 (which ORT cannot take) the file's bytes and its folder.
+
+    ``mapped``: for a self-contained model file with large tensors, the file as foldkit's loader
+    reads every input (foldkit.wire.lazy_load: its own framing walked, its small parts parsed, each
+    large tensor a reference to where it lies in the file), so ORT maps the tensors from the file
+    instead of parsing and copying them; the path where that reading does not apply."""
+    if mapped:
+        from .wire import lazy_load
+
+        try:
+            skeleton = lazy_load(path, 1024)
+        except OSError:
+            skeleton = None
+        if skeleton is not None:
+            return skeleton.SerializeToString(), os.path.dirname(os.path.abspath(path))
     try:
         path.encode("utf-8")
         return path, base_dir
@@ -34,42 +48,69 @@ def ort_source(path: str, base_dir: Optional[str] = None):
             return f.read(), os.path.dirname(os.path.abspath(path))
 
 
-def _ort_session(source, base_dir: Optional[str] = None, mem_pattern: bool = True):
+def _quiet_session(ort):
+    """ort.InferenceSession that never falls back to other providers, so never prints ORT's "EP
+    Error" banner: on a worker thread that banner cannot be kept off stdout (redirecting sys.stdout
+    is process-wide). ``enable_fallback=0`` says so where ORT takes it; the override, where not."""
+    class QuietSession(ort.InferenceSession):
+        def _create_inference_session(self, *args, **kwargs):
+            self._enable_fallback = False
+            return super()._create_inference_session(*args, **kwargs)
+    return QuietSession
+
+
+def _ort_session(source, base_dir: Optional[str] = None, mem_pattern: bool = True, run_options=None,
+                 worker: bool = False, mapped: bool = False, threads: Optional[int] = None):
     """``source``: serialized bytes, or a model file's path (its external data beside it).
     ``mem_pattern=False``: no pre-planned memory pattern (ORT plans one block for every intermediate
-    of a run, which for foldkit's statistics graph is 1.7x the memory the tensors need at once)."""
+    of a run, which for foldkit's statistics graph is 1.7x the memory the tensors need at once).
+    ``run_options``: an ort.RunOptions to run with (setting its ``terminate`` from another thread
+    stops a run). ``worker``: called off the main thread (see :func:`_quiet_session`; its idle pool
+    threads do not spin). ``mapped``: a path's tensors are mapped from the file (see
+    :func:`ort_source`). ``threads``: ORT's intra-op threads (None: its default, one per core)."""
     from .imports import import_blocked
     ort = import_blocked("onnxruntime")
 
     if isinstance(source, str):
-        source, base_dir = ort_source(source, base_dir)
+        source, base_dir = ort_source(source, base_dir, mapped)
     so = ort.SessionOptions()
     so.enable_mem_pattern = mem_pattern
     if base_dir and not isinstance(source, str):  # tensors left on disk are read from the model's folder
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", base_dir)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4  # errors surface as exceptions; keep ORT's own log off stderr
+    if threads:
+        so.intra_op_num_threads = threads
+    if worker:  # idle pool threads sleep: the main thread needs the cores meanwhile
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        # ORT's wrapper prints "EP Error" banners on failure; the exception says the same in one line
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        if worker:
+            sess = _quiet_session(ort)(source, so, providers=["CPUExecutionProvider"], enable_fallback=0)
+        else:
+            # ORT's wrapper prints "EP Error" banners on failure; the exception says the same in one line
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as e:
         msg = str(e)
         if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg or "Type Error" in msg:
             raise _BackendUnavailable(msg.splitlines()[0]) from None
         raise
-    ro = ort.RunOptions()
+    ro = run_options if run_options is not None else ort.RunOptions()
     ro.log_severity_level = 4
     return lambda feeds: sess.run(None, feeds, ro)
 
 
 def runner(model: Optional[ModelProto], model_bytes: Optional[bytes] = None, backend: Optional[str] = None,
-           base_dir: Optional[str] = None, path: Optional[str] = None):
-    """(feeds -> outputs, backend_name), the session made once: for running many batches."""
+           base_dir: Optional[str] = None, path: Optional[str] = None, run_options=None, worker: bool = False,
+           threads: Optional[int] = None):
+    """(feeds -> outputs, backend_name), the session made once: for running many batches.
+    ``run_options``, ``worker`` and ``threads``: see :func:`_ort_session`."""
     if backend in (None, "onnxruntime"):
         try:
             data = path if path is not None else model_bytes if model_bytes is not None else model.SerializeToString()
-            return _ort_session(data, base_dir), "onnxruntime-cpu"
+            # a model file runs as written, its tensors mapped from it, not parsed and copied
+            return (_ort_session(data, base_dir, run_options=run_options, worker=worker, mapped=path is not None,
+                                 threads=threads), "onnxruntime-cpu")
         except _BackendUnavailable:
             if backend == "onnxruntime":
                 raise
@@ -103,10 +144,12 @@ def _same_backend(ran: str) -> str:
 
 
 def run(model: Optional[ModelProto], feeds: dict, model_bytes: Optional[bytes] = None, backend: Optional[str] = None,
-        base_dir: Optional[str] = None, path: Optional[str] = None):
+        base_dir: Optional[str] = None, path: Optional[str] = None, run_options=None, worker: bool = False,
+        threads: Optional[int] = None):
     """Returns (outputs, backend_name). ``path``: run the model file there (``model`` unused)."""
-    go, name = runner(model, model_bytes, backend, base_dir, path)
+    go, name = runner(model, model_bytes, backend, base_dir, path, run_options, worker, threads)
     return go(feeds), name
+
 
 def _first_line(e: BaseException) -> str:
     return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]

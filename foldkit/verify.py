@@ -162,29 +162,27 @@ def _perturbed(model: ModelProto, names: set, base_dir: Optional[str], seed: int
     return m
 
 
-def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None, rtol=None, input_shapes=None,
-           seed: int = 0, reference_bytes: Optional[bytes] = None, candidate_bytes: Optional[bytes] = None,
-           reference_label: str = "original", base_dir: Optional[str] = None,
-           candidate_path: Optional[str] = None, max_input_bytes: Optional[int] = None,
-           written: Optional[set] = None, data=None) -> VerificationResult:
-    """Run ``reference`` and the candidate (a ModelProto, or the model file at ``candidate_path``)
-    on the same inputs and compare their outputs (``method: end-to-end``). ``base_dir``: where
-    tensors the models leave on disk are read from (not used for ``candidate_path``, whose data
-    lies beside it). ``written``: the constants the rewrites wrote.
+@dataclass
+class ReferenceStage:
+    """The original's half of an end-to-end check on generated inputs: the feeds and the original's
+    outputs, or why the whole model cannot be compared (``why``; ``run_failed``: it did not run)."""
 
-    When the whole model cannot run on generated inputs (strings, sequences, ops no backend has,
-    value constraints), or its outputs are random, each rewrite's own region is checked instead
-    (``method: local``, see foldkit.regions), and ``end_to_end`` says why. An end-to-end error over
-    the tolerance but within the model's own rounding noise (the output change when every weight
-    the rewrites read moves by one ulp) passes, with that ``noise_floor`` reported."""
-    d_atol, d_rtol = default_tolerances(reference)
-    tolerances_default = atol is None and rtol is None  # the noise floor never overrides tolerances given
-    atol = d_atol if atol is None else float(atol)
-    rtol = d_rtol if rtol is None else float(rtol)
-    if data is not None:
-        return _verify_data(reference, candidate, reference_bytes, candidate_bytes, candidate_path, base_dir, data,
-                            atol, rtol, reference_label, seed, written if tolerances_default else None, input_shapes)
-    why, backend, shapes, nondet, run_failed = None, None, {}, False, False
+    feeds: dict
+    shapes: dict
+    ref_out: Optional[list]
+    backend: Optional[str]
+    why: Optional[str]
+    run_failed: bool
+    threads: Optional[int] = None  # ORT's intra-op threads for the original's runs (None: its default)
+
+
+def reference_stage(reference: ModelProto, reference_bytes: Optional[bytes] = None, input_shapes=None, seed: int = 0,
+                    max_input_bytes: Optional[int] = None, base_dir: Optional[str] = None, run_options=None,
+                    worker: bool = False, threads: Optional[int] = None) -> ReferenceStage:
+    """Generate the inputs and run the original on them (see :func:`verify`); a usage error in
+    ``input_shapes`` raises InputShapeError. ``run_options``, ``worker``, ``threads``: see
+    foldkit.backends (every later run of the original in this verification uses the same threads)."""
+    why, backend, shapes, feeds, ref_out, run_failed = None, None, {}, {}, None, False
     try:
         feeds = make_inputs(reference, input_shapes, seed, max_bytes=max_input_bytes)
         shapes = {k: [int(d) for d in np.shape(v)] for k, v in feeds.items()}
@@ -195,11 +193,45 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
                else f"foldkit cannot generate inputs for it: {e}")
     if why is None:
         try:
-            ref_out, backend = run(reference, feeds, reference_bytes, base_dir=base_dir)
+            ref_out, backend = run(reference, feeds, reference_bytes, base_dir=base_dir, run_options=run_options,
+                                   worker=worker, threads=threads)
         except Exception as e:
             tried = "onnx-reference" if isinstance(e, _ReferenceFailed) else "onnxruntime-cpu"
             why = f"the original does not run on {_backend_name(tried)} with generated inputs: {_first_line(e)}"
             run_failed = True
+    return ReferenceStage(feeds, shapes, ref_out, backend, why, run_failed, threads)
+
+
+def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None, rtol=None, input_shapes=None,
+           seed: int = 0, reference_bytes: Optional[bytes] = None, candidate_bytes: Optional[bytes] = None,
+           reference_label: str = "original", base_dir: Optional[str] = None,
+           candidate_path: Optional[str] = None, max_input_bytes: Optional[int] = None,
+           written: Optional[set] = None, data=None, reference_run=None) -> VerificationResult:
+    """Run ``reference`` and the candidate (a ModelProto, or the model file at ``candidate_path``)
+    on the same inputs and compare their outputs (``method: end-to-end``). ``base_dir``: where
+    tensors the models leave on disk are read from (not used for ``candidate_path``, whose data
+    lies beside it). ``written``: the constants the rewrites wrote.
+
+    When the whole model cannot run on generated inputs (strings, sequences, ops no backend has,
+    value constraints), or its outputs are random, each rewrite's own region is checked instead
+    (``method: local``, see foldkit.regions), and ``end_to_end`` says why. An end-to-end error over
+    the tolerance but within the model's own rounding noise (the output change when every weight
+    the rewrites read moves by one ulp) passes, with that ``noise_floor`` reported.
+
+    ``reference_run``: the original's half already under way (foldkit.early.ReferenceRun, started
+    with these inputs' options while the folds ran); its outcome is the one computed here otherwise."""
+    d_atol, d_rtol = default_tolerances(reference)
+    tolerances_default = atol is None and rtol is None  # the noise floor never overrides tolerances given
+    atol = d_atol if atol is None else float(atol)
+    rtol = d_rtol if rtol is None else float(rtol)
+    if data is not None:
+        return _verify_data(reference, candidate, reference_bytes, candidate_bytes, candidate_path, base_dir, data,
+                            atol, rtol, reference_label, seed, written if tolerances_default else None, input_shapes)
+    stage = reference_run.result() if reference_run is not None else \
+        reference_stage(reference, reference_bytes, input_shapes, seed, max_input_bytes, base_dir)
+    feeds, shapes, ref_out, backend, why, run_failed = (stage.feeds, stage.shapes, stage.ref_out, stage.backend,
+                                                         stage.why, stage.run_failed)
+    nondet = False
     if why is None:
         same_backend = _same_backend(backend)
         try:
@@ -220,7 +252,8 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
                 # a difference means something only if the original gives the same outputs twice:
                 # only a verification that would fail pays for the second run (and its session)
                 try:
-                    again, _ = run(reference, feeds, reference_bytes, base_dir=base_dir, backend=same_backend)
+                    again, _ = run(reference, feeds, reference_bytes, base_dir=base_dir, backend=same_backend,
+                                   threads=stage.threads)
                     nondet = not _same_bits(ref_out, again)
                 except Exception:
                     nondet = True
@@ -236,7 +269,7 @@ def verify(reference: ModelProto, candidate: Optional[ModelProto], *, atol=None,
         else:
             if not all(d.passed for d in diffs) and written and tolerances_default:
                 diffs = _with_noise_floor(diffs, reference, candidate, candidate_path, reference_bytes, feeds, ref_out,
-                                          written, base_dir, seed, atol, rtol, input_shapes)
+                                          written, base_dir, seed, atol, rtol, input_shapes, stage.threads)
             res = VerificationResult(
                 passed=all(d.passed for d in diffs),
                 max_abs_err=max((d.max_abs_err for d in diffs), default=0.0),
@@ -355,9 +388,10 @@ def _run_regions(regions, seed, base_dir, cand_dir):
 
 
 def _with_noise_floor(diffs, reference, candidate, candidate_path, reference_bytes, feeds, ref_out, written, base_dir,
-                      seed, atol, rtol, input_shapes):
+                      seed, atol, rtol, input_shapes, threads=None):
     """Outputs over the tolerance are judged against the model's own rounding noise: the output
-    change when every weight the rewrites read moves by one ulp."""
+    change when every weight the rewrites read moves by one ulp (``threads``: those ``ref_out``
+    was computed with, so that the floor is the weights' noise alone)."""
     from .regions import cut
 
     try:
@@ -367,7 +401,7 @@ def _with_noise_floor(diffs, reference, candidate, candidate_path, reference_byt
         if not names:
             return diffs
         shaken = _perturbed(reference, names, base_dir, seed)
-        shaken_out, _ = run(shaken, feeds, base_dir=base_dir)
+        shaken_out, _ = run(shaken, feeds, base_dir=base_dir, threads=threads)
     except Exception:  # no floor could be measured: the plain tolerance stands
         return diffs
     out = []

@@ -33,3 +33,21 @@ def _recount_uses_after_every_pass(monkeypatch):
 
     select = api._select
     monkeypatch.setattr(api, "_select", lambda passes, skip: [Recounting(p) for p in select(passes, skip)])
+
+
+@pytest.fixture(autouse=True)
+def _consumers_index_matches_a_rebuild(monkeypatch):
+    """GraphView keeps its consumers index up to date through its edits instead of rebuilding it
+    after each one: every lookup any test makes checks that the kept index equals a rebuild
+    (entries, and their order, which decides the order rewrites happen in)."""
+    from foldkit.graph import GraphView
+
+    kept = GraphView.consumers
+
+    def checked(self, name):
+        got = kept(self, name)
+        rebuilt = [(i, p) for i, node in enumerate(self.nodes) if i not in self.removed
+                   for p, inp in enumerate(node.input) if inp and inp == name]
+        assert got == rebuilt, f"consumers index of {name!r}: kept {got}, rebuilt {rebuilt}"
+        return got
+    monkeypatch.setattr(GraphView, "consumers", checked)

@@ -365,6 +365,44 @@ def test_streamed_fold_refuses_overflow_and_changes_nothing(tmp_path, tiny_block
     assert res.model.SerializeToString() == m.SerializeToString()
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("case", ["fits", "bound over, no channel over", "one channel over", "inf weight", "nan weight",
+                                  "zero scale"])
+def test_the_overflow_check_decides_as_the_plain_formula(case, dtype):
+    """ScaledChannels.check first bounds the whole weight at once (largest |w| times largest |s|);
+    only a bound that does not fit goes channel by channel. Either way it refuses exactly when
+    round_to of the float64 products would (a finite product that rounds to Inf), no more."""
+    from foldkit.math import FoldArithmeticError, ScaledChannels, round_to
+    big = float(np.finfo(dtype).max)
+    w = np.random.default_rng(5).standard_normal((4, 3, 2, 2)).astype(dtype)
+    s = np.array([1.0, 0.5, 2.0, 1.0])
+    if case == "bound over, no channel over":  # channel 0 holds the largest |w|, channel 2 the largest s
+        w[0, 0, 0, 0] = dtype(big / 1.5)
+        s = np.array([1.0, 0.5, 1.9, 1.0])
+    elif case == "one channel over":
+        w[2, 1, 1, 0] = dtype(big / 1.5)
+    elif case == "inf weight":
+        w[1, 0, 0, 1] = np.inf
+    elif case == "nan weight":
+        w[3, 2, 1, 1] = np.nan
+    elif case == "zero scale":
+        s = np.zeros(4)
+    with np.errstate(over="ignore", invalid="ignore"):
+        products = w.astype(np.float64) * s.reshape(-1, 1, 1, 1)
+    try:
+        round_to(products, dtype)
+        plain = None
+    except FoldArithmeticError as e:
+        plain = e
+    try:
+        ScaledChannels(w, s, "conv", dtype).check()
+        checked = None
+    except FoldArithmeticError as e:
+        checked = e
+    assert (plain is None) == (checked is None)
+    assert (checked is not None) == (case == "one channel over")
+
+
 def test_streamed_fold_keeps_little_memory(tmp_path, tiny_blocks):
     """The folded weight is never held whole: a recipe stays a recipe until it is written."""
     from foldkit.math import ScaledChannels

@@ -4,6 +4,7 @@ show that the recount catches a drift, and that cleanup relies on the kept count
 
 import numpy as np
 import pytest
+import onnx
 from onnx import helper
 
 import foldkit
@@ -34,3 +35,30 @@ def test_a_shared_weight_survives_cleanup_with_the_kept_count():
     folded = fold_and_compare(m)
     names = {t.name for t in folded.model.graph.initializer}
     assert "W" in names and not names & {"bn0", "bn1", "bn2", "bn3"}
+
+
+def test_the_consumers_index_follows_every_edit():
+    """GraphView keeps its consumers index through its edits (set_input, rewrite_node,
+    set_constant under a fresh name, remove) instead of rebuilding it: after each edit every name
+    gives what a rebuild gives, in the same order (conftest's autouse check compares each lookup)."""
+    from foldkit.graph import GraphView
+
+    w = np.ones((2, 2, 1, 1), np.float32)
+    nodes = [helper.make_node("Conv", ["X", "W"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Conv", ["c", "W"], ["Y"])]
+    m = make_model(nodes, [("X", F32, [1, 2, 3, 3])], [("Y", F32, None)], [tensor("W", w)])
+    view = GraphView(m.graph, ModelIndex(m))
+    names = ["X", "W", "a", "b", "c", "Y"]
+
+    def lookups():
+        return {n: view.consumers(n) for n in names + [k for k in view.inits if k not in names]}
+
+    assert lookups()["a"] == [(1, 0), (2, 0)]
+    view.set_input(2, 0, "X")  # Add(X, b)
+    assert lookups()["X"] == [(0, 0), (2, 0)] and lookups()["a"] == [(1, 0)]
+    view.rewrite_node(1, "Mul", ["X", "a"])  # b = X * a, read before the Add that now reads X
+    assert lookups()["X"] == [(0, 0), (1, 0), (2, 0)] and lookups()["a"] == [(1, 1)]
+    new = view.set_constant(3, 1, 2 * w, onnx.TensorProto.FLOAT, "W")  # W is shared: a fresh name
+    assert new != "W" and lookups()["W"] == [(0, 1)] and lookups()[new] == [(3, 1)]
+    view.remove(2)
+    assert lookups()["b"] == [] and lookups()["c"] == [(3, 0)]
