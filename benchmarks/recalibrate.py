@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -53,6 +54,15 @@ def timed(cmd):
 
 
 def _model(name, size, out):
+    """The exported model's path; exported in a child process, so that this one stays small: a
+    child's peak RSS (ru_maxrss) starts from the size of the process it was forked from."""
+    path = os.path.join(out, f"{name}_{size}.onnx")
+    if not os.path.exists(path):
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--export", name, str(size), out], check=True)
+    return path
+
+
+def _export(name, size, out):
     import onnx
 
     import models
@@ -87,9 +97,13 @@ def main():
     ap.add_argument("--batches", default="8,32")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--exact", action="store_true", help="also time --method exact")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved runs of each; medians are reported")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "recalibrate"))
     ap.add_argument("--plain", nargs=3, metavar=("MODEL", "DATA", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--export", nargs=3, metavar=("NAME", "SIZE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.export:
+        return _export(args.export[0], int(args.export[1]), args.export[2])
     if args.plain:
         return plain_inference(args.plain[0], args.plain[1], int(args.plain[2]))
     os.makedirs(args.out, exist_ok=True)
@@ -101,9 +115,13 @@ def main():
             model, folder = _model(name, size, args.out), _data(size, args.samples, args.out)
             for batch in (int(b) for b in args.batches.split(",")):
                 out = os.path.join(args.out, "rec.onnx")
-                t_plain, m_plain = timed([sys.executable, os.path.abspath(__file__), "--plain", model, folder, str(batch)])
-                t_rec, m_rec = timed([FOLDKIT, "recalibrate", model, "--data", folder, "-o", out, "--no-fold", "-q",
-                                      "--batch-size", str(batch)])
+                plain_cmd = [sys.executable, os.path.abspath(__file__), "--plain", model, folder, str(batch)]
+                rec_cmd = [FOLDKIT, "recalibrate", model, "--data", folder, "-o", out, "--no-fold", "-q",
+                           "--batch-size", str(batch)]
+                runs = [(timed(plain_cmd), timed(rec_cmd)) for _ in range(args.rounds)]  # interleaved
+                t_plain = statistics.median(p[0] for p, _ in runs)
+                t_rec = statistics.median(r[0] for _, r in runs)
+                m_plain, m_rec = max(p[1] for p, _ in runs), max(r[1] for _, r in runs)
                 row = (f"| {name} | {size}x{size} | {batch} | {t_plain:.2f} | {t_rec:.2f} | {t_rec / t_plain:.2f}x | "
                        f"{m_plain:.0f} | {m_rec:.0f} | {m_rec / m_plain:.2f}x |")
                 if args.exact:
@@ -116,8 +134,9 @@ def main():
                 print(row, flush=True)
     md = [f"# Recalibration cost ({args.samples} samples, `--method batch --no-fold`)", "",
           f"`python benchmarks/recalibrate.py --models {args.models} --sizes {args.sizes} --batches {args.batches} "
-          f"--samples {args.samples}`, on {platform.processor() or platform.machine()} ({os.cpu_count()} cores). "
-          "Both columns are whole processes (start, model load and data reading included) over the same batches; "
+          f"--samples {args.samples} --rounds {args.rounds}`, on {platform.processor() or platform.machine()} "
+          f"({os.cpu_count()} cores). Both columns are whole processes (start, model load and data reading included) "
+          f"over the same batches, run {args.rounds} times interleaved: median times, highest peaks; "
           "goal: at most 1.2x the time and 1.5x the peak memory.", "", *rows]
     with open(os.path.join(ROOT, "benchmarks", "results", "recalibrate.md"), "w") as f:
         f.write("\n".join(md) + "\n")

@@ -23,14 +23,14 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 import numpy as np
-from onnx import ModelProto, numpy_helper
+from onnx import ModelProto, helper, numpy_helper
 
 from .errors import InputError
 from .moments import METHODS, Moments, _feeds, _measure, _typing, find_bns, instrumented
 
 def write_stats(model: ModelProto, bns: list, moments: list, which: Iterable[int]) -> None:
-    """Store new running mean/var (in each parameter's dtype) for the BNs at list indices ``which``;
-    a parameter another node also reads is copied under a fresh name first."""
+    """Store new running mean/var (in each parameter's dtype and dims, inline) for the BNs at list
+    indices ``which``; a parameter another node also reads is copied under a fresh name first."""
     from .graph import all_names, count_uses
 
     g = model.graph
@@ -44,8 +44,8 @@ def write_stats(model: ModelProto, bns: list, moments: list, which: Iterable[int
         node = g.node[b.index]
         for pos, values in ((3, mo.mean), (4, mo.var)):
             old = inits[node.input[pos]]
-            dtype = numpy_helper.to_array(old).dtype
-            new = numpy_helper.from_array(values.astype(dtype).reshape(numpy_helper.to_array(old).shape), old.name)
+            dtype = helper.tensor_dtype_to_np_dtype(old.data_type)
+            new = numpy_helper.from_array(values.astype(dtype).reshape(tuple(old.dims)), old.name)
             if uses[old.name] == 1:
                 old.CopyFrom(new)
             else:
@@ -65,16 +65,17 @@ def write_stats(model: ModelProto, bns: list, moments: list, which: Iterable[int
 
 def recalibrate(model: ModelProto, batches: Callable[[], Iterable[dict]], method: str = "batch", only=(), skip=(),
                 reduce: Optional[Callable[[list], list]] = None, input_shapes: Optional[dict] = None,
-                distributed: Optional["Distributed"] = None) -> dict:
+                distributed: Optional["Distributed"] = None, base_dir: Optional[str] = None) -> dict:
     """Re-estimate the running statistics of ``model``'s BNs in place (see the module doc) over
     ``batches()`` (called once per pass; each call streams the data anew). ``reduce`` merges
-    per-rank partial Moments (torch.distributed); returns the per-BN summary for the report."""
+    per-rank partial Moments (torch.distributed); returns the per-BN summary for the report.
+    ``base_dir``: where the tensors of a lazily loaded ``model`` are (its file's folder)."""
     if method not in METHODS:
         raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     if distributed is not None:
         batches, reduce = distributed.shard(batches), distributed.reduce
     reduce = reduce or (lambda acc: acc)
-    bns, notes = find_bns(model, only, skip)
+    bns, notes = find_bns(model, only, skip, base_dir)
     if not bns:
         raise InputError("no BatchNormalization to recalibrate (main graph, inference mode, initializer parameters)")
     rank_of, elem_of = _typing(model, input_shapes)
@@ -83,7 +84,7 @@ def recalibrate(model: ModelProto, batches: Callable[[], Iterable[dict]], method
     samples = nbatches = 0
     if method == "batch":
         inst = instrumented(model, bns, set(range(len(bns))), rank_of, elem_of)
-        moments, samples, nbatches = _measure(inst.SerializeToString(), bns, _feeds(batches()), reduce)
+        moments, samples, nbatches = _measure(inst.SerializeToString(), bns, _feeds(batches()), reduce, base_dir)
         passes = 1
         write_stats(model, bns, moments, range(len(bns)))
     else:
@@ -93,7 +94,7 @@ def recalibrate(model: ModelProto, batches: Callable[[], Iterable[dict]], method
             if not ready:  # a cycle cannot happen in a valid graph; be safe
                 ready = [k for k in range(len(bns)) if k not in done]
             inst = instrumented(model, bns, set(), rank_of, elem_of)
-            acc, samples, nbatches = _measure(inst.SerializeToString(), bns, _feeds(batches()), reduce)
+            acc, samples, nbatches = _measure(inst.SerializeToString(), bns, _feeds(batches()), reduce, base_dir)
             for k in ready:
                 moments[k] = acc[k]
             write_stats(model, bns, moments, ready)
@@ -234,18 +235,25 @@ def recalibrate_file(src: str, dst: str, data, *, method: str = "batch", fold: b
     src, dst = os.fspath(src), os.fspath(dst)
     fio.guard_outputs({"-o": dst, "--report": report},
                       fio.model_files(src) + data_files(data) + data_files(eval_data))
-    model = fio.load_model(src)
+    # without --eval-data (which runs the output from memory) the weights stay in the file: the
+    # statistics session maps them, and the output streams them (foldkit.wire)
+    lazy = eval_data is None
+    model = fio.load_model(src, lazy=lazy)
+    base_dir = os.path.dirname(os.path.abspath(src)) if lazy else None
     original = fio.serialize(model) if eval_data is not None else None  # the --eval-data reference only
     source = data_source((data, batch_size, max_samples), model)
     dist = Distributed() if Distributed.requested() else None
     try:
-        rec = recalibrate(model, source, method, only, skip, input_shapes=input_shapes, distributed=dist)
+        rec = recalibrate(model, source, method, only, skip, input_shapes=input_shapes, distributed=dist,
+                          base_dir=base_dir)
         rec["batching"] = batching(data, batch_size, fixed_batch(model))
         if is_function(data) and (batch_size or fixed_batch(model)):
             rec["notes"].append(f"the function's batches were {rec['batching']}; precise-BN statistics depend on "
                                 "the batches (without --batch-size they are used as the function yields them)")
         if dist is not None and dist.rank != 0:
             return rec  # rank 0 alone writes
+        if lazy:
+            return _write_lazy(model, base_dir, src, dst, data, rec, fold, input_shapes, report, durable)
         if fold:
             result = fold_api(model, input_shapes=input_shapes)
             out_model, rep = result.model, result.report
@@ -283,4 +291,43 @@ def recalibrate_file(src: str, dst: str, data, *, method: str = "batch", fold: b
     finally:
         if dist is not None:
             dist.close()
+
+
+def _write_lazy(model: ModelProto, base_dir: str, src: str, dst: str, data, rec: dict, fold: bool,
+                input_shapes: Optional[dict], report: Optional[str], durable: bool) -> dict:
+    """recalibrate_file's output for a lazily loaded model: folded as ``foldkit fold`` folds a file
+    (verified on the written file before it takes its name), or written as it is, the unchanged
+    tensors streamed from ``src``; then the report (also when verification fails)."""
+    import os
+
+    from . import io as fio
+    from .api import SPILL_ABOVE, FoldOptions, fold_loaded
+    from .errors import VerificationError
+    from .report import Report
+    from .text import to_json
+
+    def write_report(rep) -> dict:
+        rep.command, rep.inputs = "recalibrate", [src, os.fspath(data)]
+        d = rep.to_dict()
+        d["recalibration"] = rec
+        d["metric"] = None
+        if report:
+            fio.atomic_write(report, to_json(d).encode(), durable=durable)
+        return d
+
+    if not fold:
+        rep = Report(bn_before=sum(n.op_type == "BatchNormalization" for n in model.graph.node))
+        rep.bn_after = rep.bn_before
+        rep.unchanged = False
+        fio.save_model(model, dst, input_path=src, base_dir=base_dir, durable=durable)
+        return write_report(rep)
+    result = fold_loaded(model, base_dir, FoldOptions(input_shapes=input_shapes), defer=True,
+                         spill_dir=os.path.dirname(os.path.abspath(dst)), spill_above=SPILL_ABOVE)
+    try:  # nothing folded: the output is still not the input file (its statistics are new)
+        result.save(dst, input_path=None if result.report.unchanged else src, durable=durable)
+    except VerificationError as e:
+        if e.result is not None:
+            write_report(e.result.report)
+        raise
+    return write_report(result.report)
 
