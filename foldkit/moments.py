@@ -1,5 +1,6 @@
 """BN input moments over real data (ONNX models): which BNs, a copy of the model instrumented to
-compute each one's per-channel batch mean and M2 in float64 in the graph, and the exact merge.
+compute, in float64 in the graph, each BN input's per-row (sample, channel) mean and M2, one sample
+at a time, and the exact merge of the rows and of the batches.
 
 Statistics are accumulated per channel in float64 as (count, mean, M2) and merged with Chan et
 al.'s parallel formula, so the result is the exact population mean and variance of every value a BN
@@ -156,8 +157,9 @@ def _reduce_mean(x: str, out: str, axes: list, opset: int, nodes: list, inits: l
 
 def instrumented(model: ModelProto, bns: list, batch_mode: set, rank_of: Callable[[str], Optional[int]],
                  elem_of: Callable[[str], int] = lambda v: onnx.TensorProto.FLOAT) -> ModelProto:
-    """A copy of ``model`` whose outputs are the inputs of ``bns`` (in order); the BNs whose list
-    index is in ``batch_mode`` normalize with their batch's statistics instead of their running ones."""
+    """A copy of ``model`` whose outputs are, for each of ``bns`` in order, its input's row means,
+    row M2s and shape (see :func:`_moment_ops`); the BNs whose list index is in ``batch_mode``
+    normalize with their batch's statistics instead of their running ones."""
     from .graph import default_opset
 
     m = ModelProto()
