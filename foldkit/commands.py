@@ -10,6 +10,7 @@ import click
 
 from .cli_common import (EXIT_INTERNAL, _reraise_if_debug, handle_errors, input_shape_option, max_input_option,
                          one_line, tolerance_options, verbosity_options)
+from .entry import allow_quick_exit
 from .text import to_json
 
 @click.command()
@@ -52,6 +53,8 @@ def fold(model, output, report_path, no_verify, atol, rtol, input_shape, max_inp
     """Fold BatchNormalization in MODEL into neighbouring weights, verify, and write OUTPUT.
 
     On a verification failure the model is not written, but --report is: it says what differed."""
+    if not data:
+        allow_quick_exit()
     from .api import fold_file
     from .errors import VerificationError
     from .verify import parse_input_shapes
@@ -94,7 +97,8 @@ def check(models, fmt, fail_on, output, data, max_samples, batch_size, quiet, ve
 
     MODELS are ONNX files or folders (searched for *.onnx). The exit code is the worst over all
     models: 2 when one cannot be read, else 1 when one has a finding at or above --fail-on."""
-
+    if not data:
+        allow_quick_exit()
     from . import io as fio
     from .check import check_many, to_github, to_junit, to_markdown, to_text
     from .report import envelope

@@ -194,6 +194,44 @@ def test_fsync_is_opt_in_and_writes_the_same_bytes(conv_bn_path, tmp_path, monke
     assert len(calls) == 2
 
 
+QUICK_EXIT_PROBE = """
+import atexit, sys, threading, time
+from foldkit.entry import run
+here = sys.argv.pop(1)
+class Teardown:
+    def __del__(self, open=open, path=here + "/teardown"):  # builtins may be gone by then
+        open(path, "w").close()
+keep = Teardown()
+atexit.register(lambda: open(here + "/atexit", "w").close())
+def late():
+    time.sleep(0.3)
+    open(here + "/thread", "w").close()
+threading.Thread(target=late).start()
+run(prog_name="foldkit")
+"""
+
+
+def test_fold_and_check_end_as_python_would_less_the_module_teardown(conv_bn_path, tmp_path):
+    def probe(*args):
+        for f in ("teardown", "atexit", "thread"):
+            (tmp_path / f).unlink(missing_ok=True)
+        p = subprocess.run([sys.executable, "-c", QUICK_EXIT_PROBE, str(tmp_path), *map(str, args)],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+        return p, {f for f in ("teardown", "atexit", "thread") if (tmp_path / f).exists()}
+
+    out = tmp_path / "o.onnx"
+    p, left = probe("fold", conv_bn_path, "-o", out, "-v")
+    assert p.returncode == 0 and out.exists(), p.stderr
+    assert "folded: bn into Conv 'conv'" in p.stdout  # stdout (a pipe: block-buffered) was flushed
+    assert left == {"atexit", "thread"}  # other threads joined, atexit handlers run; no module teardown
+    p, left = probe("check", conv_bn_path, "--format", "json")
+    assert p.returncode == 1 and json.loads(p.stdout)["exit_code"] == 1, p.stdout + p.stderr  # the exit code kept
+    assert left == {"atexit", "thread"}
+    # a command that may run user code (a FILE.py:FN data loader) ends as Python's exit does
+    p, left = probe("check", conv_bn_path, "--data", tmp_path / "missing.npz")
+    assert p.returncode == 2 and left == {"teardown", "atexit", "thread"}, p.stderr
+
+
 def test_python_dash_m_foldkit(conv_bn_path, tmp_path):
     out = tmp_path / "o.onnx"
     p = subprocess.run([sys.executable, "-m", "foldkit", "fold", str(conv_bn_path), "-o", str(out), "-q"],
