@@ -88,16 +88,18 @@ def prepare(src, cold):
                     pass
 
 
+COUNT_BN = ("import sys, onnx\n"
+            "sys.path.insert(0, sys.argv[2])\n"
+            "from foldkit.wire import lazy_load\n"
+            "m = lazy_load(sys.argv[1], 1024) or onnx.load(sys.argv[1], load_external_data=False)\n"
+            "print(sum(n.op_type == 'BatchNormalization' for n in m.graph.node))\n")
+
+
 def bn_count(path):
-    """Counted from the skeleton only: this process must stay small, or every tool it forks later
-    would inherit its RSS high-water mark and ru_maxrss would report that."""
-    import onnx
-
-    sys.path.insert(0, ROOT)
-    from foldkit.wire import lazy_load
-
-    m = lazy_load(path, 1024) or onnx.load(path, load_external_data=False)
-    return sum(n.op_type == "BatchNormalization" for n in m.graph.node)
+    """Counted in a child process: this one must stay small (it imports neither onnx nor numpy),
+    or every tool it forks later would start from its RSS, and ru_maxrss would report that."""
+    return int(subprocess.run([sys.executable, "-c", COUNT_BN, path, ROOT], check=True, capture_output=True,
+                              text=True).stdout)
 
 
 def data_files(path):
