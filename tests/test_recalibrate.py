@@ -369,9 +369,16 @@ def test_export_recalibrate(world, tmp_path):
     assert a["disagree"] == 0, a
 
 
-def test_batch_method_before_opset_14_matches_the_runtimes_training_mode_bn(world, tmp_path):
-    """Opset < 14 has no training_mode: there the batch statistics are computed by foldkit's own
-    normalization subgraph; it must give what ORT's training-mode BN gives at opset 15."""
+@pytest.mark.parametrize("opset", [11, 13, 15, 17, 18])  # before training_mode (14); axes as attributes before 13/18
+def test_batch_method_normalizes_as_the_runtimes_training_mode_bn(opset):
+    """--method batch normalizes each BN with its batch's statistics, merged in the graph from
+    foldkit's float64 rows and fed to an inference-mode BN (any opset). The statistics stored for a
+    BN behind it must be those of its inputs when ONNX Runtime's own training-mode BN (opset 15)
+    does the normalizing: measured here in float64 numpy from that model's values, over batches of
+    unequal sizes."""
+    import onnxruntime as ort
+
+    from foldkit.recalibration import recalibrate
     from tests.helpers import F32, bn_inits, make_model, rng, tensor
 
     r = rng(3)
@@ -379,26 +386,28 @@ def test_batch_method_before_opset_14_matches_the_runtimes_training_mode_bn(worl
     n2, b2 = bn_inits("b", 5, r)
     w1, w2 = r.standard_normal((6, 1, 3, 3)).astype(np.float32), r.standard_normal((5, 6, 3, 3)).astype(np.float32)
 
-    def build(opset):
+    def build(opset, training=False):
+        extra = {"training_mode": 1} if training else {}
         return make_model([helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1] * 4),
-                           helper.make_node("BatchNormalization", ["c1"] + n1, ["n1"], name="bn1"),
+                           helper.make_node("BatchNormalization", ["c1"] + n1, ["n1"] + (["rm", "rv"] if training else []),
+                                            name="bn1", **extra),
                            helper.make_node("Relu", ["n1"], ["r1"]),
                            helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1] * 4),
                            helper.make_node("BatchNormalization", ["c2"] + n2, ["y"], name="bn2")],
                           [("image", F32, ["n", 1, 8, 8])], [("y", F32, ["n", 5, 8, 8])],
-                          [tensor("w1", w1), tensor("w2", w2)] + b1 + b2, opset=opset)
-    outs = []
-    for m, name in ((build(13), "o13"), (build(15), "o15"), (build(11), "o11")):  # 11: reduction axes as attributes
-        p = tmp_path / f"{name}.onnx"
-        onnx.save(m, str(p))
-        res = invoke("recalibrate", p, "--data", world["train"], "--no-fold", "-o", tmp_path / f"{name}.rec.onnx")
-        assert res.exit_code == 0, res.output
-        outs.append(_stats(tmp_path / f"{name}.rec.onnx"))
-    for (_, m13, v13), (_, m15, v15), (_, m11, v11) in zip(*outs):
-        np.testing.assert_allclose(m13, m15, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(v13, v15, rtol=1e-5)
-        np.testing.assert_array_equal(m11, m13)  # the same subgraph, the same float64 sums
-        np.testing.assert_array_equal(v11, v13)
+                          [tensor("w1", w1), tensor("w2", w2)] + b1 + b2, opset=opset, infer_outputs=False)
+    xs = [(r.standard_normal((k, 1, 8, 8)) * 2 + 0.5).astype(np.float32) for k in (16, 5, 32)]
+    ref = build(15, training=True)
+    ref.graph.output.extend([helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in ("c1", "c2")])
+    sess = ort.InferenceSession(ref.SerializeToString(), providers=["CPUExecutionProvider"])
+    seen = [sess.run(["c1", "c2"], {"image": x}) for x in xs]
+    m = build(opset)
+    recalibrate(m, lambda: iter([{"image": x} for x in xs]), method="batch")
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}
+    for k, names in enumerate((n1, n2)):
+        h = np.concatenate([np.moveaxis(s[k].astype(np.float64), 1, 0).reshape(s[k].shape[1], -1) for s in seen], axis=1)
+        np.testing.assert_allclose(inits[names[2]], h.mean(axis=1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(inits[names[3]], h.var(axis=1), rtol=1e-5)
 
 
 def test_data_the_model_cannot_take_is_one_line_exit_2(world, tmp_path):
@@ -410,8 +419,9 @@ def test_data_the_model_cannot_take_is_one_line_exit_2(world, tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.parametrize("method", ["exact", "batch"])
 @pytest.mark.parametrize("opset", [11, 17, 18])  # axes as attributes, ReduceSum's as an input, all as inputs
-def test_a_batchnorm1d_over_n_by_c_is_recalibrated_exactly(opset):
+def test_a_batchnorm1d_over_n_by_c_is_recalibrated_exactly(opset, method):
     """A BN over a rank-2 [N, C] input (BatchNorm1d after a Linear) has no spatial axes: its moments
     are reduced over the samples alone. The stored statistics are the population statistics of the
     BN's inputs, computed here in float64 from ONNX Runtime's own MatMul outputs."""
@@ -432,7 +442,7 @@ def test_a_batchnorm1d_over_n_by_c_is_recalibrated_exactly(opset):
                        [tensor("W", w)], opset=opset)
     sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     h = np.concatenate([sess.run(None, {"x": x})[0].astype(np.float64) for x in xs])
-    recalibrate(m, lambda: iter([{"x": x} for x in xs]), method="exact")
+    recalibrate(m, lambda: iter([{"x": x} for x in xs]), method=method)  # one BN: the same statistics
     inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}
     bn_node = m.graph.node[1]
     np.testing.assert_allclose(inits[bn_node.input[3]], h.mean(axis=0), rtol=1e-6, atol=1e-7)
