@@ -101,6 +101,9 @@ def find_bns(model: ModelProto, only=(), skip=(), base_dir: Optional[str] = None
         if any(a.name == "training_mode" and a.i for a in n.attribute) or len([o for o in n.output if o]) > 1:
             notes.append(f"{label}: in training mode; `foldkit fold` converts it first")
             continue
+        if any(a.name == "spatial" and a.i == 0 for a in n.attribute):  # opset <= 8: statistics per (channel, position)
+            notes.append(f"{label}: spatial=0 (statistics per channel and position); left as it is")
+            continue
         mean = numpy_helper.to_array(inits[n.input[3]], base_dir or "")
         var = numpy_helper.to_array(inits[n.input[4]], base_dir or "")
         out.append(BNInfo(k, label, n.input[0], list(n.input[1:5]), attr_float(n, "epsilon", 1e-5), int(mean.size),
@@ -249,7 +252,14 @@ def _moment_ops(b: "BNInfo", k: int, rank_of, opset: int, extra_inits: list,
         body_nodes, f"{tag}_rows", [helper.make_tensor_value_info(f"{tag}_xs", elem_of(b.x), [None] * (rank - 1))],
         [helper.make_tensor_value_info(f"{tag}_rm", onnx.TensorProto.DOUBLE, None),
          helper.make_tensor_value_info(f"{tag}_rv", onnx.TensorProto.DOUBLE, None)], body_inits)
-    ops.append(helper.make_node("Scan", [b.x], [f"{tag}_mean", f"{tag}_var"], num_scan_inputs=1, body=body))
+    if opset >= 9:
+        ops.append(helper.make_node("Scan", [b.x], [f"{tag}_mean", f"{tag}_var"], num_scan_inputs=1, body=body))
+        return ops
+    # Scan-8 takes [batch, sequence, ...] (and sequence lengths first): the samples are a sequence of one batch
+    ops += [helper.make_node("Unsqueeze", [b.x], [f"{tag}_seq"], axes=[0]),
+            helper.make_node("Scan", ["", f"{tag}_seq"], [f"{tag}_mean1", f"{tag}_var1"], num_scan_inputs=1, body=body),
+            helper.make_node("Squeeze", [f"{tag}_mean1"], [f"{tag}_mean"], axes=[0]),
+            helper.make_node("Squeeze", [f"{tag}_var1"], [f"{tag}_var"], axes=[0])]
     return ops
 
 

@@ -49,7 +49,7 @@ def _bn_input_values(m, xs):
     return np.concatenate([r.reshape(r.shape[0], -1) for r in rows], axis=1)
 
 
-@pytest.mark.parametrize("rank,opset", [(2, 17), (3, 17), (4, 11), (4, 17), (4, 18), (5, 17)])
+@pytest.mark.parametrize("rank,opset", [(2, 17), (3, 17), (4, 8), (4, 11), (4, 17), (4, 18), (5, 17)])  # 8: Scan-8
 def test_moments_equal_float64_statistics_of_the_bn_inputs(rank, opset):
     """--method exact measures the BN input in inference mode: its stored statistics are the
     population mean and variance of every value it saw, to float64 rounding, also for a channel

@@ -369,7 +369,7 @@ def test_export_recalibrate(world, tmp_path):
     assert a["disagree"] == 0, a
 
 
-@pytest.mark.parametrize("opset", [11, 13, 15, 17, 18])  # before training_mode (14); axes as attributes before 13/18
+@pytest.mark.parametrize("opset", [8, 11, 13, 15, 17, 18])  # 8: Scan-8; before training_mode (14); axes as attributes before 13/18
 def test_batch_method_normalizes_as_the_runtimes_training_mode_bn(opset):
     """--method batch normalizes each BN with its batch's statistics, merged in the graph from
     foldkit's float64 rows and fed to an inference-mode BN (any opset). The statistics stored for a
@@ -447,3 +447,35 @@ def test_a_batchnorm1d_over_n_by_c_is_recalibrated_exactly(opset, method):
     bn_node = m.graph.node[1]
     np.testing.assert_allclose(inits[bn_node.input[3]], h.mean(axis=0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(inits[bn_node.input[4]], h.var(axis=0), rtol=1e-6)
+
+
+def test_a_bn_with_statistics_per_position_is_left_with_its_reason():
+    """Opset <= 8 BN with spatial=0 keeps one mean and variance per (channel, position): per-channel
+    moments do not fit it, so it is left as it is, with the reason; the BN after it is recalibrated,
+    and the model still runs."""
+    import onnxruntime as ort
+
+    from foldkit.recalibration import recalibrate
+    from tests.helpers import F32, make_model, rng, tensor
+
+    r = rng(11)
+    per_pos = [tensor(n, a) for n, a in (("g0", r.normal(1, .2, (3, 4, 4))), ("b0", r.normal(0, .2, (3, 4, 4))),
+                                         ("m0", np.zeros((3, 4, 4))), ("v0", np.ones((3, 4, 4))))]
+    per_pos = [numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name) for t in per_pos]
+    bn = [tensor(n, a) for n, a in (("g", np.ones(3, np.float32)), ("b", np.zeros(3, np.float32)),
+                                    ("m", np.zeros(3, np.float32)), ("v", np.ones(3, np.float32)))]
+    m = make_model([helper.make_node("BatchNormalization", ["x", "g0", "b0", "m0", "v0"], ["h"], name="per_position",
+                                     spatial=0),
+                    helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="per_channel")],
+                   [("x", F32, ["n", 3, 4, 4])], [("y", F32, ["n", 3, 4, 4])], per_pos + bn, opset=8, ir_version=3)
+    xs = [(r.standard_normal((k, 3, 4, 4)) * 2 + 1).astype(np.float32) for k in (6, 9)]
+    rec = recalibrate(m, lambda: iter([{"x": x} for x in xs]), method="exact")
+    assert any(n.startswith("per_position: spatial=0") for n in rec["notes"]), rec["notes"]
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    assert inits["m0"].shape == (3, 4, 4) and not inits["m0"].any() and (inits["v0"] == 1).all()
+    h = np.concatenate([((x - 0) / np.sqrt(1 + 1e-5)) * numpy_helper.to_array(per_pos[0]) + numpy_helper.to_array(per_pos[1])
+                        for x in xs]).astype(np.float64)
+    np.testing.assert_allclose(inits["m"], h.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(inits["v"], h.var(axis=(0, 2, 3)), rtol=1e-5)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": xs[0]})[0].shape == (6, 3, 4, 4)
