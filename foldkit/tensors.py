@@ -31,6 +31,7 @@ from onnx import ModelProto, TensorProto, numpy_helper
 
 from .attrs import FLOAT_TYPES  # noqa: F401  (re-exported: one definition, in attrs)
 from .math import ScaledChannels
+from .signals import held
 from .wire import MEMORY, Source, external_size, is_memory, payload_nbytes
 
 
@@ -253,8 +254,9 @@ class SpillPayloads:
 
     def __init__(self, folder: Optional[str] = None):
         self.recipes = {}  # name -> ScaledChannels, never spilled: they hold no folded bytes
-        fd, path = tempfile.mkstemp(prefix=".foldkit-spill-", dir=folder)
-        os.unlink(path)  # the descriptor keeps it alive; no path, no leftovers
+        with held():  # a signal between the two would leave the file behind
+            fd, path = tempfile.mkstemp(prefix=".foldkit-spill-", dir=folder)
+            os.unlink(path)  # the descriptor keeps it alive; no path, no leftovers
         self.fd = fd
         self.end = 0
         self.index = {}  # name -> (offset, length, dtype, shape)

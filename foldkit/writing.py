@@ -4,6 +4,7 @@ deterministic serialization, and the external-data pair committed like a transac
 ever overwrites an input unless asked."""
 
 
+import atexit
 import collections
 import os
 import shutil
@@ -19,6 +20,7 @@ from . import wire
 from .graph import iter_graphs
 
 from .reading import model_files, same_file
+from .signals import held
 
 def _identity(path: str):
     try:
@@ -146,6 +148,41 @@ def serialize(model: ModelProto) -> bytes:
 # so that an interrupted command can say what it had already written
 COMMITTED: collections.deque = collections.deque(maxlen=64)
 
+# temp files and folders made and not yet committed or discarded: an exception that came before
+# their owner could clean them up (or a process that ends anyway) leaves none behind, see _discard_live
+_LIVE: dict = {}  # path -> True for a folder
+
+
+def _discard_live() -> None:
+    """Remove every temp file and folder still live: registered at exit (Python's, and foldkit's
+    quick exit, which runs the same handlers), when whatever made them can no longer use them."""
+    for path, folder in list(_LIVE.items()):
+        if folder:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        _LIVE.pop(path, None)
+
+
+atexit.register(_discard_live)
+
+
+def _temp_folder(folder: str) -> str:
+    """A private folder for files that must keep their final names until committed (recorded live)."""
+    with held():
+        path = tempfile.mkdtemp(dir=folder, prefix=".foldkit-")
+        _LIVE[path] = True
+    return path
+
+
+def _remove_temp_folder(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    _LIVE.pop(path, None)
+
+
 # test hook: called with a step name between the steps of a commit (tests stop the process there)
 _after_step: Optional[Callable[[str], None]] = None
 
@@ -173,14 +210,25 @@ class _AtomicFile:
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise InputError(f"{self.path}: folder '{folder}' does not exist")
-        if self.through:
-            fd, self.tmp = tempfile.mkstemp(prefix=".foldkit-", suffix=".tmp")
-        elif tmp_dir is None:
-            fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(self.path), suffix=".tmp")
-        else:
-            self.tmp = os.path.join(tmp_dir, os.path.basename(self.path))
-            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self.file = os.fdopen(fd, "wb")
+        self.tmp = self.file = None
+        fd = None
+        try:
+            with held():  # made and recorded in one step: a signal never leaves a file nobody knows of
+                if self.through:
+                    fd, self.tmp = tempfile.mkstemp(prefix=".foldkit-", suffix=".tmp")
+                elif tmp_dir is None:
+                    fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(self.path), suffix=".tmp")
+                else:
+                    self.tmp = os.path.join(tmp_dir, os.path.basename(self.path))
+                    fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                _LIVE[self.tmp] = False
+                self.file = os.fdopen(fd, "wb")
+        except BaseException:  # the held signal's exception included: the caller never gets this object
+            if self.file is None and fd is not None:
+                os.close(fd)
+            if self.tmp is not None and self.tmp in _LIVE:
+                self.discard()
+            raise
 
     def finish(self) -> None:
         """Complete the temp file (flushed, fsynced when durable, closed); commit() renames it."""
@@ -194,8 +242,11 @@ class _AtomicFile:
     def rename(self, name: str) -> None:
         """Give the finished temp file (in its private folder) and its destination a new base name."""
         new_tmp = os.path.join(os.path.dirname(self.tmp), name)
-        os.rename(self.tmp, new_tmp)
-        self.tmp = new_tmp
+        with held():
+            os.rename(self.tmp, new_tmp)
+            _LIVE.pop(self.tmp, None)
+            _LIVE[new_tmp] = False
+            self.tmp = new_tmp
         self.path = os.path.join(os.path.dirname(self.path), name)
 
     def commit(self) -> None:
@@ -203,22 +254,27 @@ class _AtomicFile:
         if self.through:
             with open(self.tmp, "rb") as src, open(self.path, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-            os.unlink(self.tmp)
-            COMMITTED.append(self.path)
+            with held():
+                os.unlink(self.tmp)
+                _LIVE.pop(self.tmp, None)
+                COMMITTED.append(self.path)
             return
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o666 & ~umask)
-        os.replace(self.tmp, self.path)
-        COMMITTED.append(self.path)
+        with held():  # renamed and recorded as written in one step: an interrupt then names it
+            os.replace(self.tmp, self.path)
+            _LIVE.pop(self.tmp, None)
+            COMMITTED.append(self.path)
 
     def discard(self) -> None:
-        if not self.file.closed:
+        if self.file is not None and not self.file.closed:
             self.file.close()
         try:
             os.unlink(self.tmp)
         except OSError:
             pass
+        _LIVE.pop(self.tmp, None)
 
 
 class _HashingWriter:
@@ -317,7 +373,8 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
     hashing = None
     # a model and its data file are written under their final names in a private folder, so that
     # ``before_commit`` can load the pair as it will be; a single file needs no folder
-    tmp_dir = tempfile.mkdtemp(dir=folder, prefix=".foldkit-") if external and os.path.isdir(folder) else None
+    tmp_dir = _temp_folder(folder) if external and os.path.isdir(folder) else None
+    out = data = None
     try:
         out = _AtomicFile(path, durable, tmp_dir)
         files.append(out)
@@ -353,12 +410,14 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
         _step("written")
         if data:
             data_existed = os.path.exists(data.path)  # then with these very bytes: its name is their hash
-            data.commit()  # a new name (or the same bytes under the same name): nothing old changes
-            if not data_existed:
-                orphan = data.path
+            with held():  # committed and known as an orphan-to-be in one step
+                data.commit()  # a new name (or the same bytes under the same name): nothing old changes
+                if not data_existed:
+                    orphan = data.path
             _step("data committed")
-        out.commit()  # the switch: from here on the new pair is the model
-        orphan = None
+        with held():  # the switch: from here on the new pair is the model, and its data file is no orphan
+            out.commit()
+            orphan = None
         _step("model committed")
         if external:  # the data files the old model named are stale now (the new one names its own, or none)
             for f in old_data:
@@ -372,7 +431,7 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
             _step("old data removed")
         return data.path if data else None
     except BaseException:
-        for f in files:
+        for f in {id(f): f for f in files + [out, data] if f is not None}.values():
             f.discard()
         if orphan is not None:
             try:
@@ -385,4 +444,4 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
         if hashing is not None:
             hashing.close()
         if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            _remove_temp_folder(tmp_dir)

@@ -287,6 +287,84 @@ def test_interrupt_before_the_switch_leaves_the_old_pair_exactly(tmp_path, monke
     assert len(os.listdir(tmp_path)) == 4  # a.onnx, b.onnx, out.onnx and its data file: nothing new
 
 
+def _signal_inside(monkeypatch, module, name):
+    """``module.name`` (an OS call of the commit) replaced by one that, once done, sends this process
+    a SIGINT: Python runs its handler at the very next bytecode, inside the window the call opens."""
+    import signal
+
+    real = getattr(module, name)
+
+    def call(*a, **k):
+        out = real(*a, **k)
+        monkeypatch.setattr(module, name, real)
+        os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(module, name, call)
+
+
+@pytest.fixture
+def sigint_raises():
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_a_signal_just_after_the_temp_file_is_made_leaves_nothing(tmp_path, monkeypatch, sigint_raises):
+    import tempfile
+
+    from foldkit import writing
+
+    _signal_inside(monkeypatch, tempfile, "mkstemp")
+    with pytest.raises(KeyboardInterrupt):
+        writing.atomic_write(str(tmp_path / "o.onnx"), b"bytes")
+    assert os.listdir(tmp_path) == [] and not writing._LIVE
+
+
+def test_a_signal_just_after_the_rename_names_the_file_as_written(tmp_path, monkeypatch, sigint_raises):
+    from foldkit import writing
+
+    monkeypatch.setattr(writing, "COMMITTED", [])
+    _signal_inside(monkeypatch, os, "replace")
+    with pytest.raises(KeyboardInterrupt):
+        writing.atomic_write(str(tmp_path / "o.onnx"), b"bytes")
+    assert os.listdir(tmp_path) == ["o.onnx"] and (tmp_path / "o.onnx").read_bytes() == b"bytes"
+    assert writing.COMMITTED == [str(tmp_path / "o.onnx")] and not writing._LIVE
+
+
+def test_a_signal_just_after_the_model_switch_keeps_its_data_file(tmp_path, monkeypatch, sigint_raises):
+    """The data file committed first is an orphan until the model that names it is renamed in: a
+    signal right after that rename must not remove it as one."""
+    import numpy as np
+    import onnx
+
+    from foldkit import writing
+    from tests.helpers import ort_run
+    from tests.hostile import base_model
+
+    m = base_model()
+    out = str(tmp_path / "out.onnx")
+    calls = []
+    real = os.replace
+
+    def replace(a, b):  # the second rename is the model's (the data file's is the first)
+        real(a, b)
+        calls.append(b)
+        if len(calls) == 2:
+            monkeypatch.setattr(os, "replace", real)
+            os.kill(os.getpid(), __import__("signal").SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        writing.save_model(m, out, external=True)
+    assert calls[1] == out
+    feeds = {"X": np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32)}
+    np.testing.assert_array_equal(ort_run(onnx.load(out), feeds)[0], ort_run(m, feeds)[0])
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.onnx", os.path.basename(calls[0])])
+
+
 # --- export: the user's code may do anything ------------------------------------------------------
 
 FACTORIES = {
