@@ -168,6 +168,8 @@ def _discard_live() -> None:
 
 
 atexit.register(_discard_live)
+if hasattr(os, "register_at_fork"):  # a forked child (a user's data loader) never removes its parent's files
+    os.register_at_fork(after_in_child=_LIVE.clear)
 
 
 def _temp_folder(folder: str) -> str:

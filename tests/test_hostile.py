@@ -365,6 +365,30 @@ def test_a_signal_just_after_the_model_switch_keeps_its_data_file(tmp_path, monk
     assert sorted(os.listdir(tmp_path)) == sorted(["out.onnx", os.path.basename(calls[0])])
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+def test_a_forked_child_leaves_its_parents_temp_files_alone(tmp_path):
+    """Live temp files are removed at exit, but only by the process that made them: a child
+    forked meanwhile (a data loader's worker) that exits through Python's exit handlers must not
+    remove the file its parent is still writing."""
+    import subprocess
+    import sys
+
+    script = (f"import atexit, os, sys; sys.path.insert(0, {os.getcwd()!r})\n"
+              "from foldkit import writing\n"
+              f"f = writing._AtomicFile({str(tmp_path / 'o.onnx')!r})\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    atexit._run_exitfuncs()\n"
+              "    os._exit(0)\n"
+              "os.waitpid(pid, 0)\n"
+              "assert os.path.exists(f.tmp), 'the child removed it'\n"
+              "f.file.write(b'x')\n"
+              "f.commit()\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert os.listdir(tmp_path) == ["o.onnx"] and (tmp_path / "o.onnx").read_bytes() == b"x"
+
+
 # --- export: the user's code may do anything ------------------------------------------------------
 
 FACTORIES = {
