@@ -160,7 +160,7 @@ def _csv(value, cast=str):
 @click.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("--runtime", default="ort-cpu", show_default=True, metavar="LIST",
-              help="Comma-separated: ort-cpu, ort-cuda, ort-trt, trt, openvino, torch.")
+              help="Comma-separated: ort-cpu, ort-cuda, ort-trt, trt, openvino, torch, torch-cuda.")
 @click.option("--ort-opt-level", default="disable,all", show_default=True, metavar="LIST",
               help="ONNX Runtime graph optimization levels to measure: disable, basic, extended, all.")
 @click.option("--batch", default=None, metavar="LIST",
@@ -195,7 +195,7 @@ def bench(models, runtime, ort_opt_level, batch, input_shape, max_input_mb, warm
     for m in models:  # every model readable before anything runs
         inputs += fio.model_files(m, fio.load_model(m, lazy=True))
     fio.guard_outputs({"--json": json_path, "--markdown": md_path, "--plot": plot_path}, inputs)
-    if plot_path and len(models) < 2 and "torch" not in _csv(runtime):
+    if plot_path and len(models) < 2 and not {"torch", "torch-cuda"} & set(_csv(runtime)):
         raise InputError("--plot shows each model against the first: give at least two models")
     if plot_path:
         try:

@@ -115,6 +115,45 @@ def test_torch_runtime(pair, tmp_path, monkeypatch):
     assert [row["model"] for row in res.rows] == ["pytorch models/mlp.py:mlp_bn", "pytorch models/mlp.py:mlp_bn (fold_bn)"]
 
 
+def _has_cuda_torch():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_cuda_torch(), reason="no CUDA device for PyTorch")
+def test_torch_cuda_runtime_times_both_modules_on_the_gpu(tmp_path, monkeypatch):
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)
+    m = tmp_path / "mlp.onnx"
+    r = CliRunner().invoke(main, ["export", "--model", "models/mlp.py:mlp_bn", "--input-shape", "4,64", "-o", str(m), "-q"])
+    assert r.exit_code == 0, r.output
+    res = run_bench(BenchConfig(models=[str(m)], runtimes=["torch-cuda"], batches=[4], warmup=2, iters=5,
+                                torch_model="models/mlp.py:mlp_bn"))
+    assert not res.unavailable, res.unavailable
+    assert [(row["model"], row["runtime"]) for row in res.rows] == [
+        ("pytorch models/mlp.py:mlp_bn", "torch-cuda"), ("pytorch models/mlp.py:mlp_bn (fold_bn)", "torch-cuda")]
+    assert all(row["p50_ms"] > 0 for row in res.rows)
+
+
+@pytest.mark.skipif(_has_cuda_torch(), reason="a CUDA device is present (the runtime then runs)")
+def test_torch_cuda_runtime_without_a_gpu_is_an_unavailable_entry(tmp_path, monkeypatch):
+    pytest.importorskip("torch", reason="the torch extra is not installed")
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)
+    m = tmp_path / "mlp.onnx"
+    r = CliRunner().invoke(main, ["export", "--model", "models/mlp.py:mlp_bn", "--input-shape", "4,64", "-o", str(m), "-q"])
+    assert r.exit_code == 0, r.output
+    res = run_bench(BenchConfig(models=[str(m)], runtimes=["torch", "torch-cuda"], batches=[4], warmup=1, iters=3,
+                                torch_model="models/mlp.py:mlp_bn"))
+    assert [row["runtime"] for row in res.rows] == ["torch", "torch"]
+    assert res.unavailable == [{"runtime": "torch-cuda", "batch": 4, "reason": "no CUDA device"}]
+
+
 @pytest.mark.skipif(not _has_cuda_ort(), reason="no CUDAExecutionProvider (needs onnxruntime-gpu and an NVIDIA GPU)")
 def test_ort_cuda_runner_with_io_binding(pair):
     a, b = pair

@@ -179,14 +179,15 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable] = None, on_internal
     for runtime, level, batch in groups:
         group = f"{runtime}[{level}]" if level else runtime
         try:
-            if runtime == "torch":
+            if runtime in ("torch", "torch-cuda"):
                 if not cfg.torch_model:
                     raise Unavailable("needs --model FACTORY (as for foldkit export)")
                 if not cfg.models:
                     raise Unavailable("needs an ONNX model to take input shapes from")
                 feeds, batch = _feeds_for(cfg.models[0], batch, cfg.input_shapes, cfg.seed, cfg.max_input_bytes)
                 result.input_shapes[f"{group} batch {batch}"] = {k: list(v.shape) for k, v in feeds.items()}
-                entries = [(label, TorchRunner(None, feeds, module=mod, device="cpu", threads=cfg.threads))
+                device = "cuda" if runtime == "torch-cuda" else "cpu"
+                entries = [(label, TorchRunner(None, feeds, module=mod, device=device, threads=cfg.threads))
                            for label, mod in _torch_modules(cfg)]
             else:
                 feeds, batch = _feeds_for(cfg.models[0], batch, cfg.input_shapes, cfg.seed, cfg.max_input_bytes)

@@ -347,4 +347,4 @@ class OpenVinoRunner(Runner):
         self.compiled = None
 
 
-RUNTIMES = ("ort-cpu", "ort-cuda", "ort-trt", "trt", "openvino", "torch")
+RUNTIMES = ("ort-cpu", "ort-cuda", "ort-trt", "trt", "openvino", "torch", "torch-cuda")
