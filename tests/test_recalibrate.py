@@ -327,6 +327,53 @@ def test_torch_recalibrate_in_place_matches_float64_and_restores_state(world):
     assert a["disagree"] == 0, a
 
 
+@pytest.mark.parametrize("shape, layout", [((7, 3, 5, 4), "contiguous"), ((7, 3, 5, 4), "channels_last"), ((9, 4), "contiguous"),
+                                           ((3, 2, 3, 4, 5), "contiguous"), ((5, 3, 11), "contiguous"), ((0, 3, 4, 4), "contiguous")])
+def test_torch_moments_are_numpys_float64_moments_in_pieces(shape, layout, monkeypatch):
+    """foldkit.torch's BN-input moments (computed where the input is, a few samples at a time)
+    equal float64 numpy's over the whole input: several pieces, a channel offset by 1e5, any rank."""
+    import importlib
+
+    R = importlib.import_module("foldkit.torch.recalibrate")  # the module (the package exports the function)
+
+    monkeypatch.setattr(R, "_PIECE", 50)  # a piece of one or two samples: several pieces per batch
+    monkeypatch.setattr(R, "_MERGE_ROWS", 3)  # and rows merged into the running moments several times
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    if x.numel():
+        x[:, 0] += 1e5
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    got = R._moments(x)
+    if not x.numel():
+        assert got.count == 0
+        return
+    ref = Moments()
+    ref.add(x.double().numpy(), axis=1)
+    assert got.count == ref.count == x.numel() // x.shape[1]
+    np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-14, atol=1e-12)  # values of scale 1 (and 1e5)
+    np.testing.assert_allclose(got.var, ref.var, rtol=1e-10)
+
+
+def test_torch_moments_over_batches_of_other_sizes_and_resolutions(monkeypatch):
+    """Rows of unequal counts (another resolution) are never merged as equal ones: the moments of
+    batches of several sizes and spatial sizes equal numpy's over all their values."""
+    import importlib
+
+    R = importlib.import_module("foldkit.torch.recalibrate")
+    monkeypatch.setattr(R, "_MERGE_ROWS", 4)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 3, h, h, generator=g) * 2 + 7 for n, h in ((3, 4), (2, 4), (5, 6), (1, 3), (4, 6))]
+    rows, ref = R._Rows(), Moments()
+    for x in xs:
+        rows.add(x)
+        ref.add(x.double().numpy(), axis=1)
+    got = rows.moments()
+    assert got.count == ref.count
+    np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-14)
+    np.testing.assert_allclose(got.var, ref.var, rtol=1e-12)
+
+
 def test_torch_recalibrate_exact_and_syncbn(world):
     from foldkit.torch import recalibrate
 

@@ -27,6 +27,81 @@ import torch
 from ..errors import InputError
 from ..moments import METHODS, Moments
 
+# float64 values per piece of a BN input: the temporaries stay bounded whatever the batch
+_PIECE = 1 << 22
+# samples whose rows are kept (on the device) before they are merged into the running moments
+_MERGE_ROWS = 512
+
+
+class _Rows:
+    """A BN input's exact per-channel moments, computed where the input is (a GPU's stays on it):
+    each (sample, channel) row's mean and variance in float64, a few samples at a time (on a
+    GPU ``torch.var_mean``'s Welford, elsewhere two passes), kept on the device and merged exactly (Chan et al.: equal counts
+    per row) into float64 (count, mean, M2) every ``_MERGE_ROWS`` samples and when read. A few
+    device ops per BN and batch and no host synchronization until :meth:`moments`; never a
+    float64 copy of the whole activation on the host."""
+
+    def __init__(self):
+        self.means, self.variances = [], []
+        self.per_row = None  # values per row of the kept rows
+        self.kept = 0
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: torch.Tensor) -> None:
+        n = int(x.shape[0])
+        if n == 0 or x.numel() == 0:
+            return
+        rows = x.detach().reshape(n, x.shape[1], -1)
+        if self.per_row is not None and rows.shape[-1] != self.per_row:  # another spatial size: merge first
+            self._merge()
+        self.per_row = int(rows.shape[-1])
+        per = max(1, _PIECE // max(1, rows[0].numel()))
+        for s in range(0, n, per):
+            part = rows[s:s + per].to(torch.float64)
+            if part.is_cuda:  # one kernel (Welford) where each op costs a launch
+                variance, mean = torch.var_mean(part, dim=-1, correction=0)
+            else:  # two passes: torch's CPU Welford is slow on short rows (a 4x4 map)
+                mean = part.mean(dim=-1, keepdim=True)
+                variance = (part - mean).square_().mean(dim=-1)
+                mean = mean.squeeze(-1)
+            self.means.append(mean)
+            self.variances.append(variance)
+            del part  # before the next piece is made: one piece alive at a time
+        self.kept += n
+        if self.kept >= _MERGE_ROWS:
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self.kept:
+            return
+        means = torch.cat(self.means) if len(self.means) > 1 else self.means[0]
+        variances = torch.cat(self.variances) if len(self.variances) > 1 else self.variances[0]
+        spread, mean = torch.var_mean(means, dim=0, correction=0)
+        count = self.kept * self.per_row
+        m2 = (variances.mean(dim=0) + spread) * count
+        if self.count == 0:
+            self.count, self.mean, self.m2 = count, mean, m2
+        else:
+            total = self.count + count
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (count / total)
+            self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
+            self.count = total
+        self.means, self.variances, self.kept = [], [], 0
+
+    def moments(self) -> Moments:
+        self._merge()
+        if self.count == 0:
+            return Moments()
+        return Moments(self.count, self.mean.cpu().numpy(), self.m2.cpu().numpy())
+
+
+def _moments(x: torch.Tensor) -> Moments:
+    """The exact per-channel moments of one BN input ``x`` ([N, C, ...]), see :class:`_Rows`."""
+    rows = _Rows()
+    rows.add(x)
+    return rows.moments()
+
 
 def _bns(model: torch.nn.Module) -> list:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -75,14 +150,14 @@ def recalibrate(model: torch.nn.Module, batches: Union[Iterable, Callable[[], It
     order = []
 
     def run_pass(measure: set, batch_mode: bool) -> list:
-        acc = {m: Moments() for _, m in bns if m in measure}
+        acc = {m: _Rows() for _, m in bns if m in measure}
         hooks = []
         for _, m in bns:
             if m in measure:
                 def hook(mod, args, _acc=acc):
                     if mod not in order:
                         order.append(mod)
-                    _acc[mod].add(args[0].detach().to(torch.float64).cpu().numpy(), axis=1)
+                    _acc[mod].add(args[0])
                 hooks.append(m.register_forward_pre_hook(hook))
             else:
                 def first(mod, args):
@@ -103,7 +178,7 @@ def recalibrate(model: torch.nn.Module, batches: Union[Iterable, Callable[[], It
                 h.remove()
             for _, m in bns:
                 m.momentum = momentum[m]
-        result = [acc.get(m) for _, m in bns]
+        result = [acc[m].moments() if m in acc else None for _, m in bns]
         if distributed:
             present = [k for k, r in enumerate(result) if r is not None]
             merged = _gather([result[k] for k in present], group)
