@@ -35,17 +35,17 @@ _MERGE_ROWS = 512
 
 class _Rows:
     """A BN input's exact per-channel moments, computed where the input is (a GPU's stays on it):
-    each (sample, channel) row's mean and variance in float64, a few samples at a time (on a
-    GPU ``torch.var_mean``'s Welford, elsewhere two passes), kept on the device and merged exactly (Chan et al.: equal counts
-    per row) into float64 (count, mean, M2) every ``_MERGE_ROWS`` samples and when read. A few
-    device ops per BN and batch and no host synchronization until :meth:`moments`; never a
-    float64 copy of the whole activation on the host."""
+    each (sample, channel) row's mean and variance in float64, a few samples at a time (on a GPU
+    ``torch.var_mean``'s Welford, elsewhere two passes), kept on the device and merged exactly
+    (equal counts per row, then :meth:`Moments.merge` with tensors) into float64 (count, mean, M2)
+    every ``_MERGE_ROWS`` samples and when read. A few device ops per BN and batch and no host
+    synchronization until :meth:`moments`; never a float64 copy of the whole activation on the host."""
 
     def __init__(self):
         self.means, self.variances = [], []
         self.per_row = None  # values per row of the kept rows
         self.kept = 0
-        self.count, self.mean, self.m2 = 0, None, None
+        self.total = Moments()  # its mean and M2 are tensors on the input's device
 
     def add(self, x: torch.Tensor) -> None:
         n = int(x.shape[0])
@@ -78,22 +78,17 @@ class _Rows:
         variances = torch.cat(self.variances) if len(self.variances) > 1 else self.variances[0]
         spread, mean = torch.var_mean(means, dim=0, correction=0)
         count = self.kept * self.per_row
-        m2 = (variances.mean(dim=0) + spread) * count
-        if self.count == 0:
-            self.count, self.mean, self.m2 = count, mean, m2
+        batch = Moments(count, mean, (variances.mean(dim=0) + spread) * count)
+        if self.total.count == 0:
+            self.total = batch
         else:
-            total = self.count + count
-            delta = mean - self.mean
-            self.mean = self.mean + delta * (count / total)
-            self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
-            self.count = total
+            self.total.merge(batch)  # Chan et al.: only arithmetic, the same on tensors
         self.means, self.variances, self.kept = [], [], 0
 
     def moments(self) -> Moments:
         self._merge()
-        if self.count == 0:
-            return Moments()
-        return Moments(self.count, self.mean.cpu().numpy(), self.m2.cpu().numpy())
+        t = self.total
+        return Moments(t.count, t.mean.cpu().numpy(), t.m2.cpu().numpy()) if t.count else Moments()
 
 
 def _moments(x: torch.Tensor) -> Moments:
