@@ -433,8 +433,9 @@ def save_model(model: ModelProto, path: str, input_path: Optional[str] = None, i
             _step("old data removed")
         return data.path if data else None
     except BaseException:
-        for f in {id(f): f for f in files + [out, data] if f is not None}.values():
-            f.discard()
+        for f in (out, data):  # whichever were made (an empty data file is discarded already)
+            if f is not None:
+                f.discard()
         if orphan is not None:
             try:
                 os.unlink(orphan)

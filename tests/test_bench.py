@@ -102,14 +102,20 @@ def test_cli_bench_outputs(pair, tmp_path):
     assert r.exit_code == 2 and "--runtime 'nope'" in r.output
 
 
-def test_torch_runtime(pair, tmp_path, monkeypatch):
+@pytest.fixture
+def mlp_onnx(tmp_path, monkeypatch):
+    """models/mlp.py:mlp_bn exported (unfolded) for the torch runtimes, from the checkout's root."""
     pytest.importorskip("torch", reason="the torch extra is not installed")
     import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    monkeypatch.chdir(root)
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     m = tmp_path / "mlp.onnx"
     r = CliRunner().invoke(main, ["export", "--model", "models/mlp.py:mlp_bn", "--input-shape", "4,64", "-o", str(m), "-q"])
     assert r.exit_code == 0, r.output
+    return m
+
+
+def test_torch_runtime(mlp_onnx):
+    m = mlp_onnx
     res = run_bench(BenchConfig(models=[str(m)], runtimes=["torch"], batches=[4], warmup=1, iters=3,
                                 torch_model="models/mlp.py:mlp_bn"))
     assert [row["model"] for row in res.rows] == ["pytorch models/mlp.py:mlp_bn", "pytorch models/mlp.py:mlp_bn (fold_bn)"]
@@ -124,13 +130,8 @@ def _has_cuda_torch():
 
 
 @pytest.mark.skipif(not _has_cuda_torch(), reason="no CUDA device for PyTorch")
-def test_torch_cuda_runtime_times_both_modules_on_the_gpu(tmp_path, monkeypatch):
-    import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    monkeypatch.chdir(root)
-    m = tmp_path / "mlp.onnx"
-    r = CliRunner().invoke(main, ["export", "--model", "models/mlp.py:mlp_bn", "--input-shape", "4,64", "-o", str(m), "-q"])
-    assert r.exit_code == 0, r.output
+def test_torch_cuda_runtime_times_both_modules_on_the_gpu(mlp_onnx):
+    m = mlp_onnx
     res = run_bench(BenchConfig(models=[str(m)], runtimes=["torch-cuda"], batches=[4], warmup=2, iters=5,
                                 torch_model="models/mlp.py:mlp_bn"))
     assert not res.unavailable, res.unavailable
@@ -140,14 +141,8 @@ def test_torch_cuda_runtime_times_both_modules_on_the_gpu(tmp_path, monkeypatch)
 
 
 @pytest.mark.skipif(_has_cuda_torch(), reason="a CUDA device is present (the runtime then runs)")
-def test_torch_cuda_runtime_without_a_gpu_is_an_unavailable_entry(tmp_path, monkeypatch):
-    pytest.importorskip("torch", reason="the torch extra is not installed")
-    import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    monkeypatch.chdir(root)
-    m = tmp_path / "mlp.onnx"
-    r = CliRunner().invoke(main, ["export", "--model", "models/mlp.py:mlp_bn", "--input-shape", "4,64", "-o", str(m), "-q"])
-    assert r.exit_code == 0, r.output
+def test_torch_cuda_runtime_without_a_gpu_is_an_unavailable_entry(mlp_onnx):
+    m = mlp_onnx
     res = run_bench(BenchConfig(models=[str(m)], runtimes=["torch", "torch-cuda"], batches=[4], warmup=1, iters=3,
                                 torch_model="models/mlp.py:mlp_bn"))
     assert [row["runtime"] for row in res.rows] == ["torch", "torch"]

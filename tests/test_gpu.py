@@ -2,8 +2,7 @@
 recalibrator computes its statistics on the device (and they are the BN inputs' float64
 moments there), SyncBatchNorm reverts on the device. Skipped, with the reason, without one."""
 
-import os
-import sys
+import importlib
 
 import numpy as np
 import pytest
@@ -12,14 +11,13 @@ torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device for PyTorch", allow_module_level=True)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 from foldkit.moments import Moments  # noqa: E402
 from foldkit.torch import fold_bn, recalibrate, revert_sync_batchnorm  # noqa: E402
 from models.nets1d3d import audio_net, video_net  # noqa: E402
 from models.resnet import resnet18  # noqa: E402
 from models.unet import unet  # noqa: E402
+
+R = importlib.import_module("foldkit.torch.recalibrate")  # the module (the package exports the function)
 
 
 @pytest.fixture(autouse=True)
@@ -84,10 +82,6 @@ def test_gpu_recalibration_stores_the_float64_moments_of_the_inputs_it_saw():
 
 
 def test_moments_on_the_gpu_equal_the_cpus():
-    from foldkit.torch import recalibrate as _  # noqa: F401
-    import importlib
-
-    R = importlib.import_module("foldkit.torch.recalibrate")
     x = torch.randn(16, 32, 56, 56, generator=torch.Generator().manual_seed(2))
     x[:, 3] += 1e5
     on_gpu, on_cpu = R._moments(x.cuda()), R._moments(x)
